@@ -1,0 +1,167 @@
+"""``QuantizedTensor`` and ``quantize_weight(s)``: input validation, axis handling, one batch call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batch import quantize_batch
+from .errors import QuantizationError
+from .options import QuantOptions, check_bits
+
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class QuantizedTensor:
+    """A weight quantized by SQuant.
+
+    ``codes`` (int8, the weight's shape), ``scale`` and ``zero_point`` (float32, one per output
+    channel, i.e. along ``axis``): the weight is approximated by ``(codes + zero_point) / scale``.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    mode: str
+    axis: int
+    scheme: str = "asymmetric"
+    granularity: str = "channel"
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the quantized weight."""
+        return self.codes.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight the codes stand for: ``(codes + zero_point) / scale``."""
+        view = [1] * self.codes.dim()
+        view[self.axis] = -1
+        return (self.codes.to(torch.float32) + self.zero_point.view(view)) / self.scale.view(view)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTensor(shape={tuple(self.shape)}, bits={self.bits}, mode={self.mode!r}, "
+                f"axis={self.axis}, scheme={self.scheme!r}, granularity={self.granularity!r})")
+
+
+def _as_float_array(weight: object, name: str) -> np.ndarray:
+    """The weight as a numpy float array (bf16 widened to float32 by torch); checks the type."""
+    if isinstance(weight, torch.Tensor):
+        if not (weight.is_floating_point()):
+            raise TypeError(f"{name}: dtype {weight.dtype} is not a floating type; "
+                            "quantize float16, bfloat16, float32 or float64 weights")
+        tensor = weight.detach().cpu()
+        if tensor.dtype not in (torch.float16, torch.float32, torch.float64):
+            tensor = tensor.to(torch.float32)
+        return tensor.numpy()
+    if isinstance(weight, np.ndarray):
+        if weight.dtype.kind != "f":
+            raise TypeError(f"{name}: dtype {weight.dtype} is not a floating type; "
+                            "quantize float16, float32 or float64 weights")
+        return weight
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(weight).__name__}")
+
+
+def _check_shape(array: np.ndarray, axis: object, name: str) -> int:
+    if array.ndim < 2:
+        raise QuantizationError(f"{name}: needs at least 2 dims (output channels and inputs), "
+                                f"got shape {tuple(array.shape)}")
+    if array.size == 0:
+        raise QuantizationError(f"{name}: is empty (shape {tuple(array.shape)})")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{name}: axis must be an int, got {axis!r}")
+    if not -array.ndim <= axis < array.ndim:
+        raise QuantizationError(f"{name}: axis {axis} is out of range for {array.ndim} dims")
+    return int(axis) % array.ndim
+
+
+def _check_finite(arrays: list[np.ndarray], names: list[str]) -> None:
+    """Reject NaN/Inf, including float64 values beyond float32's range, saying where."""
+    for array, name in zip(arrays, names):
+        as_f32 = array.astype(np.float32, copy=False) if array.dtype != np.float32 else array
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(as_f32)
+        if not finite.all():
+            where = tuple(int(i) for i in np.argwhere(~finite)[0])
+            count = int(finite.size - np.count_nonzero(finite))
+            raise QuantizationError(
+                f"{name}: {count} value(s) are NaN or Inf (or overflow float32), first at index "
+                f"{where} (value {array[where]!r}); fix or skip this weight")
+
+
+def quantize_weights(
+    weights: Sequence[torch.Tensor | np.ndarray],
+    bits: int | Sequence[int] = 4,
+    mode: str = "KC",
+    axes: int | Sequence[int] | None = None,
+    *,
+    scheme: str = "asymmetric",
+    granularity: str = "channel",
+    names: Sequence[str] | None = None,
+) -> list[QuantizedTensor]:
+    """Quantize many weights with SQuant in one parallel kernel call.
+
+    ``bits`` and ``axes`` are one value for all or one per weight; ``axes`` gives each weight's
+    output-channel axis (default 0; 1 for ConvTranspose weights). ``names`` label the weights in
+    error messages. numpy and torch inputs give identical codes; float16, bfloat16 and float64
+    are quantized from their float32 value. Inputs are never modified.
+    """
+    weights = list(weights)
+    count = len(weights)
+    names = [f"weight {i}" for i in range(count)] if names is None else list(names)
+    if len(names) != count:
+        raise QuantizationError(f"got {len(names)} names for {count} weights")
+    bits_list = _per_weight(bits, count, "bits")
+    axes_list = _per_weight(0 if axes is None else axes, count, "axes")
+    options = [QuantOptions(check_bits(b, f"bits of {n}"), mode, scheme, granularity)
+               for b, n in zip(bits_list, names)]
+    arrays = [_as_float_array(w, n) for w, n in zip(weights, names)]
+    axes_list = [_check_shape(a, ax, n) for a, ax, n in zip(arrays, axes_list, names)]
+    _check_finite(arrays, names)
+    if count == 0:
+        return []
+    moved = [np.moveaxis(a, ax, 0) for a, ax in zip(arrays, axes_list)]
+    views = [m.reshape(m.shape[0], m.shape[1], -1) for m in moved]
+    results = quantize_batch(views, options)
+    out = []
+    for result, m, ax, opts in zip(results, moved, axes_list, options):
+        codes = np.moveaxis(result.codes.reshape(m.shape), 0, ax)
+        out.append(QuantizedTensor(
+            codes=torch.from_numpy(np.ascontiguousarray(codes)),
+            scale=torch.from_numpy(result.scale),
+            zero_point=torch.from_numpy(result.zero_point),
+            bits=opts.bits, mode=opts.mode, axis=ax, scheme=opts.scheme,
+            granularity=opts.granularity))
+    return out
+
+
+def _per_weight(value: object, count: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise QuantizationError(f"got {len(value)} {what} for {count} weights")
+        return list(value)
+    return [value] * count
+
+
+def quantize_weight(
+    weight: torch.Tensor | np.ndarray,
+    bits: int = 4,
+    mode: str = "KC",
+    axis: int = 0,
+    *,
+    scheme: str = "asymmetric",
+    granularity: str = "channel",
+) -> QuantizedTensor:
+    """Quantize one weight with SQuant (the paper's method: ``mode="KC"``, asymmetric per channel).
+
+    ``weight`` has output channels on ``axis`` (0 for Linear and Conv, 1 for ConvTranspose) and
+    at least 2 dims. Returns a :class:`QuantizedTensor` of int8 codes with a scale and zero point
+    per output channel. Raises ``TypeError``/``QuantizationError`` (a ``ValueError``) for bad
+    input: a non-float dtype, NaN/Inf, bits outside 2..8, fewer than 2 dims, an empty weight, an
+    axis out of range or an unknown mode.
+    """
+    return quantize_weights([weight], bits, mode, [axis], scheme=scheme,
+                            granularity=granularity, names=["weight"])[0]
