@@ -1,44 +1,48 @@
 """Sum of a group's rounding errors 'as exactly as float64 allows' (SQUANT_SPEC.md, flip step 1).
 
-The result is the exact sum of the float32 errors, rounded once to float64. The fast path adds
-the errors as integers in units of 2**-40, which is exact, order-independent and vectorises: every
-float32 error of magnitude >= 2**-17 (and every flipped error ``e +- 1``) is such a multiple.
-Groups holding a finer error (a weight sitting almost exactly on the grid) take an exact
-Shewchuk-style summation instead.
+The result is the exact sum of the float32 errors, rounded once to float64. Nearly always the
+plain float64 sum is already exact (see ``error_sum``); groups holding a finer error (a weight
+sitting almost exactly on the grid) or a huge one take an exact Shewchuk-style summation.
 """
 
 import numpy as np
 from numba import njit
 
-from .grid import current_error
-
-_FIXED_ONE = 2.0**40
-_FIXED_UNIT = 2.0**-40
+_FINE = 2.0**-17  # float32 values at least this large are multiples of 2**-40
+_EXACT_BOUND = 8000.0  # below 2**13: sums of multiples of 2**-40 are exact in float64
 _MAX_PARTIALS = 64  # non-overlapping float64 partials of float32 inputs: a handful at most
 
 
-@njit(cache=True)
-def group_error_sum(x, state, start, stop, t_min, t_max):
-    """Exact sum, rounded to float64, of the current errors of elements ``start..stop-1``."""
-    acc = np.int64(0)
-    exact = True
+@njit(cache=True, inline="always", fastmath={"reassoc"})
+def error_sum(err, start, stop):
+    """Exact sum of ``err[start:stop]`` (float32), rounded to float64.
+
+    Fast path: when every non-zero error is a multiple of 2**-40 (``|e| >= 2**-17``) and the sum
+    of their magnitudes stays below 2**13, every partial sum in any order is exact in float64,
+    so the plain sum is the exact one and may be reassociated (vectorised) safely.
+    """
+    total = 0.0
+    magnitude = 0.0
+    fine = 0
     for i in range(start, stop):
-        scaled = np.float64(current_error(x[i], state[i], t_min, t_max)) * _FIXED_ONE
-        units = np.int64(scaled)
-        exact &= np.float64(units) == scaled
-        acc += units
-    if exact:
-        return np.float64(acc) * _FIXED_UNIT
-    return _exact_sum_slow(x, state, start, stop, t_min, t_max)
+        e = np.float64(err[i])
+        a = abs(e)
+        coarse = a >= _FINE
+        total += e if coarse else 0.0
+        magnitude += a
+        fine += (not coarse) & (e != 0.0)
+    if fine == 0 and magnitude < _EXACT_BOUND:
+        return total
+    return _exact_sum_slow(err, start, stop)
 
 
 @njit(cache=True)
-def _exact_sum_slow(x, state, start, stop, t_min, t_max):
+def _exact_sum_slow(err, start, stop):
     """Exact float64 rounding of the sum via non-overlapping partials (Shewchuk's method)."""
     partials = np.empty(_MAX_PARTIALS, np.float64)
     count = 0
     for i in range(start, stop):
-        value = np.float64(current_error(x[i], state[i], t_min, t_max))
+        value = np.float64(err[i])
         kept = 0
         for p in range(count):
             other = partials[p]
@@ -72,7 +76,8 @@ def _round_partials(partials, count):
         if low != 0.0:
             break
     # A half-way case that the partials below would break: round it the correct way.
-    if top > 0 and ((low < 0.0 and partials[top - 1] < 0.0) or (low > 0.0 and partials[top - 1] > 0.0)):
+    below = partials[top - 1] if top > 0 else 0.0
+    if (low < 0.0 and below < 0.0) or (low > 0.0 and below > 0.0):
         doubled = low * 2.0
         candidate = high + doubled
         if doubled == candidate - high:

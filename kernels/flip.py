@@ -1,79 +1,92 @@
 """The flip step of SQUANT_SPEC.md on one group (a kernel for KQ, a channel for CQ).
 
-A group's order is encoded in one int64 key per element: the float32 priority's bit pattern
-(order-preserving for priorities >= 0) in the high half, ``0xFFFFFFFF - index`` in the low half.
-The largest key is then the largest priority with the lowest index on ties, exactly the spec's
-stable sort of ``-priority``, and the first ``k`` of the order are the ``k`` largest keys: no
-full sort is needed for the small ``k`` that groups nearly always have.
+A group's order (a stable sort of ``-priority``) is encoded in one int64 key per element: the
+float32 priority's bit pattern (order-preserving for priorities >= 0) in the high half and
+``0xFFFFFFFF - index`` in the low half. The largest key is the largest priority with the lowest
+index on ties, so the first ``m`` of the order are the ``m`` largest keys. Only the first
+``k + 1`` are ever needed (``k = round(|sum of errors|)``, nearly always 0 to 2), so they are
+found by a few vectorised max scans, not a sort.
 """
 
 import numpy as np
 from numba import njit
 
-_LOW_MASK = np.int64(0xFFFFFFFF)
-_INSERTION_LIMIT = 64  # above this many, a full sort beats insertion into the top buffer
+from .grid import flip
+
+_LOW = np.int64(0xFFFFFFFF)
+_SCAN_LIMIT = 4  # up to this many: one max scan each; above: insertion into the top list
+_INSERTION_LIMIT = 64  # above this many: a full sort
 
 
-@njit(cache=True)
-def make_key(priority_bits, index):
-    """Order key of an element from its priority's float32 bits and its index in the group."""
-    return (np.int64(priority_bits) << 32) | (_LOW_MASK - index)
+@njit(cache=True, inline="always")
+def fill_keys(priority_bits, size, keys):
+    """Order keys of the group from its priorities' float32 bit patterns."""
+    for i in range(size):
+        keys[i] = (np.int64(priority_bits[i]) << 32) | (_LOW - i)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def key_index(key):
-    """Index in the group of the element that ``key`` was made for."""
-    return _LOW_MASK - (key & _LOW_MASK)
+    """Index in the group of the element a key was made for."""
+    return _LOW - (key & _LOW)
 
 
-@njit(cache=True)
-def select_top(keys, count, m, top):
-    """Write the ``m`` largest of ``keys[:count]`` (distinct) into ``top[:m]``, largest first."""
-    if m > _INSERTION_LIMIT:
-        ordered = np.sort(keys[:count])
+@njit(cache=True, inline="always")
+def select_top(keys, size, m, top):
+    """Write the ``m`` largest of the distinct ``keys[:size]`` into ``top[:m]``, largest first."""
+    if m <= _SCAN_LIMIT:
+        below = np.iinfo(np.int64).max
         for t in range(m):
-            top[t] = ordered[count - 1 - t]
-        return
-    filled = 0
-    for c in range(count):
-        key = keys[c]
-        if filled < m:
-            pos = filled
-            filled += 1
-        elif key > top[m - 1]:
-            pos = m - 1
-        else:
-            continue
-        while pos > 0 and top[pos - 1] < key:
-            top[pos] = top[pos - 1]
-            pos -= 1
-        top[pos] = key
+            best = np.iinfo(np.int64).min
+            for i in range(size):
+                key = keys[i]
+                best = key if (key > best) & (key < below) else best
+            top[t] = best
+            below = best
+    elif m <= _INSERTION_LIMIT:
+        filled = 0
+        for i in range(size):
+            key = keys[i]
+            if filled < m:
+                pos = filled
+                filled += 1
+            elif key > top[m - 1]:
+                pos = m - 1
+            else:
+                continue
+            while pos > 0 and top[pos - 1] < key:
+                top[pos] = top[pos - 1]
+                pos -= 1
+            top[pos] = key
+    else:
+        ordered = np.sort(keys[:size])
+        for t in range(m):
+            top[t] = ordered[size - 1 - t]
 
 
-@njit(cache=True)
-def flip_step(error_sum, keys, size, top, state, base):
-    """Steps 2-5 of the flip step on the group ``state[base:base+size]``.
+@njit(cache=True, inline="always")
+def flip_step(error_sum, keys, size, top, base, x, err, value, t_min, t_max):
+    """Steps 2-5 of the flip step on the group of ``size`` elements starting at ``base``.
 
-    ``keys[:size]`` hold the order keys for the direction that ``error_sum`` chooses (step 1:
-    up if the sum is negative, else down). Flips the first ``k = round(|sum|)`` of the order by
-    setting their state to the direction (+1 up, -1 down). Returns the element handed on (step
-    5) as ``(index in the group, direction of the priority to set)``; the caller sets that
-    priority from the element's current error.
+    ``error_sum`` is step 1's sum; ``keys[:size]`` encode the group's order in the direction it
+    chooses (up if the sum is negative, else down). Flips the first ``k = round(|sum|)`` of the
+    order in that direction and returns the element handed on by step 5 as
+    ``(index in the group, True if its up priority is to be set)``.
     """
-    direction = 1 if error_sum < 0 else -1
+    up = error_sum < 0
     magnitude = abs(error_sum)
-    k = min(np.int64(np.rint(magnitude)), size)
-    overshoot = k >= magnitude
-    if overshoot and k == 0:
-        # order[-1]: the smallest key.
-        smallest = keys[0]
-        for c in range(1, size):
-            smallest = min(smallest, keys[c])
-        return key_index(smallest), -direction
-    needed = k if overshoot else k + 1  # k < |sum| < size: the errors are below 1
-    select_top(keys, size, needed, top)
+    k = np.int64(np.rint(magnitude))
+    if k >= magnitude:  # flipped a little too much: the last flipped may flip back
+        if k == 0:  # order[-1]: the smallest key
+            smallest = keys[0]
+            for i in range(1, size):
+                smallest = min(smallest, keys[i])
+            return key_index(smallest), not up
+        select_top(keys, size, k, top)
+        handed, handed_up = top[k - 1], not up
+    else:  # a little too little: the next in line may flip
+        select_top(keys, size, k + 1, top)  # k < |sum| < size, as every |error| < 1
+        handed, handed_up = top[k], up
     for t in range(k):
-        state[base + key_index(top[t])] = direction
-    if overshoot:
-        return key_index(top[k - 1]), -direction
-    return key_index(top[k]), direction
+        flip(base + key_index(top[t]), up, x, err, value, t_min, t_max)
+    return key_index(handed), handed_up

@@ -1,8 +1,5 @@
 """The quantization grid and the element-wise EQ quantities (SQUANT_SPEC.md, 'Scale and zero
-point', 'Other grids' and 'EQ').
-
-Everything here is float32 exactly as the spec states it: each helper is a pure function of
-scalars so that the passes in ``flip.py`` can recompute an element's state instead of storing it.
+point', 'Other grids' and 'EQ'). Everything is float32, exactly as the spec states it.
 """
 
 import numpy as np
@@ -11,15 +8,18 @@ from numba import njit
 _EPS = np.float32(1e-8)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"nnan", "ninf", "nsz"})
 def channel_min_max(w, start, stop):
-    """Return (min, max) of ``w[start:stop]`` as float32 (the channel must be non-empty)."""
+    """Return (min, max) of ``w[start:stop]`` (non-empty, finite; the sign of zero is moot).
+
+    The fast-math flags only let LLVM vectorise the reductions: min and max are exact.
+    """
     lo = w[start]
     hi = w[start]
     for i in range(start + 1, stop):
         v = w[i]
-        lo = min(lo, v)
-        hi = max(hi, v)
+        lo = v if v < lo else lo
+        hi = v if v > hi else hi
     return lo, hi
 
 
@@ -42,11 +42,11 @@ def grid_params(lo, hi, bits, symmetric):
     return scale, zero, -n, n - one
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def has_candidate(x, up, t_min, t_max):
-    """Whether the element on the grid at ``x`` has a flip candidate in the given direction.
+    """Whether the element at ``x`` on the grid has a flip candidate in the given direction.
 
-    up: the error ``e = round(x) - x`` is negative and ``x < t_max``;
+    up: its EQ error ``e = round(x) - x`` is negative and ``x < t_max``;
     down: ``e`` is positive and ``x > t_min``.
     """
     e = np.rint(x) - x
@@ -55,33 +55,17 @@ def has_candidate(x, up, t_min, t_max):
     return (e > 0) & (x > t_min)
 
 
-@njit(cache=True)
-def eq_priority(x, up, t_min, t_max):
-    """EQ priority of an element in a direction: ``|e|`` where it has a candidate, else 0."""
-    if has_candidate(x, up, t_min, t_max):
-        return abs(np.rint(x) - x)
-    return np.float32(0.0)
-
-
-@njit(cache=True)
-def current_error(x, state, t_min, t_max):
-    """Rounding error of an element in ``state`` (0: EQ, +1: flipped up, -1: flipped down).
-
-    A flip in a direction without a candidate leaves the value at ``round(x)`` and, as the spec
-    says, sets the error to 0. The flipped errors ``e + 1`` and ``e - 1`` are float32.
-    """
-    e = np.rint(x) - x
-    if state == 0:
-        return e
-    if has_candidate(x, state > 0, t_min, t_max):
-        return e + np.float32(state)
-    return np.float32(0.0)
-
-
-@njit(cache=True)
-def current_code(x, state, t_min, t_max):
-    """Integer value of an element in ``state``, clamped to ``[t_min, t_max]``."""
-    value = np.rint(x)
-    if state != 0 and has_candidate(x, state > 0, t_min, t_max):
-        value += np.float32(state)
-    return min(max(value, t_min), t_max)
+@njit(cache=True, inline="always")
+def flip(i, up, x, err, value, t_min, t_max):
+    """Flip element ``i`` in a direction: its value and current error become that direction's
+    candidate value and error (``round(x) +- 1`` and the float32 ``e +- 1``), or ``round(x)``
+    and 0 where it has no candidate in that direction, as the spec says."""
+    xi = x[i]
+    r = np.rint(xi)
+    if has_candidate(xi, up, t_min, t_max):
+        step = np.float32(1.0) if up else np.float32(-1.0)
+        value[i] = r + step
+        err[i] = (r - xi) + step
+    else:
+        value[i] = r
+        err[i] = np.float32(0.0)

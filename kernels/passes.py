@@ -1,18 +1,18 @@
-"""KQ and CQ over one channel, and the parallel loop over a ragged batch of channels.
+"""EQ, KQ and CQ over one channel, and the parallel loop over a ragged batch of channels.
 
 One channel at a time, fused: grid, EQ, KQ over its kernels, CQ, clamp, so its data stays in
 cache. The batch is described by flat per-channel tables, so one ``prange`` covers every
-channel of every weight; channels are grouped by the caller into blocks of similar work, and a
-block allocates its scratch once. Each channel's result depends on that channel alone: the codes
-are the same for any number of threads.
+channel of every weight; the caller groups channels into blocks of similar work, and a block
+allocates its scratch once. Each channel's result depends on that channel alone: the codes are
+the same for any number of threads.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from .exact_sum import group_error_sum
-from .flip import flip_step, make_key
-from .grid import channel_min_max, current_code, current_error, eq_priority, grid_params
+from .exact_sum import error_sum
+from .flip import fill_keys, flip_step, key_index, select_top
+from .grid import channel_min_max, flip, grid_params
 
 KERNEL_PASS = 1  # run KQ (on weights whose kernels have more than one element)
 CHANNEL_PASS = 2  # run CQ
@@ -20,83 +20,130 @@ SYMMETRIC = 4  # symmetric grid instead of the asymmetric default
 GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel's min and max
 
 
-@njit(cache=True)
-def _fill_eq_keys(x, base, size, up, t_min, t_max, priority, priority_bits, keys):
-    """Order keys of ``x[base:base+size]`` from their EQ priorities in one direction."""
-    for i in range(size):
-        priority[i] = eq_priority(x[base + i], up, t_min, t_max)
-        keys[i] = make_key(priority_bits[i], i)
+@njit(cache=True, inline="always")
+def _eq_keys(x, err, base, size, up, t_min, t_max, priority, priority_bits, keys):
+    """Order keys of ``base..base+size-1`` by EQ priority in one direction: ``|e|`` where the
+    element has a candidate (``err`` still holds the EQ errors ``e``), else 0."""
+    zero = np.float32(0.0)
+    if up:
+        for i in range(size):
+            e = err[base + i]
+            priority[i] = -e if (e < zero) & (x[base + i] < t_max) else zero
+    else:
+        for i in range(size):
+            e = err[base + i]
+            priority[i] = e if (e > zero) & (x[base + i] > t_min) else zero
+    fill_keys(priority_bits, size, keys)
 
 
 @njit(cache=True)
-def _kernel_pass(x, state, inner, ksize, t_min, t_max, scratch):
-    """KQ: the flip step on every kernel, ordered by EQ priorities; records what each hands on."""
-    keys, top, priority, priority_bits, hand_index, hand_direction, hand_priority = scratch
+def _kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
+    """KQ: the flip step on every kernel, ordered by EQ priorities; records what each hands on.
+
+    Every priority of the layer is reset to 0 before the kernels run, so afterwards the only
+    non-zero priority of a kernel is the one its step 5 set: ``hand_priority`` in the up
+    (``hand_up``) or down direction of element ``hand_index``.
+    """
+    priority, priority_bits, keys, top, hand_index, hand_up, hand_priority = scratch
     for i in range(inner):
         base = i * ksize
-        error_sum = group_error_sum(x, state, base, base + ksize, t_min, t_max)
-        _fill_eq_keys(x, base, ksize, error_sum < 0, t_min, t_max, priority, priority_bits, keys)
-        j, direction = flip_step(error_sum, keys, ksize, top, state, base)
+        total = error_sum(err, base, base + ksize)
+        _eq_keys(x, err, base, ksize, total < 0, t_min, t_max, priority, priority_bits, keys)
+        j, up = flip_step(total, keys, ksize, top, base, x, err, value, t_min, t_max)
         hand_index[i] = base + j
-        hand_direction[i] = direction
-        hand_priority[i] = abs(current_error(x[base + j], state[base + j], t_min, t_max))
+        hand_up[i] = up
+        hand_priority[i] = abs(err[base + j])
 
 
 @njit(cache=True)
-def _channel_pass(x, state, inner, ksize, after_kernels, t_min, t_max, scratch):
-    """CQ: the flip step on the whole channel.
+def _channel_pass(x, err, value, inner, ksize, after_kernels, t_min, t_max, scratch):
+    """CQ: the flip step on the whole channel, with the priorities that KQ left (or EQ's).
 
-    After KQ the only non-zero priorities are the ones each kernel handed on; otherwise they are
-    EQ's. The channel's own hand-on has no next level and is dropped.
+    Only the first ``k`` of the order are flipped; the channel's hand-on (step 5) has no next
+    level and is skipped.
     """
-    keys, top, priority, priority_bits, hand_index, hand_direction, hand_priority = scratch
+    priority, priority_bits, keys, top, hand_index, hand_up, hand_priority = scratch
     size = inner * ksize
-    error_sum = group_error_sum(x, state, 0, size, t_min, t_max)
-    up = error_sum < 0
-    if after_kernels:
-        direction = 1 if up else -1
-        for i in range(size):
-            keys[i] = make_key(0, i)
-        for i in range(inner):
-            if hand_direction[i] == direction:
-                priority[0] = hand_priority[i]
-                keys[hand_index[i]] = make_key(priority_bits[0], hand_index[i])
-    else:
-        _fill_eq_keys(x, 0, size, up, t_min, t_max, priority, priority_bits, keys)
-    flip_step(error_sum, keys, size, top, state, 0)
+    total = error_sum(err, 0, size)
+    up = total < 0
+    k = np.int64(np.rint(abs(total)))
+    if k == 0:
+        return
+    if not after_kernels:
+        _eq_keys(x, err, 0, size, up, t_min, t_max, priority, priority_bits, keys)
+        select_top(keys, size, k, top)
+        for t in range(k):
+            flip(key_index(top[t]), up, x, err, value, t_min, t_max)
+        return
+    # After KQ the non-zero priorities are the ones the kernels handed on in this direction,
+    # ordered first; every other element follows in index order.
+    count = 0
+    for i in range(inner):
+        if (hand_up[i] == up) & (hand_priority[i] > 0):
+            priority[count] = hand_priority[i]
+            hand_index[count] = hand_index[i]  # compacted in place: i >= count
+            count += 1
+    fill_keys(priority_bits, count, keys)
+    first = min(k, count)
+    select_top(keys, count, first, top)
+    for t in range(first):
+        flip(hand_index[key_index(top[t])], up, x, err, value, t_min, t_max)
+    candidate = 0
+    element = 0
+    for _ in range(k - first):
+        while candidate < count and hand_index[candidate] == element:
+            candidate += 1
+            element += 1
+        flip(element, up, x, err, value, t_min, t_max)
+        element += 1
 
 
 @njit(cache=True)
 def _allocate_scratch(max_size, max_inner):
     priority = np.empty(max_size, np.float32)
     return (
-        np.empty(max_size, np.int64),  # keys
-        np.empty(max_size, np.int64),  # top of the order
-        priority,
-        priority.view(np.int32),  # the same memory as bits, for the keys
+        priority,  # priorities of the group being flipped,
+        priority.view(np.int32),  # the same memory as bit patterns,
+        np.empty(max_size, np.int64),  # their order keys
+        np.empty(max_size, np.int64),  # and the first keys of the order
         np.empty(max_inner, np.int64),  # per kernel: the element handed on,
-        np.empty(max_inner, np.int8),  # the direction of its priority,
-        np.empty(max_inner, np.float32),  # and the priority
+        np.empty(max_inner, np.bool_),  # whether its up (or down) priority was set,
+        np.empty(max_inner, np.float32),  # and that priority
     )
 
 
 @njit(cache=True)
-def quantize_channel(w, start, inner, ksize, bits, flags, lo, hi, codes, x, state, scratch):
+def _round_only(w, start, size, scale, zero, t_min, t_max, codes):
+    """Mode E: round to nearest, half to even, and clamp."""
+    for i in range(size):
+        r = np.rint(scale * w[start + i] - zero)
+        codes[start + i] = np.int8(min(max(r, t_min), t_max))
+
+
+@njit(cache=True)
+def quantize_channel(w, start, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch):
     """Quantize one channel ``w[start:start + inner*ksize]`` into ``codes``; returns (S, Z)."""
     size = inner * ksize
     if not flags & GIVEN_RANGE:
         lo, hi = channel_min_max(w, start, start + size)
     scale, zero, t_min, t_max = grid_params(lo, hi, bits, flags & SYMMETRIC != 0)
-    for i in range(size):
-        x[i] = scale * w[start + i] - zero
-        state[i] = 0
     after_kernels = (flags & KERNEL_PASS != 0) and ksize > 1
+    channel_pass = flags & CHANNEL_PASS != 0
+    if not (after_kernels or channel_pass):
+        _round_only(w, start, size, scale, zero, t_min, t_max, codes)
+        return scale, zero
+    for i in range(size):  # EQ
+        xi = scale * w[start + i] - zero
+        r = np.rint(xi)
+        x[i] = xi
+        err[i] = r - xi
+        value[i] = r
     if after_kernels:
-        _kernel_pass(x, state, inner, ksize, t_min, t_max, scratch)
-    if flags & CHANNEL_PASS:
-        _channel_pass(x, state, inner, ksize, after_kernels, t_min, t_max, scratch)
+        _kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
+    if channel_pass:
+        _channel_pass(x, err, value, inner, ksize, after_kernels, t_min, t_max, scratch)
     for i in range(size):
-        codes[start + i] = np.int8(current_code(x[i], state[i], t_min, t_max))
+        codes[start + i] = np.int8(min(max(value[i], t_min), t_max))
     return scale, zero
 
 
@@ -120,10 +167,10 @@ def quantize_batch(w, ch_start, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo, ch
             max_size = max(max_size, ch_inner[c] * ch_ksize[c])
             max_inner = max(max_inner, ch_inner[c])
         x = np.empty(max_size, np.float32)
-        state = np.empty(max_size, np.int8)
+        err = np.empty(max_size, np.float32)
+        value = np.empty(max_size, np.float32)
         scratch = _allocate_scratch(max_size, max_inner)
         for c in range(first, last):
             scale[c], zero[c] = quantize_channel(
                 w, ch_start[c], ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c],
-                ch_lo[c], ch_hi[c], codes, x, state, scratch)
-
+                ch_lo[c], ch_hi[c], codes, x, err, value, scratch)

@@ -4,17 +4,25 @@ Weights are rounded per output channel, then flipped so that the rounding errors
 kernel and every output channel sum to as close to zero as possible: no data, no training.
 """
 
+from . import nn
 from .errors import QuantizationError
+from .model import dequantize, quantize
 from .options import QuantOptions
+from .report import LayerReport, QuantizationReport
 from .tensor import QuantizedTensor, quantize_weight, quantize_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerReport",
     "QuantOptions",
+    "QuantizationReport",
     "QuantizationError",
     "QuantizedTensor",
     "__version__",
+    "dequantize",
+    "nn",
+    "quantize",
     "quantize_weight",
     "quantize_weights",
 ]

@@ -18,7 +18,7 @@ _BLOCK_ELEMENTS = 1 << 15  # work per parallel item: big enough to amortise its 
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Kernel output for one weight: ``codes`` shaped ``(O, I, K)``, ``scale``/``zero_point`` ``(O,)``."""
+    """Kernel output for one weight: ``codes`` ``(O, I, K)``, ``scale``/``zero_point`` ``(O,)``."""
 
     codes: np.ndarray
     scale: np.ndarray

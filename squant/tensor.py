@@ -1,4 +1,4 @@
-"""``QuantizedTensor`` and ``quantize_weight(s)``: input validation, axis handling, one batch call."""
+"""``QuantizedTensor`` and ``quantize_weight(s)``: validation, axis handling, one batch call."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from .batch import quantize_batch
 from .errors import QuantizationError
 from .options import QuantOptions, check_bits
-
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -62,7 +61,8 @@ def _as_float_array(weight: object, name: str) -> np.ndarray:
             raise TypeError(f"{name}: dtype {weight.dtype} is not a floating type; "
                             "quantize float16, float32 or float64 weights")
         return weight
-    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(weight).__name__}")
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, "
+                    f"got {type(weight).__name__}")
 
 
 def _check_shape(array: np.ndarray, axis: object, name: str) -> int:
@@ -115,19 +115,29 @@ def quantize_weights(
     if len(names) != count:
         raise QuantizationError(f"got {len(names)} names for {count} weights")
     bits_list = _per_weight(bits, count, "bits")
-    axes_list = _per_weight(0 if axes is None else axes, count, "axes")
     options = [QuantOptions(check_bits(b, f"bits of {n}"), mode, scheme, granularity)
                for b, n in zip(bits_list, names)]
+    return quantize_with_options(weights, _per_weight(0 if axes is None else axes, count, "axes"),
+                                 options, names)
+
+
+def quantize_with_options(
+    weights: Sequence[torch.Tensor | np.ndarray],
+    axes: Sequence[int],
+    options: Sequence[QuantOptions],
+    names: Sequence[str],
+) -> list[QuantizedTensor]:
+    """Validate and quantize weights, each with its own axis and options, in one kernel call."""
     arrays = [_as_float_array(w, n) for w, n in zip(weights, names)]
-    axes_list = [_check_shape(a, ax, n) for a, ax, n in zip(arrays, axes_list, names)]
+    axes = [_check_shape(a, ax, n) for a, ax, n in zip(arrays, axes, names)]
     _check_finite(arrays, names)
-    if count == 0:
+    if not arrays:
         return []
-    moved = [np.moveaxis(a, ax, 0) for a, ax in zip(arrays, axes_list)]
+    moved = [np.moveaxis(a, ax, 0) for a, ax in zip(arrays, axes)]
     views = [m.reshape(m.shape[0], m.shape[1], -1) for m in moved]
-    results = quantize_batch(views, options)
+    results = quantize_batch(views, list(options))
     out = []
-    for result, m, ax, opts in zip(results, moved, axes_list, options):
+    for result, m, ax, opts in zip(results, moved, axes, options):
         codes = np.moveaxis(result.codes.reshape(m.shape), 0, ax)
         out.append(QuantizedTensor(
             codes=torch.from_numpy(np.ascontiguousarray(codes)),

@@ -1,0 +1,124 @@
+"""Benchmark: SQuant's kernels on ResNet-18 and ResNet-50 layer shapes vs numpy round-to-nearest.
+
+Prints, per model (random weights with the exact layer shapes, 4-bit, mode KC):
+- cold first call in a fresh process, with numba's on-disk cache empty (compile) and warm (load);
+- warm median of the batched call (``quantize_weights``: one kernel call for every layer) and of
+  per-layer ``quantize_weight`` calls;
+- plain numpy per-channel round-to-nearest of the same weights, timed in the same process, and
+  the ratios to it (ratios hold on a noisy machine; absolute times do not).
+
+Run: ``python bench/bench_kernels.py [--repeats 15]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see PERFORMANCE_NOTES.md
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+
+import squant
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from resnet import resnet18, resnet50, weight_shapes  # noqa: E402
+
+BITS = 4
+
+
+def random_weights(shapes: list[tuple[int, ...]], seed: int = 0) -> list[np.ndarray]:
+    """He-normal float32 weights with the given shapes."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32)
+            for s in shapes]
+
+
+def numpy_rtn(weights: list[np.ndarray], bits: int = BITS) -> list[np.ndarray]:
+    """Per-output-channel asymmetric round-to-nearest in plain numpy, layer by layer."""
+    n = 2 ** (bits - 1)
+    out = []
+    for w in weights:
+        w2 = w.reshape(w.shape[0], -1)
+        lo, hi = w2.min(axis=1, keepdims=True), w2.max(axis=1, keepdims=True)
+        scale = np.float32(2**bits - 1) / np.maximum(hi - lo, np.float32(1e-8))
+        zero = np.rint(scale * lo) + np.float32(n)
+        out.append(np.clip(np.rint(scale * w2 - zero), -n, n - 1).astype(np.int8))
+    return out
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+_COLD_SCRIPT = """
+import time
+start = time.perf_counter()
+import numpy as np, squant
+imported = time.perf_counter()
+squant.quantize_weight(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32))
+done = time.perf_counter()
+print(f"{imported - start:.3f} {done - imported:.3f}")
+"""
+
+
+def cold_call(cache_dir: str | None) -> tuple[float, float]:
+    """(import time, first-call time) in a fresh process; ``cache_dir`` overrides numba's cache."""
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    out = subprocess.run([sys.executable, "-c", _COLD_SCRIPT], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    print(f"threads: numba {numba.get_num_threads()}, torch {torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cores {os.cpu_count()}")
+    with tempfile.TemporaryDirectory() as empty:
+        imp, compile_s = cold_call(empty)
+        print(f"cold, empty numba cache (compile): import {imp:.2f} s + first call "
+              f"{compile_s:.2f} s")
+        imp, load_s = cold_call(empty)
+        print(f"cold, warm numba cache (load):     import {imp:.2f} s + first call {load_s:.2f} s"
+              f"  -> {imp + load_s:.2f} s in all")
+    print()
+    header = (f"{'model':<10} {'weights':>9} {'numpy RTN':>10} {'KC batched':>11} {'ratio':>6}"
+              f" {'KC per-layer':>13} {'ratio':>6} {'E batched':>10} {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    for name, build in (("ResNet-18", resnet18), ("ResNet-50", resnet50)):
+        weights = random_weights(weight_shapes(build()))
+        count = sum(w.size for w in weights)
+        rtn = median_time(lambda ws=weights: numpy_rtn(ws), args.repeats)
+        batched = median_time(lambda ws=weights: squant.quantize_weights(ws, BITS), args.repeats)
+        per_layer = median_time(lambda ws=weights: [squant.quantize_weight(w, BITS) for w in ws],
+                                args.repeats)
+        eq_only = median_time(lambda ws=weights: squant.quantize_weights(ws, BITS, "E"),
+                              args.repeats)
+        print(f"{name:<10} {count / 1e6:>8.1f}M {rtn * 1e3:>8.1f}ms {batched * 1e3:>9.1f}ms"
+              f" {batched / rtn:>5.2f}x {per_layer * 1e3:>11.1f}ms {per_layer / rtn:>5.2f}x"
+              f" {eq_only * 1e3:>8.1f}ms {eq_only / rtn:>5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

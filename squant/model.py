@@ -1,0 +1,251 @@
+"""``quantize(model)`` and ``dequantize(qmodel)``: select layers, one batched kernel call, swap.
+
+Every selected weight of the model goes through one call of the kernels (parallel across
+layers). The input model is left untouched unless ``inplace=True``: the copy shares nothing
+with it, yet the weights being quantized are never copied as float.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import QuantizationError
+from .nn import QUANTIZED_CLASSES, QuantizedModule
+from .options import QuantOptions, check_bits
+from .report import QuantizationReport, layer_report
+from .tensor import QuantizedTensor, quantize_with_options
+
+
+@dataclass
+class _Layer:
+    """A layer to quantize: its names (all the paths it is reachable by) and its options."""
+
+    names: list[str]
+    module: nn.Module
+    options: QuantOptions
+
+
+def quantize(
+    model: nn.Module,
+    bits: int = 4,
+    mode: str = "KC",
+    *,
+    skip: Iterable[str] = (),
+    layer_bits: Mapping[str, int] | None = None,
+    scheme: str = "asymmetric",
+    granularity: str = "channel",
+    inplace: bool = False,
+    cache_weights: bool = True,
+    report: bool = False,
+) -> nn.Module:
+    """Quantize every Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d weight of ``model``.
+
+    All selected weights go through one batched SQuant kernel call; each layer is replaced by
+    its quantized module (``squant.nn``), which holds int8 codes, per-channel scale and zero
+    point, and the float bias.
+
+    Args:
+        bits: 2..8, for every layer not in ``layer_bits``.
+        mode: ``"KC"`` (the paper's SQuant), ``"K"``, ``"C"`` or ``"E"`` (round to nearest).
+        skip: module names or fnmatch patterns (``"features.0"``, ``"*.fc"``) left in float.
+        layer_bits: ``{pattern: bits}``; the first pattern matching a layer's name wins.
+        scheme, granularity: the grid (see :class:`squant.QuantOptions`).
+        inplace: modify and return ``model`` itself instead of a copy.
+        cache_weights: quantized modules keep their dequantized weight after first use
+            (faster forward) instead of recomputing it each time (less memory).
+        report: attach a :class:`squant.QuantizationReport` as ``qmodel.squant_report``.
+
+    A pattern in ``skip`` or ``layer_bits`` that matches no layer is an error (a typo would
+    otherwise silently quantize everything). A weight shared by several layers is quantized
+    once and the quantized layers share its codes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
+    default = QuantOptions(bits, mode, scheme, granularity)
+    layers = _select_layers(model, list(skip), dict(layer_bits or {}), default)
+    if not inplace:
+        model = _copy_sharing(model, [layer.module.weight for layer in layers])
+        layers = _relocate(model, layers)
+    start = time.perf_counter()
+    shared = _quantize_shared(layers)
+    seconds = time.perf_counter() - start
+    joined = {key: entry.joined for key, entry in shared.items()}
+    replacements = {}
+    for layer in layers:
+        cls = QUANTIZED_CLASSES[type(layer.module)]
+        replacements[id(layer.module)] = cls.from_float(
+            layer.module, joined[id(layer.module.weight)], cache_weights)
+    model = _swap_modules(model, replacements)
+    if report:
+        model.squant_report = _report(shared, seconds)
+    return model
+
+
+def dequantize(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A plain float model: every quantized layer back to its original class, holding the
+    dequantized weight, so that any runtime can use it."""
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"dequantize expects a torch.nn.Module, got {type(qmodel).__name__}")
+    model = qmodel if inplace else copy.deepcopy(qmodel)
+    replacements = {id(m): m.to_float() for m in model.modules() if isinstance(m, QuantizedModule)}
+    return _swap_modules(model, replacements)
+
+
+def _select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
+                   default: QuantOptions) -> list[_Layer]:
+    """The layers to quantize with their options; checks every pattern matches some layer."""
+    for pattern, bits in layer_bits.items():
+        check_bits(bits, f"layer_bits[{pattern!r}]")
+    by_module: dict[int, _Layer] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) not in QUANTIZED_CLASSES:
+            continue
+        if id(module) in by_module:
+            by_module[id(module)].names.append(name)
+        else:
+            by_module[id(module)] = _Layer([name], module, default)
+    if not by_module:
+        raise QuantizationError(
+            f"{type(model).__name__} has no layer to quantize (supported: "
+            f"{', '.join(c.__name__ for c in QUANTIZED_CLASSES)})")
+    _check_patterns_match(skip, "skip", by_module.values())
+    _check_patterns_match(layer_bits, "layer_bits", by_module.values())
+    layers = []
+    for layer in by_module.values():
+        if any(_matches(pattern, layer) for pattern in skip):
+            continue
+        bits = next((b for p, b in layer_bits.items() if _matches(p, layer)), default.bits)
+        layer.options = QuantOptions(bits, default.mode, default.scheme, default.granularity)
+        layers.append(layer)
+    if not layers:
+        raise QuantizationError("every layer is skipped: nothing to quantize")
+    return layers
+
+
+def _matches(pattern: str, layer: _Layer) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for name in layer.names)
+
+
+def _check_patterns_match(patterns: Iterable[str], what: str, layers: Iterable[_Layer]) -> None:
+    layers = list(layers)
+    for pattern in patterns:
+        if not any(_matches(pattern, layer) for layer in layers):
+            known = ", ".join(layer.names[0] or "<root>" for layer in layers[:20])
+            raise QuantizationError(
+                f"{what} pattern {pattern!r} matches no quantizable layer (layers: {known}"
+                f"{', ...' if len(layers) > 20 else ''})")
+
+
+def _copy_sharing(model: nn.Module, shared: list[torch.Tensor]) -> nn.Module:
+    """Deep copy of ``model`` in which the tensors in ``shared`` are not copied (they are about
+    to be replaced by quantized ones, so the copy never exposes them)."""
+    memo = {id(tensor): tensor for tensor in shared}
+    return copy.deepcopy(model, memo)
+
+
+def _relocate(model: nn.Module, layers: list[_Layer]) -> list[_Layer]:
+    """The same layers, found by name in the copied model."""
+    return [_Layer(layer.names, model.get_submodule(layer.names[0]), layer.options)
+            for layer in layers]
+
+
+def _weight_blocks(module: nn.Module) -> tuple[list[torch.Tensor], int]:
+    """The weight as the blocks quantized independently, with their output-channel axis.
+
+    ConvTranspose weights are ``(in, out/groups, *kernel)``: each group's block of input rows
+    has its own output channels on axis 1.
+    """
+    weight = module.weight.detach()
+    if getattr(module, "transposed", False):
+        return list(weight.chunk(module.groups, dim=0)), 1
+    return [weight], 0
+
+
+@dataclass
+class _SharedWeight:
+    """One distinct weight Parameter: the first layer using it, its blocks and their results."""
+
+    layer: _Layer
+    blocks: list[torch.Tensor]
+    axis: int
+    parts: list[QuantizedTensor]
+
+    @property
+    def joined(self) -> QuantizedTensor:
+        """The whole weight's quantized tensor (blocks concatenated along dim 0)."""
+        return _join_blocks(self.parts)
+
+
+def _quantize_shared(layers: list[_Layer]) -> dict[int, _SharedWeight]:
+    """Quantize each distinct weight once, all in one batched call; keyed by ``id`` of the
+    weight Parameter."""
+    shared: dict[int, _SharedWeight] = {}
+    for layer in layers:
+        key = id(layer.module.weight)
+        if key not in shared:
+            blocks, axis = _weight_blocks(layer.module)
+            shared[key] = _SharedWeight(layer, blocks, axis, [])
+            continue
+        first = shared[key].layer
+        if first.options != layer.options or type(first.module) is not type(layer.module):
+            raise QuantizationError(
+                f"layers {first.names[0]!r} and {layer.names[0]!r} share one weight but are "
+                f"asked for different quantization ({first.options} vs {layer.options})")
+    arrays, axes, options, names = [], [], [], []
+    for entry in shared.values():
+        layer = entry.layer
+        label = f"layer {layer.names[0]!r} ({type(layer.module).__name__}) weight"
+        for index, block in enumerate(entry.blocks):
+            arrays.append(block)
+            axes.append(entry.axis)
+            options.append(layer.options)
+            names.append(label if len(entry.blocks) == 1 else f"{label}, group {index}")
+    results = iter(quantize_with_options(arrays, axes, options, names))
+    for entry in shared.values():
+        entry.parts = [next(results) for _ in entry.blocks]
+    return shared
+
+
+def _join_blocks(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return QuantizedTensor(
+        codes=torch.cat([p.codes for p in parts], dim=0),
+        scale=torch.cat([p.scale for p in parts]),
+        zero_point=torch.cat([p.zero_point for p in parts]),
+        bits=first.bits, mode=first.mode, axis=first.axis, scheme=first.scheme,
+        granularity=first.granularity)
+
+
+def _swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+    """Put each replacement wherever its module sits (under every name); returns the root."""
+    if id(model) in replacements:
+        return replacements[id(model)]
+    for _, module in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(module.named_children()):
+            if id(child) in replacements:
+                setattr(module, child_name, replacements[id(child)])
+    return model
+
+
+def _report(shared: dict[int, _SharedWeight], seconds: float) -> QuantizationReport:
+    """Error statistics per distinct weight; each layer is also timed alone for its row."""
+    rows = []
+    for entry in shared.values():
+        layer = entry.layer
+        start = time.perf_counter()
+        count = len(entry.blocks)
+        quantize_with_options(entry.blocks, [entry.axis] * count, [layer.options] * count,
+                              layer.names[:1] * count)
+        alone = time.perf_counter() - start
+        rows.append(layer_report(", ".join(layer.names), type(layer.module).__name__,
+                                 layer.module.weight.shape, entry.blocks, entry.parts, alone))
+    return QuantizationReport(rows, seconds)

@@ -1,0 +1,159 @@
+"""Quantized modules: one small class per layer kind, registered against the float class.
+
+Each class subclasses its float class, so ``forward`` is torch's own (``F.linear``,
+``_conv_forward``, ...) run with the dequantized weight. The int8 codes, scales and zero points
+are buffers (so ``state_dict`` holds the integers); the bias stays a float parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .tensor import QuantizedTensor
+
+QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedModule]] = {}
+
+# Attributes a float layer needs besides its parameters (torch's own __constants__ and these).
+_EXTRA_ATTRIBUTES = ("transposed", "_reversed_padding_repeated_twice", "training")
+
+
+def register(float_class: type[nn.Module]):
+    """Class decorator: make ``cls`` the quantized counterpart of ``float_class``."""
+
+    def decorate(cls: type[QuantizedModule]) -> type[QuantizedModule]:
+        cls.float_class = float_class
+        QUANTIZED_CLASSES[float_class] = cls
+        return cls
+
+    return decorate
+
+
+class QuantizedModule:
+    """What every quantized layer shares: code buffers, dequantization, conversions.
+
+    ``weight`` is the dequantized weight ``(codes + zero_point) / scale`` in the float layer's
+    dtype. With ``cache_weight`` (the default) it is computed once and kept until the buffers
+    change (``load_state_dict``, ``.to()``); without, it is recomputed at each use to save memory.
+    """
+
+    float_class: type[nn.Module]
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    @classmethod
+    def from_float(cls, module: nn.Module, qweight: QuantizedTensor,
+                   cache_weight: bool = True) -> QuantizedModule:
+        """A quantized copy of ``module`` with ``qweight`` as its weight (bias shared as is)."""
+        qmodule = cls.__new__(cls)
+        nn.Module.__init__(qmodule)
+        for name in _hyper_parameters(module):
+            setattr(qmodule, name, getattr(module, name))
+        qmodule.bias = module.bias
+        qmodule.register_buffer("codes", qweight.codes)
+        qmodule.register_buffer("scale", qweight.scale)
+        qmodule.register_buffer("zero_point", qweight.zero_point)
+        qmodule.bits, qmodule.mode, qmodule.axis = qweight.bits, qweight.mode, qweight.axis
+        qmodule.scheme, qmodule.granularity = qweight.scheme, qweight.granularity
+        qmodule.cache_weight = cache_weight
+        qmodule.weight_dtype = module.weight.dtype
+        qmodule._cached_weight = None
+        return qmodule
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, in the float layer's dtype."""
+        cached = self._cached_weight
+        if cached is not None:
+            return cached
+        weight = self.dequantize_weight().to(self.weight_dtype)
+        if self.cache_weight:
+            self._cached_weight = weight
+        return weight
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """``(codes + zero_point) / scale`` in float32, scale and zero point along ``axis``."""
+        view = [1] * self.codes.dim()
+        view[self.axis] = -1
+        codes = self.codes.to(torch.float32)
+        return (codes + self.zero_point.float().view(view)) / self.scale.float().view(view)
+
+    def to_float(self) -> nn.Module:
+        """A plain float layer of the original class holding the dequantized weight."""
+        module = self.float_class.__new__(self.float_class)
+        nn.Module.__init__(module)
+        for name in _hyper_parameters(self):
+            setattr(module, name, getattr(self, name))
+        module.weight = nn.Parameter(self.dequantize_weight().to(self.weight_dtype),
+                                     requires_grad=False)
+        module.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(),
+                                                                  requires_grad=False)
+        return module
+
+    def _apply(self, fn, recurse=True):
+        self._cached_weight = None
+        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cached_weight = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, bits={self.bits}, mode={self.mode}, "
+                f"scheme={self.scheme}, granularity={self.granularity}")
+
+
+def _hyper_parameters(module: nn.Module) -> list[str]:
+    names = [*type(module).__constants__, *_EXTRA_ATTRIBUTES]
+    return [n for n in names if n in module.__dict__]
+
+
+@register(nn.Linear)
+class QuantizedLinear(QuantizedModule, nn.Linear):
+    """``nn.Linear`` with an int weight."""
+
+
+@register(nn.Conv1d)
+class QuantizedConv1d(QuantizedModule, nn.Conv1d):
+    """``nn.Conv1d`` with an int weight."""
+
+
+@register(nn.Conv2d)
+class QuantizedConv2d(QuantizedModule, nn.Conv2d):
+    """``nn.Conv2d`` with an int weight."""
+
+
+@register(nn.Conv3d)
+class QuantizedConv3d(QuantizedModule, nn.Conv3d):
+    """``nn.Conv3d`` with an int weight."""
+
+
+class _QuantizedConvTranspose(QuantizedModule):
+    """ConvTranspose weights are ``(in, out/groups, *kernel)``: output channels on axis 1, and
+    with groups each group's block has its own ``out/groups`` channels. ``scale`` and
+    ``zero_point`` list all ``out`` channels, group by group."""
+
+    def dequantize_weight(self) -> torch.Tensor:
+        groups = self.groups
+        codes = self.codes.to(torch.float32)
+        blocks = codes.view(groups, codes.shape[0] // groups, *codes.shape[1:])
+        view = [groups, 1, -1] + [1] * (codes.dim() - 2)
+        weight = (blocks + self.zero_point.float().view(view)) / self.scale.float().view(view)
+        return weight.view(codes.shape)
+
+
+@register(nn.ConvTranspose1d)
+class QuantizedConvTranspose1d(_QuantizedConvTranspose, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with an int weight."""
+
+
+@register(nn.ConvTranspose2d)
+class QuantizedConvTranspose2d(_QuantizedConvTranspose, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with an int weight."""
+
+
+@register(nn.ConvTranspose3d)
+class QuantizedConvTranspose3d(_QuantizedConvTranspose, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with an int weight."""
