@@ -8,19 +8,36 @@ from numba import njit
 _EPS = np.float32(1e-8)
 
 
-@njit(cache=True, fastmath={"nnan", "ninf", "nsz"})
-def channel_min_max(w, start, stop):
-    """Return (min, max) of ``w[start:stop]`` (non-empty, finite; the sign of zero is moot).
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+_EXPONENT = np.int32(0x7F800000)
 
-    The fast-math flags only let LLVM vectorise the reductions: min and max are exact.
+
+@njit(cache=True, inline="always")
+def _ordered(bits):
+    """Map float32 bit patterns to int32s in the floats' order (an involution)."""
+    return bits ^ ((bits >> 31) & _MAGNITUDE)
+
+
+@njit(cache=True)
+def channel_range(w_bits, start, stop, out):
+    """Min and max of the float32 values whose bit patterns are ``w_bits[start:stop]``.
+
+    Compares order-preserving integer images of the floats, which vectorises where float
+    min/max reductions do not. Writes the min and max bit patterns to ``out[0]``, ``out[1]``;
+    returns False if a value is NaN or Inf (then the range is meaningless).
     """
-    lo = w[start]
-    hi = w[start]
-    for i in range(start + 1, stop):
-        v = w[i]
-        lo = v if v < lo else lo
-        hi = v if v > hi else hi
-    return lo, hi
+    lo = np.int32(0x7FFFFFFF)
+    hi = np.int32(-0x80000000)
+    special = np.int32(0)
+    for i in range(start, stop):
+        bits = w_bits[i]
+        key = _ordered(bits)
+        lo = min(lo, key)
+        hi = max(hi, key)
+        special |= np.int32((bits & _EXPONENT) == _EXPONENT)
+    out[0] = _ordered(lo)
+    out[1] = _ordered(hi)
+    return special == 0
 
 
 @njit(cache=True)

@@ -12,7 +12,7 @@ from numba import njit, prange
 
 from .exact_sum import error_sum
 from .flip import fill_keys, flip_step, key_index, select_top
-from .grid import channel_min_max, flip, grid_params
+from .grid import channel_range, flip, grid_params
 
 KERNEL_PASS = 1  # run KQ (on weights whose kernels have more than one element)
 CHANNEL_PASS = 2  # run CQ
@@ -44,7 +44,7 @@ def _kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     non-zero priority of a kernel is the one its step 5 set: ``hand_priority`` in the up
     (``hand_up``) or down direction of element ``hand_index``.
     """
-    priority, priority_bits, keys, top, hand_index, hand_up, hand_priority = scratch
+    priority, priority_bits, keys, top, hand_index, hand_up, hand_priority, _ = scratch
     for i in range(inner):
         base = i * ksize
         total = error_sum(err, base, base + ksize)
@@ -62,7 +62,7 @@ def _channel_pass(x, err, value, inner, ksize, after_kernels, t_min, t_max, scra
     Only the first ``k`` of the order are flipped; the channel's hand-on (step 5) has no next
     level and is skipped.
     """
-    priority, priority_bits, keys, top, hand_index, hand_up, hand_priority = scratch
+    priority, priority_bits, keys, top, hand_index, hand_up, hand_priority, _ = scratch
     size = inner * ksize
     total = error_sum(err, 0, size)
     up = total < 0
@@ -108,7 +108,8 @@ def _allocate_scratch(max_size, max_inner):
         np.empty(max_size, np.int64),  # and the first keys of the order
         np.empty(max_inner, np.int64),  # per kernel: the element handed on,
         np.empty(max_inner, np.bool_),  # whether its up (or down) priority was set,
-        np.empty(max_inner, np.float32),  # and that priority
+        np.empty(max_inner, np.float32),  # and that priority;
+        np.empty(2, np.int32),  # a channel's range, as float32 bit patterns
     )
 
 
@@ -121,17 +122,27 @@ def _round_only(w, start, size, scale, zero, t_min, t_max, codes):
 
 
 @njit(cache=True)
-def quantize_channel(w, start, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch):
-    """Quantize one channel ``w[start:start + inner*ksize]`` into ``codes``; returns (S, Z)."""
+def quantize_channel(w, w_bits, start, inner, ksize, bits, flags, lo, hi, codes, x, err, value,
+                     scratch):
+    """Quantize one channel ``w[start:start + inner*ksize]`` into ``codes`` (``w_bits``: the
+    same memory as int32).
+
+    Returns ``(S, Z, finite)``; with a NaN or Inf in the channel (``finite`` False) nothing is
+    written.
+    """
     size = inner * ksize
     if not flags & GIVEN_RANGE:
-        lo, hi = channel_min_max(w, start, start + size)
+        range_bits = scratch[-1]
+        if not channel_range(w_bits, start, start + size, range_bits):
+            return np.float32(0.0), np.float32(0.0), False
+        range_floats = range_bits.view(np.float32)
+        lo, hi = range_floats[0], range_floats[1]
     scale, zero, t_min, t_max = grid_params(lo, hi, bits, flags & SYMMETRIC != 0)
     after_kernels = (flags & KERNEL_PASS != 0) and ksize > 1
     channel_pass = flags & CHANNEL_PASS != 0
     if not (after_kernels or channel_pass):
         _round_only(w, start, size, scale, zero, t_min, t_max, codes)
-        return scale, zero
+        return scale, zero, True
     for i in range(size):  # EQ
         xi = scale * w[start + i] - zero
         r = np.rint(xi)
@@ -144,12 +155,12 @@ def quantize_channel(w, start, inner, ksize, bits, flags, lo, hi, codes, x, err,
         _channel_pass(x, err, value, inner, ksize, after_kernels, t_min, t_max, scratch)
     for i in range(size):
         codes[start + i] = np.int8(min(max(value[i], t_min), t_max))
-    return scale, zero
+    return scale, zero, True
 
 
 @njit(cache=True, parallel=True)
 def quantize_batch(w, ch_start, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo, ch_hi,
-                   block_start, codes, scale, zero):
+                   block_start, codes, scale, zero, finite):
     """Quantize every channel of a ragged batch in one parallel loop.
 
     ``w`` is the flat float32 buffer of all weights, each laid out ``(O, I, K)``; channel ``c``
@@ -157,8 +168,10 @@ def quantize_batch(w, ch_start, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo, ch
     (``KERNEL_PASS | CHANNEL_PASS | SYMMETRIC | GIVEN_RANGE``) and, with ``GIVEN_RANGE``, its
     range ``[ch_lo[c], ch_hi[c]]``. Blocks ``block_start[b] .. block_start[b+1]-1`` of channels
     are the parallel work items. Writes ``codes`` (int8, like ``w``), ``scale`` and ``zero``
-    (float32, one per channel).
+    (float32, one per channel) and ``finite`` (False for a channel holding a NaN or Inf, whose
+    other outputs are then meaningless).
     """
+    w_bits = w.view(np.int32)
     for b in prange(block_start.shape[0] - 1):
         first, last = block_start[b], block_start[b + 1]
         max_size = 1
@@ -171,6 +184,6 @@ def quantize_batch(w, ch_start, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo, ch
         value = np.empty(max_size, np.float32)
         scratch = _allocate_scratch(max_size, max_inner)
         for c in range(first, last):
-            scale[c], zero[c] = quantize_channel(
-                w, ch_start[c], ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c],
+            scale[c], zero[c], finite[c] = quantize_channel(
+                w, w_bits, ch_start[c], ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c],
                 ch_lo[c], ch_hi[c], codes, x, err, value, scratch)

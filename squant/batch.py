@@ -18,11 +18,13 @@ _BLOCK_ELEMENTS = 1 << 15  # work per parallel item: big enough to amortise its 
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Kernel output for one weight: ``codes`` ``(O, I, K)``, ``scale``/``zero_point`` ``(O,)``."""
+    """Kernel output for one weight: ``codes`` ``(O, I, K)``, ``scale``/``zero_point`` ``(O,)``;
+    ``finite`` is False if the weight (as float32) holds a NaN or Inf: then the rest is junk."""
 
     codes: np.ndarray
     scale: np.ndarray
     zero_point: np.ndarray
+    finite: bool
 
 
 def _flags(options: QuantOptions) -> int:
@@ -48,7 +50,8 @@ def _block_starts(sizes: np.ndarray) -> np.ndarray:
 def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions]) -> list[BatchResult]:
     """Quantize weights viewed as ``(O, I, K)`` arrays of any float dtype and any memory layout.
 
-    Each weight is copied once, as float32, into the flat buffer; inputs are never modified.
+    Each weight is copied once, as float32, into the flat buffer; inputs are never modified. A
+    weight with a NaN or Inf is flagged (``finite``), not quantized.
     """
     shapes = [w.shape for w in weights]
     sizes = [int(np.prod(s)) for s in shapes]
@@ -65,7 +68,8 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions]) -> li
     first = 0
     for w, (o, i, k), opts, start in zip(weights, shapes, options, offsets[:-1]):
         view = flat[start : start + o * i * k].reshape(o, i, k)
-        view[...] = w
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: flagged below
+            view[...] = w
         rows = slice(first, first + o)
         ch_start[rows] = start + np.arange(o, dtype=np.int64) * (i * k)
         ch_inner[rows], ch_ksize[rows] = i, k
@@ -76,13 +80,17 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions]) -> li
     codes = np.empty_like(flat, dtype=np.int8)
     scale = np.empty(channels, np.float32)
     zero = np.empty(channels, np.float32)
+    finite = np.empty(channels, np.bool_)
     blocks = _block_starts(ch_inner * ch_ksize)
     kernels.quantize_batch(flat, ch_start, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo, ch_hi,
-                           blocks, codes, scale, zero)
+                           blocks, codes, scale, zero, finite)
     results = []
     first = 0
     for (o, i, k), start in zip(shapes, offsets[:-1]):
+        rows = slice(first, first + o)
+        all_finite = bool(finite[rows].all() and np.isfinite(ch_lo[rows]).all()
+                          and np.isfinite(ch_hi[rows]).all())
         results.append(BatchResult(codes[start : start + o * i * k].reshape(o, i, k),
-                                   scale[first : first + o], zero[first : first + o]))
+                                   scale[rows], zero[rows], all_finite))
         first += o
     return results

@@ -78,18 +78,15 @@ def _check_shape(array: np.ndarray, axis: object, name: str) -> int:
     return int(axis) % array.ndim
 
 
-def _check_finite(arrays: list[np.ndarray], names: list[str]) -> None:
-    """Reject NaN/Inf, including float64 values beyond float32's range, saying where."""
-    for array, name in zip(arrays, names):
-        as_f32 = array.astype(np.float32, copy=False) if array.dtype != np.float32 else array
-        with np.errstate(over="ignore"):
-            finite = np.isfinite(as_f32)
-        if not finite.all():
-            where = tuple(int(i) for i in np.argwhere(~finite)[0])
-            count = int(finite.size - np.count_nonzero(finite))
-            raise QuantizationError(
-                f"{name}: {count} value(s) are NaN or Inf (or overflow float32), first at index "
-                f"{where} (value {array[where]!r}); fix or skip this weight")
+def _raise_non_finite(array: np.ndarray, name: str) -> None:
+    """Say where the first NaN or Inf (or float64 value beyond float32's range) of a weight is."""
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(array.astype(np.float32, copy=False))
+    where = tuple(int(i) for i in np.argwhere(~finite)[0])
+    count = int(finite.size - np.count_nonzero(finite))
+    raise QuantizationError(
+        f"{name}: {count} value(s) are NaN or Inf (or overflow float32), first at index "
+        f"{where} (value {float(array[where])!r}); fix or skip this weight")
 
 
 def quantize_weights(
@@ -130,12 +127,14 @@ def quantize_with_options(
     """Validate and quantize weights, each with its own axis and options, in one kernel call."""
     arrays = [_as_float_array(w, n) for w, n in zip(weights, names)]
     axes = [_check_shape(a, ax, n) for a, ax, n in zip(arrays, axes, names)]
-    _check_finite(arrays, names)
     if not arrays:
         return []
     moved = [np.moveaxis(a, ax, 0) for a, ax in zip(arrays, axes)]
     views = [m.reshape(m.shape[0], m.shape[1], -1) for m in moved]
     results = quantize_batch(views, list(options))
+    for result, array, name in zip(results, arrays, names):
+        if not result.finite:
+            _raise_non_finite(array, name)
     out = []
     for result, m, ax, opts in zip(results, moved, axes, options):
         codes = np.moveaxis(result.codes.reshape(m.shape), 0, ax)
