@@ -5,7 +5,7 @@ float32 priority's bit pattern (order-preserving for priorities >= 0) in the hig
 ``0xFFFFFFFF - index`` in the low half. The largest key is the largest priority with the lowest
 index on ties, so the first ``m`` of the order are the ``m`` largest keys. Only the first
 ``k + 1`` are ever needed (``k = round(|sum of errors|)``, nearly always 0 to 2), so they are
-found by a few vectorised max scans, not a sort.
+found by max scans or a running top list, never by a sort of the whole group.
 """
 
 import numpy as np
@@ -16,13 +16,14 @@ from .grid import flip
 _LOW = np.int64(0xFFFFFFFF)
 _SCAN_LIMIT = 4  # up to this many: one max scan each; above: insertion into the top list
 _INSERTION_LIMIT = 64  # above this many: a full sort
+SMALLEST_KEY = np.iinfo(np.int64).min
+LARGEST_KEY = np.iinfo(np.int64).max
 
 
 @njit(cache=True, inline="always")
-def fill_keys(priority_bits, size, keys):
-    """Order keys of the group from its priorities' float32 bit patterns."""
-    for i in range(size):
-        keys[i] = (np.int64(priority_bits[i]) << 32) | (_LOW - i)
+def make_key(priority, index):
+    """Order key of an element from its float32 priority (>= 0) and its index in the group."""
+    return (np.int64(np.float32(priority).view(np.int32)) << 32) | (_LOW - index)
 
 
 @njit(cache=True, inline="always")
@@ -35,9 +36,9 @@ def key_index(key):
 def select_top(keys, size, m, top):
     """Write the ``m`` largest of the distinct ``keys[:size]`` into ``top[:m]``, largest first."""
     if m <= _SCAN_LIMIT:
-        below = np.iinfo(np.int64).max
+        below = LARGEST_KEY
         for t in range(m):
-            best = np.iinfo(np.int64).min
+            best = SMALLEST_KEY
             for i in range(size):
                 key = keys[i]
                 best = key if (key > best) & (key < below) else best
@@ -65,28 +66,16 @@ def select_top(keys, size, m, top):
 
 
 @njit(cache=True, inline="always")
-def flip_step(error_sum, keys, size, top, base, x, err, value, t_min, t_max):
-    """Steps 2-5 of the flip step on the group of ``size`` elements starting at ``base``.
-
-    ``error_sum`` is step 1's sum; ``keys[:size]`` encode the group's order in the direction it
-    chooses (up if the sum is negative, else down). Flips the first ``k = round(|sum|)`` of the
-    order in that direction and returns the element handed on by step 5 as
-    ``(index in the group, True if its up priority is to be set)``.
-    """
-    up = error_sum < 0
+def flip_count(error_sum):
+    """Steps 1-2: ``(up, k, overshoot)``: the direction (up if the sum is negative), how many
+    to flip (``round(|sum|)``) and whether ``k >= |sum|`` (step 5's first case)."""
     magnitude = abs(error_sum)
     k = np.int64(np.rint(magnitude))
-    if k >= magnitude:  # flipped a little too much: the last flipped may flip back
-        if k == 0:  # order[-1]: the smallest key
-            smallest = keys[0]
-            for i in range(1, size):
-                smallest = min(smallest, keys[i])
-            return key_index(smallest), not up
-        select_top(keys, size, k, top)
-        handed, handed_up = top[k - 1], not up
-    else:  # a little too little: the next in line may flip
-        select_top(keys, size, k + 1, top)  # k < |sum| < size, as every |error| < 1
-        handed, handed_up = top[k], up
+    return error_sum < 0, k, k >= magnitude
+
+
+@njit(cache=True, inline="always")
+def flip_first(top, k, base, up, x, err, value, t_min, t_max):
+    """Step 4: flip the elements of the first ``k`` keys of the order in the direction."""
     for t in range(k):
         flip(base + key_index(top[t]), up, x, err, value, t_min, t_max)
-    return key_index(handed), handed_up

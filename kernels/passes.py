@@ -11,7 +11,15 @@ import numpy as np
 from numba import njit, prange
 
 from .exact_sum import error_sum
-from .flip import fill_keys, flip_step, key_index, select_top
+from .flip import (
+    LARGEST_KEY,
+    SMALLEST_KEY,
+    flip_count,
+    flip_first,
+    key_index,
+    make_key,
+    select_top,
+)
 from .grid import channel_range, flip, grid_params
 
 KERNEL_PASS = 1  # run KQ (on weights whose kernels have more than one element)
@@ -21,19 +29,21 @@ GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel'
 
 
 @njit(cache=True, inline="always")
-def _eq_keys(x, err, base, size, up, t_min, t_max, priority, priority_bits, keys):
-    """Order keys of ``base..base+size-1`` by EQ priority in one direction: ``|e|`` where the
-    element has a candidate (``err`` still holds the EQ errors ``e``), else 0."""
+def _eq_key(x, err, i, index, up, t_min, t_max):
+    """Order key of element ``i`` by its EQ priority in one direction: ``|e|`` where it has a
+    candidate, else 0 (``err[i]`` still holds its EQ error ``e``)."""
+    e = err[i]
+    xi = x[i]
     zero = np.float32(0.0)
-    if up:
-        for i in range(size):
-            e = err[base + i]
-            priority[i] = -e if (e < zero) & (x[base + i] < t_max) else zero
-    else:
-        for i in range(size):
-            e = err[base + i]
-            priority[i] = e if (e > zero) & (x[base + i] > t_min) else zero
-    fill_keys(priority_bits, size, keys)
+    candidate = (up & (e < zero) & (xi < t_max)) | (~up & (e > zero) & (xi > t_min))
+    return make_key(abs(e) * np.float32(candidate), index)
+
+
+@njit(cache=True, inline="always")
+def _eq_keys(x, err, base, size, up, t_min, t_max, keys):
+    """Order keys of ``base..base+size-1`` by EQ priority in one direction."""
+    for i in range(size):
+        keys[i] = _eq_key(x, err, base + i, i, up, t_min, t_max)
 
 
 @njit(cache=True)
@@ -42,17 +52,38 @@ def _kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
 
     Every priority of the layer is reset to 0 before the kernels run, so afterwards the only
     non-zero priority of a kernel is the one its step 5 set: ``hand_priority`` in the up
-    (``hand_up``) or down direction of element ``hand_index``.
+    (``hand_up``) or down direction of element ``hand_index``. The first two and the last of a
+    kernel's order come from one pass; only kernels needing more take the general selection.
     """
-    priority, priority_bits, keys, top, hand_index, hand_up, hand_priority, _ = scratch
+    keys, top, hand_index, hand_up, hand_priority, _ = scratch
     for i in range(inner):
         base = i * ksize
         total = error_sum(err, base, base + ksize)
-        _eq_keys(x, err, base, ksize, total < 0, t_min, t_max, priority, priority_bits, keys)
-        j, up = flip_step(total, keys, ksize, top, base, x, err, value, t_min, t_max)
-        hand_index[i] = base + j
-        hand_up[i] = up
-        hand_priority[i] = abs(err[base + j])
+        up, k, overshoot = flip_count(total)
+        first = SMALLEST_KEY
+        second = SMALLEST_KEY
+        last = LARGEST_KEY
+        for j in range(ksize):
+            key = _eq_key(x, err, base + j, j, up, t_min, t_max)
+            second = max(second, min(key, first))
+            first = max(first, key)
+            last = min(last, key)
+        needed = k if overshoot else k + 1  # k < |sum| <= ksize / 2 when not overshooting
+        if needed > 2:
+            _eq_keys(x, err, base, ksize, up, t_min, t_max, keys)
+            select_top(keys, ksize, needed, top)
+        else:
+            top[0] = first
+            top[1] = second
+        flip_first(top, k, base, up, x, err, value, t_min, t_max)
+        if overshoot:  # flipped a little too much: the last flipped may flip back
+            handed, handed_up = (top[k - 1] if k > 0 else last), not up
+        else:  # a little too little: the next in line may flip
+            handed, handed_up = top[k], up
+        j = base + key_index(handed)
+        hand_index[i] = j
+        hand_up[i] = handed_up
+        hand_priority[i] = abs(err[j])
 
 
 @njit(cache=True)
@@ -62,28 +93,24 @@ def _channel_pass(x, err, value, inner, ksize, after_kernels, t_min, t_max, scra
     Only the first ``k`` of the order are flipped; the channel's hand-on (step 5) has no next
     level and is skipped.
     """
-    priority, priority_bits, keys, top, hand_index, hand_up, hand_priority, _ = scratch
+    keys, top, hand_index, hand_up, hand_priority, _ = scratch
     size = inner * ksize
-    total = error_sum(err, 0, size)
-    up = total < 0
-    k = np.int64(np.rint(abs(total)))
+    up, k, _ = flip_count(error_sum(err, 0, size))
     if k == 0:
         return
     if not after_kernels:
-        _eq_keys(x, err, 0, size, up, t_min, t_max, priority, priority_bits, keys)
+        _eq_keys(x, err, 0, size, up, t_min, t_max, keys)
         select_top(keys, size, k, top)
-        for t in range(k):
-            flip(key_index(top[t]), up, x, err, value, t_min, t_max)
+        flip_first(top, k, 0, up, x, err, value, t_min, t_max)
         return
     # After KQ the non-zero priorities are the ones the kernels handed on in this direction,
     # ordered first; every other element follows in index order.
     count = 0
     for i in range(inner):
         if (hand_up[i] == up) & (hand_priority[i] > 0):
-            priority[count] = hand_priority[i]
+            keys[count] = make_key(hand_priority[i], count)
             hand_index[count] = hand_index[i]  # compacted in place: i >= count
             count += 1
-    fill_keys(priority_bits, count, keys)
     first = min(k, count)
     select_top(keys, count, first, top)
     for t in range(first):
@@ -100,12 +127,9 @@ def _channel_pass(x, err, value, inner, ksize, after_kernels, t_min, t_max, scra
 
 @njit(cache=True)
 def _allocate_scratch(max_size, max_inner):
-    priority = np.empty(max_size, np.float32)
     return (
-        priority,  # priorities of the group being flipped,
-        priority.view(np.int32),  # the same memory as bit patterns,
-        np.empty(max_size, np.int64),  # their order keys
-        np.empty(max_size, np.int64),  # and the first keys of the order
+        np.empty(max_size, np.int64),  # order keys of the group being flipped
+        np.empty(max(max_size, 2), np.int64),  # the first keys of its order
         np.empty(max_inner, np.int64),  # per kernel: the element handed on,
         np.empty(max_inner, np.bool_),  # whether its up (or down) priority was set,
         np.empty(max_inner, np.float32),  # and that priority;
