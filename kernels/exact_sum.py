@@ -14,8 +14,8 @@ _MAX_PARTIALS = 64  # non-overlapping float64 partials of float32 inputs: a hand
 
 
 @njit(cache=True, inline="always", fastmath={"reassoc"})
-def error_sum(err, start, stop):
-    """Exact sum of ``err[start:stop]`` (float32), rounded to float64.
+def error_sum(err):
+    """Exact sum of the float32 errors ``err``, rounded to float64.
 
     Fast path: when every non-zero error is a multiple of 2**-40 (``|e| >= 2**-17``) and the sum
     of their magnitudes stays below 2**13, every partial sum in any order is exact in float64,
@@ -24,7 +24,7 @@ def error_sum(err, start, stop):
     total = 0.0
     magnitude = 0.0
     fine = 0
-    for i in range(start, stop):
+    for i in range(err.shape[0]):
         e = np.float64(err[i])
         a = abs(e)
         coarse = a >= _FINE
@@ -33,15 +33,15 @@ def error_sum(err, start, stop):
         fine += (not coarse) & (e != 0.0)
     if fine == 0 and magnitude < _EXACT_BOUND:
         return total
-    return _exact_sum_slow(err, start, stop)
+    return _exact_sum_slow(err)
 
 
 @njit(cache=True)
-def _exact_sum_slow(err, start, stop):
+def _exact_sum_slow(err):
     """Exact float64 rounding of the sum via non-overlapping partials (Shewchuk's method)."""
     partials = np.empty(_MAX_PARTIALS, np.float64)
     count = 0
-    for i in range(start, stop):
+    for i in range(err.shape[0]):
         value = np.float64(err[i])
         kept = 0
         for p in range(count):

@@ -75,7 +75,7 @@ def flip_count(error_sum):
 
 
 @njit(cache=True, inline="always")
-def flip_first(top, k, base, up, x, err, value, t_min, t_max):
+def flip_first(top, k, up, x, err, value, t_min, t_max):
     """Step 4: flip the elements of the first ``k`` keys of the order in the direction."""
     for t in range(k):
-        flip(base + key_index(top[t]), up, x, err, value, t_min, t_max)
+        flip(key_index(top[t]), up, x, err, value, t_min, t_max)

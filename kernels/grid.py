@@ -19,8 +19,8 @@ def _ordered(bits):
 
 
 @njit(cache=True)
-def channel_range(w_bits, start, stop, out):
-    """Min and max of the float32 values whose bit patterns are ``w_bits[start:stop]``.
+def channel_range(w_bits, out):
+    """Min and max of the float32 values whose bit patterns are ``w_bits`` (non-empty).
 
     Compares order-preserving integer images of the floats, which vectorises where float
     min/max reductions do not. Writes the min and max bit patterns to ``out[0]``, ``out[1]``;
@@ -29,7 +29,7 @@ def channel_range(w_bits, start, stop, out):
     lo = np.int32(0x7FFFFFFF)
     hi = np.int32(-0x80000000)
     special = np.int32(0)
-    for i in range(start, stop):
+    for i in range(w_bits.shape[0]):  # from 0, so that LLVM sees no negative index
         bits = w_bits[i]
         key = _ordered(bits)
         lo = min(lo, key)

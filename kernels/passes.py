@@ -29,25 +29,25 @@ GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel'
 
 
 @njit(cache=True, inline="always")
-def _eq_key(x, err, i, index, up, t_min, t_max):
+def _eq_key(x, err, i, up, t_min, t_max):
     """Order key of element ``i`` by its EQ priority in one direction: ``|e|`` where it has a
     candidate, else 0 (``err[i]`` still holds its EQ error ``e``)."""
     e = err[i]
     xi = x[i]
     zero = np.float32(0.0)
     candidate = (up & (e < zero) & (xi < t_max)) | (~up & (e > zero) & (xi > t_min))
-    return make_key(abs(e) * np.float32(candidate), index)
+    return make_key(abs(e) * np.float32(candidate), i)
 
 
 @njit(cache=True, inline="always")
-def _eq_keys(x, err, base, size, up, t_min, t_max, keys):
-    """Order keys of ``base..base+size-1`` by EQ priority in one direction."""
-    for i in range(size):
-        keys[i] = _eq_key(x, err, base + i, i, up, t_min, t_max)
+def _eq_keys(x, err, up, t_min, t_max, keys):
+    """Order keys of a group (``x``, ``err`` its slices) by EQ priority in one direction."""
+    for i in range(x.shape[0]):
+        keys[i] = _eq_key(x, err, i, up, t_min, t_max)
 
 
 @njit(cache=True)
-def _kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
+def _kernel_pass(x, err, value, ksize, t_min, t_max, scratch):
     """KQ: the flip step on every kernel, ordered by EQ priorities; records what each hands on.
 
     Every priority of the layer is reset to 0 before the kernels run, so afterwards the only
@@ -56,52 +56,51 @@ def _kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     kernel's order come from one pass; only kernels needing more take the general selection.
     """
     keys, top, hand_index, hand_up, hand_priority, _ = scratch
-    for i in range(inner):
+    for i in range(x.shape[0] // ksize):
         base = i * ksize
-        total = error_sum(err, base, base + ksize)
-        up, k, overshoot = flip_count(total)
+        kx, kerr, kvalue = x[base : base + ksize], err[base : base + ksize], value[base : base + ksize]
+        up, k, overshoot = flip_count(error_sum(kerr))
         first = SMALLEST_KEY
         second = SMALLEST_KEY
         last = LARGEST_KEY
         for j in range(ksize):
-            key = _eq_key(x, err, base + j, j, up, t_min, t_max)
+            key = _eq_key(kx, kerr, j, up, t_min, t_max)
             second = max(second, min(key, first))
             first = max(first, key)
             last = min(last, key)
         needed = k if overshoot else k + 1  # k < |sum| <= ksize / 2 when not overshooting
         if needed > 2:
-            _eq_keys(x, err, base, ksize, up, t_min, t_max, keys)
+            _eq_keys(kx, kerr, up, t_min, t_max, keys)
             select_top(keys, ksize, needed, top)
         else:
             top[0] = first
             top[1] = second
-        flip_first(top, k, base, up, x, err, value, t_min, t_max)
+        flip_first(top, k, up, kx, kerr, kvalue, t_min, t_max)
         if overshoot:  # flipped a little too much: the last flipped may flip back
             handed, handed_up = (top[k - 1] if k > 0 else last), not up
         else:  # a little too little: the next in line may flip
             handed, handed_up = top[k], up
-        j = base + key_index(handed)
-        hand_index[i] = j
+        j = key_index(handed)
+        hand_index[i] = base + j
         hand_up[i] = handed_up
-        hand_priority[i] = abs(err[j])
+        hand_priority[i] = abs(kerr[j])
 
 
 @njit(cache=True)
-def _channel_pass(x, err, value, inner, ksize, after_kernels, t_min, t_max, scratch):
+def _channel_pass(x, err, value, inner, after_kernels, t_min, t_max, scratch):
     """CQ: the flip step on the whole channel, with the priorities that KQ left (or EQ's).
 
     Only the first ``k`` of the order are flipped; the channel's hand-on (step 5) has no next
     level and is skipped.
     """
     keys, top, hand_index, hand_up, hand_priority, _ = scratch
-    size = inner * ksize
-    up, k, _ = flip_count(error_sum(err, 0, size))
+    up, k, _ = flip_count(error_sum(err))
     if k == 0:
         return
     if not after_kernels:
-        _eq_keys(x, err, 0, size, up, t_min, t_max, keys)
-        select_top(keys, size, k, top)
-        flip_first(top, k, 0, up, x, err, value, t_min, t_max)
+        _eq_keys(x, err, up, t_min, t_max, keys)
+        select_top(keys, x.shape[0], k, top)
+        flip_first(top, k, up, x, err, value, t_min, t_max)
         return
     # After KQ the non-zero priorities are the ones the kernels handed on in this direction,
     # ordered first; every other element follows in index order.
@@ -138,26 +137,25 @@ def _allocate_scratch(max_size, max_inner):
 
 
 @njit(cache=True)
-def _round_only(w, start, size, scale, zero, t_min, t_max, codes):
+def _round_only(w, scale, zero, t_min, t_max, codes):
     """Mode E: round to nearest, half to even, and clamp."""
-    for i in range(size):
-        r = np.rint(scale * w[start + i] - zero)
-        codes[start + i] = np.int8(min(max(r, t_min), t_max))
+    for i in range(w.shape[0]):
+        r = np.rint(scale * w[i] - zero)
+        codes[i] = np.int8(min(max(r, t_min), t_max))
 
 
 @njit(cache=True)
-def quantize_channel(w, w_bits, start, inner, ksize, bits, flags, lo, hi, codes, x, err, value,
-                     scratch):
-    """Quantize one channel ``w[start:start + inner*ksize]`` into ``codes`` (``w_bits``: the
-    same memory as int32).
+def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch):
+    """Quantize one channel ``w`` (its slice; ``w_bits`` the same memory as int32) into its
+    slice of ``codes``. ``x``, ``err``, ``value`` and ``scratch`` are scratch space.
 
     Returns ``(S, Z, finite)``; with a NaN or Inf in the channel (``finite`` False) nothing is
     written.
     """
-    size = inner * ksize
+    size = w.shape[0]
     if not flags & GIVEN_RANGE:
         range_bits = scratch[-1]
-        if not channel_range(w_bits, start, start + size, range_bits):
+        if not channel_range(w_bits, range_bits):
             return np.float32(0.0), np.float32(0.0), False
         range_floats = range_bits.view(np.float32)
         lo, hi = range_floats[0], range_floats[1]
@@ -165,20 +163,21 @@ def quantize_channel(w, w_bits, start, inner, ksize, bits, flags, lo, hi, codes,
     after_kernels = (flags & KERNEL_PASS != 0) and ksize > 1
     channel_pass = flags & CHANNEL_PASS != 0
     if not (after_kernels or channel_pass):
-        _round_only(w, start, size, scale, zero, t_min, t_max, codes)
+        _round_only(w, scale, zero, t_min, t_max, codes)
         return scale, zero, True
+    x, err, value = x[:size], err[:size], value[:size]
     for i in range(size):  # EQ
-        xi = scale * w[start + i] - zero
+        xi = scale * w[i] - zero
         r = np.rint(xi)
         x[i] = xi
         err[i] = r - xi
         value[i] = r
     if after_kernels:
-        _kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
+        _kernel_pass(x, err, value, ksize, t_min, t_max, scratch)
     if channel_pass:
-        _channel_pass(x, err, value, inner, ksize, after_kernels, t_min, t_max, scratch)
+        _channel_pass(x, err, value, inner, after_kernels, t_min, t_max, scratch)
     for i in range(size):
-        codes[start + i] = np.int8(min(max(value[i], t_min), t_max))
+        codes[i] = np.int8(min(max(value[i], t_min), t_max))
     return scale, zero, True
 
 
@@ -208,6 +207,8 @@ def quantize_batch(w, ch_start, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo, ch
         value = np.empty(max_size, np.float32)
         scratch = _allocate_scratch(max_size, max_inner)
         for c in range(first, last):
+            start = ch_start[c]
+            stop = start + ch_inner[c] * ch_ksize[c]
             scale[c], zero[c], finite[c] = quantize_channel(
-                w, w_bits, ch_start[c], ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c],
-                ch_lo[c], ch_hi[c], codes, x, err, value, scratch)
+                w[start:stop], w_bits[start:stop], ch_inner[c], ch_ksize[c], ch_bits[c],
+                ch_flags[c], ch_lo[c], ch_hi[c], codes[start:stop], x, err, value, scratch)
