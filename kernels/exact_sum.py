@@ -8,7 +8,7 @@ sitting almost exactly on the grid) or a huge one take an exact Shewchuk-style s
 import numpy as np
 from numba import njit
 
-_FINE = 2.0**-17  # float32 values at least this large are multiples of 2**-40
+FINE = 2.0**-17  # float32 values at least this large are multiples of 2**-40
 _EXACT_BOUND = 8000.0  # below 2**13: sums of multiples of 2**-40 are exact in float64
 _MAX_PARTIALS = 64  # non-overlapping float64 partials of float32 inputs: a handful at most
 
@@ -27,17 +27,24 @@ def error_sum(err):
     for i in range(err.shape[0]):
         e = np.float64(err[i])
         a = abs(e)
-        coarse = a >= _FINE
+        coarse = a >= FINE
         total += e if coarse else 0.0
         magnitude += a
         fine += (not coarse) & (e != 0.0)
-    if fine == 0 and magnitude < _EXACT_BOUND:
+    if sum_is_exact(fine, magnitude):
         return total
-    return _exact_sum_slow(err)
+    return exact_sum_slow(err)
+
+
+@njit(cache=True, inline="always")
+def sum_is_exact(fine, magnitude):
+    """Whether a plain float64 sum is exact: no error below ``FINE`` (``fine`` counts them) and
+    the magnitudes summing to less than 2**13."""
+    return (fine == 0) & (magnitude < _EXACT_BOUND)
 
 
 @njit(cache=True)
-def _exact_sum_slow(err):
+def exact_sum_slow(err):
     """Exact float64 rounding of the sum via non-overlapping partials (Shewchuk's method)."""
     partials = np.empty(_MAX_PARTIALS, np.float64)
     count = 0

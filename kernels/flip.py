@@ -27,6 +27,15 @@ def make_key(priority, index):
 
 
 @njit(cache=True, inline="always")
+def eq_key(e, x, index, up, t_min, t_max):
+    """Order key of an element by its EQ priority in one direction: ``|e|`` where it has a
+    candidate (up: ``e < 0`` and ``x < t_max``; down: ``e > 0`` and ``x > t_min``), else 0."""
+    zero = np.float32(0.0)
+    candidate = (up & (e < zero) & (x < t_max)) | (~up & (e > zero) & (x > t_min))
+    return make_key(abs(e) * np.float32(candidate), index)
+
+
+@njit(cache=True, inline="always")
 def key_index(key):
     """Index in the group of the element a key was made for."""
     return _LOW - (key & _LOW)

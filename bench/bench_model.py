@@ -1,0 +1,129 @@
+"""Benchmark: ``squant.quantize(model, bits=4)`` on ResNet-18 and ResNet-50 vs numpy RTN.
+
+Prints, per model (torchvision's layer shapes, random weights, 4-bit, mode KC):
+- warm median of ``squant.quantize`` with ``inplace=True`` and with the default copy;
+- numpy per-channel round-to-nearest of the same weights, timed in the same process, and the
+  ratios to it (ratios hold on a noisy machine; absolute times do not);
+- cold: the first ``squant.quantize`` in a fresh process (numba's on-disk cache warm);
+- peak extra memory of one ``squant.quantize`` call (peak RSS above the RSS before the call, in
+  a fresh process whose kernels are already loaded), against the size of the float32 weights:
+  the larger of the copy and in-place calls.
+
+Run: ``python bench/bench_model.py [--repeats 10]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see PERFORMANCE_NOTES.md
+
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numba
+import torch
+
+import squant
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import numpy_rtn  # noqa: E402
+from resnet import resnet18, resnet50  # noqa: E402
+
+MODELS = {"ResNet-18": resnet18, "ResNet-50": resnet50}
+BITS = 4
+
+
+def layer_weights(model: torch.nn.Module) -> list:
+    """The conv and linear weights as numpy arrays (views, no copy)."""
+    return [m.weight.detach().numpy() for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(name: str, inplace: bool, warm: bool) -> dict:
+    """In a fresh process: time a quantize call and measure its peak extra RSS.
+
+    ``warm``: first quantize a tiny model, so that loading the compiled kernels (tens of MB,
+    once per process) is neither timed nor counted.
+    """
+    if warm:
+        squant.quantize(torch.nn.Linear(4, 4), BITS)
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    weights_mib = sum(w.nbytes for w in layer_weights(model)) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    squant.quantize(model, BITS, inplace=inplace)
+    seconds = time.perf_counter() - start
+    extra_mib = (_status_kib("VmHWM") - before) / 1024
+    return {"seconds": seconds, "extra_mib": extra_mib, "weights_mib": weights_mib}
+
+
+def run_worker(name: str, inplace: bool, warm: bool) -> dict:
+    """Run :func:`worker` in a fresh Python process and return what it measured."""
+    out = subprocess.run([sys.executable, __file__, "--worker", name,
+                          *(["--inplace"] if inplace else []), *(["--warm"] if warm else [])],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def median_time(fn, repeats: int, setup=lambda: None) -> float:
+    """Median of ``fn(setup())`` wall times in seconds (``setup`` untimed), after one warm-up."""
+    fn(setup())
+    times = []
+    for _ in range(repeats):
+        arg = setup()
+        start = time.perf_counter()
+        fn(arg)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--worker", choices=list(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--inplace", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.inplace, args.warm)))
+        return
+    print(f"threads: numba {numba.get_num_threads()}, torch {torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cores {os.cpu_count()}")
+    header = (f"{'model':<10} {'numpy RTN':>10} {'inplace':>9} {'ratio':>6} {'copy':>9} "
+              f"{'ratio':>6} {'cold':>8} {'weights':>8} {'peak extra':>16}")
+    print(header)
+    print("-" * len(header))
+    for name, build in MODELS.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        weights = layer_weights(model)
+        rtn = median_time(lambda _: numpy_rtn(weights), args.repeats)
+        inplace = median_time(lambda m: squant.quantize(m, BITS, inplace=True), args.repeats,
+                              setup=lambda m=model: copy.deepcopy(m))
+        copied = median_time(lambda _, m=model: squant.quantize(m, BITS), args.repeats)
+        cold = run_worker(name, inplace=False, warm=False)
+        memory = max(run_worker(name, inplace=False, warm=True)["extra_mib"],
+                     run_worker(name, inplace=True, warm=True)["extra_mib"])
+        print(f"{name:<10} {rtn * 1e3:>8.1f}ms {inplace * 1e3:>7.1f}ms {inplace / rtn:>5.2f}x"
+              f" {copied * 1e3:>7.1f}ms {copied / rtn:>5.2f}x {cold['seconds']:>7.2f}s"
+              f" {cold['weights_mib']:>6.0f}MB {memory:>6.0f}MB ({memory / cold['weights_mib']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

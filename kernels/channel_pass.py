@@ -1,0 +1,56 @@
+"""CQ: the flip step on a whole channel (SQUANT_SPEC.md, 'KQ then CQ').
+
+Only the first ``k`` of the channel's order are flipped: the channel's hand-on (step 5) has no
+next level and is skipped.
+"""
+
+from numba import njit
+
+from .exact_sum import error_sum
+from .flip import eq_key, flip_count, flip_first, key_index, make_key, select_top
+from .grid import flip
+from .kernel_pass import transposed_position
+
+
+@njit(cache=True)
+def channel_pass_eq(x, err, value, t_min, t_max, keys, top):
+    """CQ with the EQ priorities (no KQ ran: mode C, or kernels of one element)."""
+    up, k, _ = flip_count(error_sum(err))
+    if k == 0:
+        return
+    for i in range(x.shape[0]):
+        keys[i] = eq_key(err[i], x[i], i, up, t_min, t_max)
+    select_top(keys, x.shape[0], k, top)
+    flip_first(top, k, up, x, err, value, t_min, t_max)
+
+
+@njit(cache=True)
+def channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratch):
+    """CQ after KQ, on a channel held transposed (see ``kernel_pass``).
+
+    The only non-zero priorities are the ones the kernels handed on in the chosen direction:
+    they come first in the order, and every other element follows in index order.
+    """
+    keys, top, hand_index, hand_up, hand_priority = scratch[:5]
+    up, k, _ = flip_count(error_sum(err))
+    if k == 0:
+        return
+    count = 0
+    for i in range(inner):
+        if (hand_up[i] == up) & (hand_priority[i] > 0):
+            keys[count] = make_key(hand_priority[i], count)
+            hand_index[count] = hand_index[i]  # compacted in place: i >= count
+            count += 1
+    first = min(k, count)
+    select_top(keys, count, first, top)
+    for t in range(first):
+        element = hand_index[key_index(top[t])]
+        flip(transposed_position(element, inner, ksize), up, x, err, value, t_min, t_max)
+    candidate = 0
+    element = 0
+    for _ in range(k - first):
+        while candidate < count and hand_index[candidate] == element:
+            candidate += 1
+            element += 1
+        flip(transposed_position(element, inner, ksize), up, x, err, value, t_min, t_max)
+        element += 1

@@ -1,0 +1,122 @@
+"""KQ: the flip step on every kernel of a channel (SQUANT_SPEC.md, 'KQ then CQ').
+
+A channel's kernels are short (9 elements for 3x3) and many, so they are processed side by side:
+the channel is held kernel-major transposed (element ``j`` of kernel ``i`` at ``j * inner + i``)
+and the error sums and the first two and last keys of every kernel's order are computed in loops
+that run across kernels, which vectorise. Only the decisions and the few flips are per kernel.
+"""
+
+import numpy as np
+from numba import njit
+
+from .exact_sum import FINE, exact_sum_slow, sum_is_exact
+from .flip import (
+    LARGEST_KEY,
+    SMALLEST_KEY,
+    eq_key,
+    flip_count,
+    key_index,
+    select_top,
+)
+from .grid import flip
+
+
+@njit(cache=True, inline="always")
+def transposed_position(index, inner, ksize):
+    """Position in the transposed layout of the channel's element ``index`` (= i*ksize + j)."""
+    return (index % ksize) * inner + index // ksize
+
+
+@njit(cache=True)
+def _kernel_sums(err, inner, ksize, total, magnitude, fine, group):
+    """Step 1 for every kernel: the exact sum of its errors, rounded to float64, in ``total``."""
+    total[:inner] = 0.0
+    magnitude[:inner] = 0.0
+    fine[:inner] = 0
+    for j in range(ksize):
+        row = err[j * inner : (j + 1) * inner]
+        for i in range(inner):  # across kernels: each kernel's own sum stays in order
+            e = np.float64(row[i])
+            a = abs(e)
+            coarse = a >= FINE
+            total[i] += e if coarse else 0.0
+            magnitude[i] += a
+            fine[i] += (not coarse) & (e != 0.0)
+    for i in range(inner):
+        if not sum_is_exact(fine[i], magnitude[i]):
+            for j in range(ksize):
+                group[j] = err[j * inner + i]
+            total[i] = exact_sum_slow(group[:ksize])
+
+
+@njit(cache=True)
+def _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last):
+    """The two largest and the smallest EQ-priority key of every kernel, in its direction."""
+    first[:inner] = SMALLEST_KEY
+    second[:inner] = SMALLEST_KEY
+    last[:inner] = LARGEST_KEY
+    for j in range(ksize):
+        x_row = x[j * inner : (j + 1) * inner]
+        err_row = err[j * inner : (j + 1) * inner]
+        for i in range(inner):  # across kernels
+            key = eq_key(err_row[i], x_row[i], j, total[i] < 0, t_min, t_max)
+            second[i] = max(second[i], min(key, first[i]))
+            first[i] = max(first[i], key)
+            last[i] = min(last[i], key)
+
+
+@njit(cache=True)
+def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
+    """KQ on a channel held transposed; records what each kernel hands on to CQ.
+
+    Every priority of the layer is reset to 0 before the kernels run, so afterwards the only
+    non-zero priority of kernel ``i`` is the one its step 5 set: ``hand_priority[i]`` in the up
+    (``hand_up[i]``) or down direction of the channel's element ``hand_index[i]``.
+    """
+    (keys, top, hand_index, hand_up, hand_priority,
+     total, magnitude, fine, first, second, last, group) = scratch
+    _kernel_sums(err, inner, ksize, total, magnitude, fine, group)
+    _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last)
+    for i in range(inner):
+        up, k, overshoot = flip_count(total[i])
+        needed = k if overshoot else k + 1  # k < |sum| <= ksize / 2 when not overshooting
+        if needed > 2:
+            for j in range(ksize):
+                keys[j] = eq_key(err[j * inner + i], x[j * inner + i], j, up, t_min, t_max)
+            select_top(keys, ksize, needed, top)
+        else:
+            top[0] = first[i]
+            top[1] = second[i]
+        for t in range(k):  # step 4
+            flip(key_index(top[t]) * inner + i, up, x, err, value, t_min, t_max)
+        if overshoot:  # step 5: flipped a little too much, the last flipped may flip back
+            handed, handed_up = (top[k - 1] if k > 0 else last[i]), not up
+        else:  # a little too little: the next in line may flip
+            handed, handed_up = top[k], up
+        j = key_index(handed)
+        hand_index[i] = i * ksize + j
+        hand_up[i] = handed_up
+        hand_priority[i] = abs(err[j * inner + i])
+
+
+@njit(cache=True)
+def transpose_in(w, scale, zero, inner, ksize, x, err, value):
+    """EQ of a channel ``w`` (``i*ksize + j`` order) into the transposed scratch arrays."""
+    for j in range(ksize):
+        column = w[j::ksize]
+        for i in range(inner):
+            xi = scale * column[i] - zero
+            r = np.rint(xi)
+            x[j * inner + i] = xi
+            err[j * inner + i] = r - xi
+            value[j * inner + i] = r
+
+
+@njit(cache=True)
+def transpose_out(value, inner, ksize, t_min, t_max, codes):
+    """Clamp the transposed values into the channel's codes (``i*ksize + j`` order)."""
+    for j in range(ksize):
+        column = codes[j::ksize]
+        row = value[j * inner : (j + 1) * inner]
+        for i in range(inner):
+            column[i] = np.int8(min(max(row[i], t_min), t_max))
