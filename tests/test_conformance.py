@@ -1,7 +1,9 @@
-"""The default mode reproduces the authors' published implementation bit for bit.
+"""The default mode reproduces the authors' published implementation bit for bit, and the other
+grids reproduce the spec's reference.
 
 ``data/reference`` holds the cases of ``shared/reference`` (see its README): float32 weights and
-the codes, scales and zero points that the authors' code gives for them.
+the codes, scales and zero points that the authors' code gives for them. ``data/reference_grids``
+holds cases on the symmetric and per-tensor grids, from the spec's independent reference.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from conftest import DATA
 import squant
 
 REFERENCE_CASES = sorted((DATA / "reference").glob("case_*.npz"))
+GRID_CASES = sorted((DATA / "reference_grids").glob("grid_*.npz"))
 MODES = {(False, False): "E", (True, False): "K", (False, True): "C", (True, True): "KC"}
 
 
@@ -23,6 +26,7 @@ def _mode(case: np.lib.npyio.NpzFile) -> str:
 
 def test_all_reference_cases_are_present():
     assert len(REFERENCE_CASES) == 55
+    assert len(GRID_CASES) == 33
 
 
 @pytest.mark.parametrize("path", REFERENCE_CASES, ids=lambda p: p.stem)
@@ -33,6 +37,17 @@ def test_reference_case_is_reproduced_exactly(path):
     np.testing.assert_array_equal(q.scale.numpy(), case["scale"])
     np.testing.assert_array_equal(q.zero_point.numpy(), case["zero_point"])
     assert q.codes.dtype == torch.int8 and q.scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("path", GRID_CASES, ids=lambda p: p.stem)
+def test_grid_case_is_reproduced_exactly(path):
+    case = np.load(path)
+    q = squant.quantize_weight(case["w"], int(case["bits"]), _mode(case),
+                               scheme=str(case["scheme"]), granularity=str(case["granularity"]))
+    np.testing.assert_array_equal(q.codes.numpy(), case["codes"])
+    np.testing.assert_array_equal(q.scale.numpy(), case["scale"])
+    np.testing.assert_array_equal(q.zero_point.numpy(), case["zero_point"])
+    assert (q.scheme, q.granularity) == (str(case["scheme"]), str(case["granularity"]))
 
 
 def test_reference_cases_batched_in_one_call_are_reproduced_exactly():
