@@ -8,6 +8,7 @@ with it, yet the weights being quantized are never copied as float.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import time
 from collections.abc import Iterable, Mapping
@@ -39,6 +40,7 @@ def quantize(
     *,
     skip: Iterable[str] = (),
     layer_bits: Mapping[str, int] | None = None,
+    layer_options: Mapping[str, Mapping[str, object]] | None = None,
     scheme: str = "asymmetric",
     granularity: str = "channel",
     inplace: bool = False,
@@ -56,6 +58,9 @@ def quantize(
         mode: ``"KC"`` (the paper's SQuant), ``"K"``, ``"C"`` or ``"E"`` (round to nearest).
         skip: module names or fnmatch patterns (``"features.0"``, ``"*.fc"``) left in float.
         layer_bits: ``{pattern: bits}``; the first pattern matching a layer's name wins.
+        layer_options: ``{pattern: {option: value}}`` with options among ``bits``, ``mode``,
+            ``scheme``, ``granularity`` (e.g. ``{"fc": {"scheme": "symmetric"}}``); the first
+            matching pattern's options override the others for that layer.
         scheme, granularity: the grid (see :class:`squant.QuantOptions`).
         inplace: modify and return ``model`` itself instead of a copy.
         cache_weights: quantized modules keep their dequantized weight after first use
@@ -69,7 +74,8 @@ def quantize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     default = QuantOptions(bits, mode, scheme, granularity)
-    layers = _select_layers(model, list(skip), dict(layer_bits or {}), default)
+    layers = _select_layers(model, list(skip), dict(layer_bits or {}), dict(layer_options or {}),
+                            default)
     if not inplace:
         model = _copy_sharing(model, [layer.module.weight for layer in layers])
         layers = _relocate(model, layers)
@@ -99,10 +105,17 @@ def dequantize(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 def _select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
+                   layer_options: dict[str, Mapping[str, object]],
                    default: QuantOptions) -> list[_Layer]:
     """The layers to quantize with their options; checks every pattern matches some layer."""
     for pattern, bits in layer_bits.items():
         check_bits(bits, f"layer_bits[{pattern!r}]")
+    for pattern, overrides in layer_options.items():
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(QuantOptions)}
+        if unknown:
+            raise QuantizationError(f"layer_options[{pattern!r}]: unknown option(s) "
+                                    f"{', '.join(sorted(map(str, unknown)))}; use bits, mode, "
+                                    "scheme or granularity")
     by_module: dict[int, _Layer] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if type(module) not in QUANTIZED_CLASSES:
@@ -117,12 +130,14 @@ def _select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int]
             f"{', '.join(c.__name__ for c in QUANTIZED_CLASSES)})")
     _check_patterns_match(skip, "skip", by_module.values())
     _check_patterns_match(layer_bits, "layer_bits", by_module.values())
+    _check_patterns_match(layer_options, "layer_options", by_module.values())
     layers = []
     for layer in by_module.values():
         if any(_matches(pattern, layer) for pattern in skip):
             continue
         bits = next((b for p, b in layer_bits.items() if _matches(p, layer)), default.bits)
-        layer.options = QuantOptions(bits, default.mode, default.scheme, default.granularity)
+        overrides = next((o for p, o in layer_options.items() if _matches(p, layer)), {})
+        layer.options = dataclasses.replace(default, **{"bits": bits, **overrides})
         layers.append(layer)
     if not layers:
         raise QuantizationError("every layer is skipped: nothing to quantize")
