@@ -13,6 +13,7 @@ from numba import njit, prange
 from .channel_pass import channel_pass_after_kernels, channel_pass_eq
 from .grid import channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
+from .memory import view_at
 
 KERNEL_PASS = 1  # run KQ (on weights whose kernels have more than one element)
 CHANNEL_PASS = 2  # run CQ
@@ -88,19 +89,18 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
 
 
 @njit(cache=True, parallel=True)
-def quantize_batch(w, ch_start, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo, ch_hi,
-                   block_start, codes, scale, zero, finite):
+def quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
+                   ch_hi, block_start, scale, zero, finite):
     """Quantize every channel of a ragged batch in one parallel loop.
 
-    ``w`` is the flat float32 buffer of all weights, each laid out ``(O, I, K)``; channel ``c``
-    is ``w[ch_start[c] : ch_start[c] + ch_inner[c] * ch_ksize[c]]`` with its bits and flags
-    (``KERNEL_PASS | CHANNEL_PASS | SYMMETRIC | GIVEN_RANGE``) and, with ``GIVEN_RANGE``, its
-    range ``[ch_lo[c], ch_hi[c]]``. Blocks ``block_start[b] .. block_start[b+1]-1`` of channels
-    are the parallel work items. Writes ``codes`` (int8, like ``w``), ``scale`` and ``zero``
-    (float32, one per channel) and ``finite`` (False for a channel holding a NaN or Inf, whose
-    other outputs are then meaningless).
+    Channel ``c`` is ``ch_inner[c] * ch_ksize[c]`` contiguous float32 values at address
+    ``ch_address[c]`` (its weight laid out ``(O, I, K)``), quantized with ``ch_bits[c]`` and
+    ``ch_flags[c]`` (``KERNEL_PASS | CHANNEL_PASS | SYMMETRIC | GIVEN_RANGE``; with
+    ``GIVEN_RANGE`` the range is ``[ch_lo[c], ch_hi[c]]``) into as many int8 codes at
+    ``ch_codes_address[c]``. Blocks ``block_start[b] .. block_start[b+1]-1`` of channels are the
+    parallel work items. Writes ``scale`` and ``zero`` (float32, one per channel) and
+    ``finite`` (False for a channel holding a NaN or Inf, whose other outputs are then junk).
     """
-    w_bits = w.view(np.int32)
     for b in prange(block_start.shape[0] - 1):
         first, last = block_start[b], block_start[b + 1]
         max_size = 1
@@ -116,9 +116,9 @@ def quantize_batch(w, ch_start, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo, ch
         scratch = _allocate_scratch(max_size, max_inner, max_ksize)
         range_scratch = np.empty(2, np.int32)  # a channel's range, as float32 bit patterns
         for c in range(first, last):
-            start = ch_start[c]
-            stop = start + ch_inner[c] * ch_ksize[c]
+            size = ch_inner[c] * ch_ksize[c]
             scale[c], zero[c], finite[c] = quantize_channel(
-                w[start:stop], w_bits[start:stop], ch_inner[c], ch_ksize[c], ch_bits[c],
-                ch_flags[c], ch_lo[c], ch_hi[c], codes[start:stop], x, err, value, scratch,
+                view_at(ch_address[c], size, np.float32), view_at(ch_address[c], size, np.int32),
+                ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c], ch_hi[c],
+                view_at(ch_codes_address[c], size, np.int8), x, err, value, scratch,
                 range_scratch)

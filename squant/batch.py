@@ -1,4 +1,4 @@
-"""Many weights -> one flat float32 buffer and per-channel tables -> one kernel call -> codes.
+"""Many weights -> per-channel tables (addresses, shapes, options) -> one kernel call -> codes.
 
 The kernels' parallel loop runs over blocks of channels of similar total size, drawn from every
 weight at once, so a model's layers are quantized in parallel rather than one after another.
@@ -47,18 +47,27 @@ def _block_starts(sizes: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate(([0], cuts, [sizes.shape[0]]))).astype(np.int64)
 
 
+def _as_float32_contiguous(weight: np.ndarray) -> np.ndarray:
+    """The weight itself if it is C-contiguous float32 (read in place), else a float32 copy."""
+    if weight.dtype == np.float32 and weight.flags.c_contiguous:
+        return weight
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: flagged as Inf later
+        return np.ascontiguousarray(weight, dtype=np.float32)
+
+
 def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions]) -> list[BatchResult]:
     """Quantize weights viewed as ``(O, I, K)`` arrays of any float dtype and any memory layout.
 
-    Each weight is copied once, as float32, into the flat buffer; inputs are never modified. A
-    weight with a NaN or Inf is flagged (``finite``), not quantized.
+    C-contiguous float32 weights are read where they lie; others are first copied as float32.
+    Inputs are never modified. A weight with a NaN or Inf is flagged (``finite``), not quantized.
     """
-    shapes = [w.shape for w in weights]
-    sizes = [int(np.prod(s)) for s in shapes]
-    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
-    flat = np.empty(int(offsets[-1]), np.float32)
-    channels = sum(s[0] for s in shapes)
-    ch_start = np.empty(channels, np.int64)
+    arrays = [_as_float32_contiguous(w) for w in weights]  # kept alive during the kernel call
+    sizes = np.array([a.size for a in arrays], np.int64)
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    codes = np.empty(int(offsets[-1]), np.int8)
+    channels = sum(a.shape[0] for a in arrays)
+    ch_address = np.empty(channels, np.int64)
+    ch_codes_address = np.empty(channels, np.int64)
     ch_inner = np.empty(channels, np.int64)
     ch_ksize = np.empty(channels, np.int64)
     ch_bits = np.empty(channels, np.int64)
@@ -66,31 +75,31 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions]) -> li
     ch_lo = np.zeros(channels, np.float32)
     ch_hi = np.zeros(channels, np.float32)
     first = 0
-    for w, (o, i, k), opts, start in zip(weights, shapes, options, offsets[:-1]):
-        view = flat[start : start + o * i * k].reshape(o, i, k)
-        with np.errstate(over="ignore"):  # float64 beyond float32's range: flagged below
-            view[...] = w
+    for array, opts, start in zip(arrays, options, offsets[:-1]):
+        o, i, k = array.shape
         rows = slice(first, first + o)
-        ch_start[rows] = start + np.arange(o, dtype=np.int64) * (i * k)
+        channel_bytes = np.arange(o, dtype=np.int64) * (i * k)
+        ch_address[rows] = array.ctypes.data + channel_bytes * 4
+        ch_codes_address[rows] = codes.ctypes.data + int(start) + channel_bytes
         ch_inner[rows], ch_ksize[rows] = i, k
         ch_bits[rows], ch_flags[rows] = opts.bits, _flags(opts)
         if opts.granularity == "tensor":
-            ch_lo[rows], ch_hi[rows] = view.min(), view.max()
+            ch_lo[rows], ch_hi[rows] = array.min(), array.max()
         first += o
-    codes = np.empty_like(flat, dtype=np.int8)
     scale = np.empty(channels, np.float32)
     zero = np.empty(channels, np.float32)
     finite = np.empty(channels, np.bool_)
     blocks = _block_starts(ch_inner * ch_ksize)
-    kernels.quantize_batch(flat, ch_start, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo, ch_hi,
-                           blocks, codes, scale, zero, finite)
+    kernels.quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags,
+                           ch_lo, ch_hi, blocks, scale, zero, finite)
     results = []
     first = 0
-    for (o, i, k), start in zip(shapes, offsets[:-1]):
+    for array, start in zip(arrays, offsets[:-1]):
+        o = array.shape[0]
         rows = slice(first, first + o)
         all_finite = bool(finite[rows].all() and np.isfinite(ch_lo[rows]).all()
                           and np.isfinite(ch_hi[rows]).all())
-        results.append(BatchResult(codes[start : start + o * i * k].reshape(o, i, k),
+        results.append(BatchResult(codes[start : start + array.size].reshape(array.shape),
                                    scale[rows], zero[rows], all_finite))
         first += o
     return results

@@ -38,7 +38,7 @@ def quantize(
     bits: int = 4,
     mode: str = "KC",
     *,
-    skip: Iterable[str] = (),
+    skip: str | Iterable[str] = (),
     layer_bits: Mapping[str, int] | None = None,
     layer_options: Mapping[str, Mapping[str, object]] | None = None,
     scheme: str = "asymmetric",
@@ -56,7 +56,8 @@ def quantize(
     Args:
         bits: 2..8, for every layer not in ``layer_bits``.
         mode: ``"KC"`` (the paper's SQuant), ``"K"``, ``"C"`` or ``"E"`` (round to nearest).
-        skip: module names or fnmatch patterns (``"features.0"``, ``"*.fc"``) left in float.
+        skip: a module name or fnmatch pattern (``"features.0"``, ``"*.fc"``), or several, left
+            in float.
         layer_bits: ``{pattern: bits}``; the first pattern matching a layer's name wins.
         layer_options: ``{pattern: {option: value}}`` with options among ``bits``, ``mode``,
             ``scheme``, ``granularity`` (e.g. ``{"fc": {"scheme": "symmetric"}}``); the first
@@ -74,10 +75,11 @@ def quantize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     default = QuantOptions(bits, mode, scheme, granularity)
-    layers = _select_layers(model, list(skip), dict(layer_bits or {}), dict(layer_options or {}),
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    layers = _select_layers(model, skip, dict(layer_bits or {}), dict(layer_options or {}),
                             default)
     if not inplace:
-        model = _copy_sharing(model, [layer.module.weight for layer in layers])
+        model = _copy_sharing(model, _replaced_weights(model, layers))
         layers = _relocate(model, layers)
     start = time.perf_counter()
     shared = _quantize_shared(layers)
@@ -100,7 +102,12 @@ def dequantize(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"dequantize expects a torch.nn.Module, got {type(qmodel).__name__}")
     model = qmodel if inplace else copy.deepcopy(qmodel)
-    replacements = {id(m): m.to_float() for m in model.modules() if isinstance(m, QuantizedModule)}
+    weights: dict[int, nn.Parameter] = {}  # layers sharing codes keep sharing one weight
+    replacements = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedModule):
+            weight = weights.setdefault(id(module.codes), module.float_weight())
+            replacements[id(module)] = module.to_float(weight)
     return _swap_modules(model, replacements)
 
 
@@ -158,6 +165,19 @@ def _check_patterns_match(patterns: Iterable[str], what: str, layers: Iterable[_
                 f"{', ...' if len(layers) > 20 else ''})")
 
 
+def _replaced_weights(model: nn.Module, layers: list[_Layer]) -> list[torch.Tensor]:
+    """The weights that only layers about to be replaced hold (a weight tied to a layer that
+    stays float, such as an embedding, is not among them)."""
+    replaced = {id(layer.module) for layer in layers}
+    holders: dict[int, set[int]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                holders.setdefault(id(tensor), set()).add(id(module))
+    weights = {id(layer.module.weight): layer.module.weight for layer in layers}
+    return [w for key, w in weights.items() if holders[key] <= replaced]
+
+
 def _copy_sharing(model: nn.Module, shared: list[torch.Tensor]) -> nn.Module:
     """Deep copy of ``model`` in which the tensors in ``shared`` are not copied (they are about
     to be replaced by quantized ones, so the copy never exposes them)."""
@@ -185,12 +205,14 @@ def _weight_blocks(module: nn.Module) -> tuple[list[torch.Tensor], int]:
 
 @dataclass
 class _SharedWeight:
-    """One distinct weight Parameter: the first layer using it, its blocks and their results."""
+    """One distinct weight Parameter: the first layer using it, its blocks and their results,
+    and the names of every layer using it."""
 
     layer: _Layer
     blocks: list[torch.Tensor]
     axis: int
     parts: list[QuantizedTensor]
+    names: list[str]
 
     @property
     def joined(self) -> QuantizedTensor:
@@ -206,8 +228,9 @@ def _quantize_shared(layers: list[_Layer]) -> dict[int, _SharedWeight]:
         key = id(layer.module.weight)
         if key not in shared:
             blocks, axis = _weight_blocks(layer.module)
-            shared[key] = _SharedWeight(layer, blocks, axis, [])
+            shared[key] = _SharedWeight(layer, blocks, axis, [], list(layer.names))
             continue
+        shared[key].names.extend(layer.names)
         first = shared[key].layer
         if first.options != layer.options or type(first.module) is not type(layer.module):
             raise QuantizationError(
@@ -245,8 +268,8 @@ def _swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Mo
     if id(model) in replacements:
         return replacements[id(model)]
     for _, module in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(module.named_children()):
-            if id(child) in replacements:
+        for child_name, child in list(module._modules.items()):  # every name, repeats too
+            if child is not None and id(child) in replacements:
                 setattr(module, child_name, replacements[id(child)])
     return model
 
@@ -261,6 +284,6 @@ def _report(shared: dict[int, _SharedWeight], seconds: float) -> QuantizationRep
         quantize_with_options(entry.blocks, [entry.axis] * count, [layer.options] * count,
                               layer.names[:1] * count)
         alone = time.perf_counter() - start
-        rows.append(layer_report(", ".join(layer.names), type(layer.module).__name__,
+        rows.append(layer_report(", ".join(entry.names), type(layer.module).__name__,
                                  layer.module.weight.shape, entry.blocks, entry.parts, alone))
     return QuantizationReport(rows, seconds)

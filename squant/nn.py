@@ -79,22 +79,30 @@ class QuantizedModule:
         codes = self.codes.to(torch.float32)
         return (codes + self.zero_point.float().view(view)) / self.scale.float().view(view)
 
-    def to_float(self) -> nn.Module:
-        """A plain float layer of the original class holding the dequantized weight."""
+    def float_weight(self) -> nn.Parameter:
+        """The dequantized weight as a new Parameter of the float layer's dtype."""
+        return nn.Parameter(self.dequantize_weight().to(self.weight_dtype))
+
+    def to_float(self, weight: nn.Parameter | None = None) -> nn.Module:
+        """A plain float layer of the original class holding the dequantized weight (or
+        ``weight``, e.g. to keep tied layers tied) and a copy of the bias."""
         module = self.float_class.__new__(self.float_class)
         nn.Module.__init__(module)
         for name in _hyper_parameters(self):
             setattr(module, name, getattr(self, name))
-        module.weight = nn.Parameter(self.dequantize_weight().to(self.weight_dtype),
-                                     requires_grad=False)
-        module.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(),
-                                                                  requires_grad=False)
+        module.weight = self.float_weight() if weight is None else weight
+        module.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
         return module
 
     def _apply(self, fn, recurse=True):
+        """Follow ``.to()``/``.half()``/``.cuda()``: the weight's dtype follows, while scale and
+        zero point stay float32 (only their device moves) so that dequantization stays exact."""
         self._cached_weight = None
         self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        for name in ("scale", "zero_point"):
+            self._buffers[name] = self._buffers[name].float()
+        return result
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cached_weight = None

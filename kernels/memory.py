@@ -1,0 +1,27 @@
+"""Views of the callers' arrays from their addresses, so that weights are read where they lie.
+
+The batch entry point takes each channel's address instead of one flat buffer of all weights:
+that saves copying every weight once. The caller (``squant.batch``) owns the arrays and keeps
+them alive during the call; an address is only ever made from an array's own data pointer.
+"""
+
+import numba
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _address_as_pointer(typingctx, address):
+    """An int64 address as a ``void*``."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+@njit(cache=True, inline="always")
+def view_at(address, size, dtype):
+    """A 1-D array of ``size`` elements of ``dtype`` at ``address``."""
+    return numba.carray(_address_as_pointer(address), size, dtype)

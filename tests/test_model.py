@@ -1,0 +1,528 @@
+"""The whole-model driver: ``squant.quantize(model)`` and ``squant.dequantize(qmodel)`` on the
+models of ``zoo.py``.
+
+Expectations are computed here from ``squant.quantize_weight`` on each layer's original weight
+(ConvTranspose: output channels on axis 1, one call per group block), never from the driver's
+own helpers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from itertools import chain
+
+import pytest
+import torch
+from torch import fx, nn
+from zoo import BY_NAME, SHARED_MODULE, ZOO, ZooModel
+
+import squant
+from squant import QuantizationError, QuantizationReport
+from squant import nn as qnn
+
+FLOAT_TO_QUANTIZED = {
+    nn.Linear: qnn.QuantizedLinear,
+    nn.Conv1d: qnn.QuantizedConv1d,
+    nn.Conv2d: qnn.QuantizedConv2d,
+    nn.Conv3d: qnn.QuantizedConv3d,
+    nn.ConvTranspose1d: qnn.QuantizedConvTranspose1d,
+    nn.ConvTranspose2d: qnn.QuantizedConvTranspose2d,
+    nn.ConvTranspose3d: qnn.QuantizedConvTranspose3d,
+}
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+QUANTIZED_TYPES = tuple(FLOAT_TO_QUANTIZED.values())
+
+zoo_models = pytest.mark.parametrize("entry", ZOO, ids=lambda entry: entry.name)
+
+
+@dataclass
+class Expected:
+    """What a layer's weight should quantize to: codes, scale, zero point, dequantized weight."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    weight: torch.Tensor
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every name (a module registered twice appears twice) of a supported float layer."""
+    return {name: module for name, module in model.named_modules(remove_duplicate=False)
+            if type(module) in FLOAT_TO_QUANTIZED}
+
+
+def expected_quantization(layer: nn.Module, bits: int = 4, mode: str = "KC") -> Expected:
+    """``quantize_weight`` of the layer's weight; ConvTranspose groups quantized one by one."""
+    weight = layer.weight.detach()
+    if isinstance(layer, TRANSPOSED):
+        blocks = torch.tensor_split(weight, layer.groups, dim=0)
+        parts = [squant.quantize_weight(block, bits, mode, axis=1) for block in blocks]
+    else:
+        parts = [squant.quantize_weight(weight, bits, mode, axis=0)]
+    return Expected(codes=torch.cat([p.codes for p in parts]),
+                    scale=torch.cat([p.scale for p in parts]),
+                    zero_point=torch.cat([p.zero_point for p in parts]),
+                    weight=torch.cat([p.dequantize() for p in parts]).to(weight.dtype))
+
+
+def assert_quantized_as(qlayer: nn.Module, expected: Expected, name: str) -> None:
+    """The quantized layer holds exactly the expected codes, grid and dequantized weight."""
+    assert qlayer.codes.dtype == torch.int8, name
+    assert torch.equal(qlayer.codes, expected.codes), name
+    assert torch.equal(qlayer.scale, expected.scale), name
+    assert torch.equal(qlayer.zero_point, expected.zero_point), name
+    assert qlayer.weight.dtype == expected.weight.dtype, name
+    assert torch.equal(qlayer.weight, expected.weight), name
+
+
+def assert_layers_quantized(model: nn.Module, qmodel: nn.Module, bits_of: dict[str, int],
+                            default_bits: int = 4, mode: str = "KC") -> None:
+    """Every supported layer of ``model`` not in ``bits_of`` is quantized at ``default_bits``;
+    those in ``bits_of`` at their bits."""
+    for name, layer in quantizable_layers(model).items():
+        bits = bits_of.get(name, default_bits)
+        qlayer = qmodel.get_submodule(name)
+        assert type(qlayer) is FLOAT_TO_QUANTIZED[type(layer)], name
+        assert (qlayer.bits, qlayer.mode) == (bits, mode), name
+        assert_quantized_as(qlayer, expected_quantization(layer, bits, mode), name)
+
+
+def float_model_with_expected_weights(model: nn.Module, bits: int, mode: str) -> nn.Module:
+    """A float copy of ``model`` whose supported layers hold their expected dequantized weight
+    (as new, untied Parameters: a float layer tied to a quantized one keeps its float weight)."""
+    reference = copy.deepcopy(model)
+    for name, layer in quantizable_layers(reference).items():
+        expected = expected_quantization(model.get_submodule(name), bits, mode)
+        layer.weight = nn.Parameter(expected.weight, requires_grad=False)
+    return reference
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||actual - reference|| / ||reference||`` in float64."""
+    reference = reference.detach().double()
+    return float((actual.detach().double() - reference).norm() / reference.norm())
+
+
+@dataclass
+class Snapshot:
+    """Everything observable of a model's state: module types, parameter and buffer objects
+    with a copy of their values, and the state_dict values."""
+
+    types: list[tuple[str, type]]
+    tensors: list[tuple[str, torch.Tensor, torch.Tensor]]
+    state: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Snapshot:
+        """The snapshot of ``model`` now."""
+        modules = model.named_modules(remove_duplicate=False)
+        named = chain(model.named_parameters(remove_duplicate=False),
+                      model.named_buffers(remove_duplicate=False))
+        return cls(types=[(name, type(m)) for name, m in modules],
+                   tensors=[(name, t, t.detach().clone()) for name, t in named],
+                   state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    def assert_unchanged(self, model: nn.Module) -> None:
+        """``model`` has the same modules, the same tensor objects and the same values."""
+        assert Snapshot.of(model).types == self.types
+        now = dict(chain(model.named_parameters(remove_duplicate=False),
+                         model.named_buffers(remove_duplicate=False)))
+        assert set(now) == {name for name, _, _ in self.tensors}
+        for name, tensor, value in self.tensors:
+            assert now[name] is tensor, name
+            assert torch.equal(tensor.detach(), value), name
+        state = model.state_dict()
+        assert set(state) == set(self.state)
+        for key, value in self.state.items():
+            assert torch.equal(state[key], value), key
+
+
+def module_class(module: nn.Module) -> type:
+    """The module's class; ``GraphModule`` for every GraphModule (torch gives each instance,
+    and so each copy, a class of its own)."""
+    return fx.GraphModule if isinstance(module, fx.GraphModule) else type(module)
+
+
+def module_classes(model: nn.Module) -> list[tuple[str, type]]:
+    """Name and class of every module, duplicates included."""
+    return [(name, module_class(m)) for name, m in model.named_modules(remove_duplicate=False)]
+
+
+def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own parameters and buffers (not its children's)."""
+    return dict(chain(module.named_parameters(recurse=False),
+                      module.named_buffers(recurse=False)))
+
+
+@zoo_models
+@pytest.mark.parametrize(("bits", "mode"), [(4, "KC"), (3, "C")])
+def test_quantized_layers_hold_quantize_weight_of_original_weight(
+        entry: ZooModel, bits: int, mode: str) -> None:
+    """Codes, scale, zero point and dequantized weight of every layer equal ``quantize_weight``
+    of its original weight (ConvTranspose: axis 1, group by group)."""
+    model = entry.build()
+    assert_layers_quantized(model, squant.quantize(model, bits, mode), {}, bits, mode)
+
+
+@zoo_models
+def test_supported_layers_replaced_and_other_modules_untouched(entry: ZooModel) -> None:
+    """Each supported layer becomes its quantized class under every name; every other module
+    keeps its class and its own parameters and buffers."""
+    model = entry.build()
+    qmodel = squant.quantize(model)
+    assert module_class(qmodel) is module_class(model)
+    for name, module in model.named_modules(remove_duplicate=False):
+        qmodule = qmodel.get_submodule(name)
+        if type(module) in FLOAT_TO_QUANTIZED:
+            assert type(qmodule) is FLOAT_TO_QUANTIZED[type(module)], name
+            continue
+        assert module_class(qmodule) is module_class(module), name
+        tensors, qtensors = own_tensors(module), own_tensors(qmodule)
+        assert set(tensors) == set(qtensors), name
+        for key, tensor in tensors.items():
+            assert torch.equal(qtensors[key], tensor), f"{name}.{key}"
+
+
+@zoo_models
+def test_forward_equals_float_model_with_dequantized_weights(entry: ZooModel) -> None:
+    """The quantized model computes what the float model computes with each layer's expected
+    dequantized weight (hyper-parameters and biases carried over), with the right shape."""
+    model, x = entry.build(), entry.example()
+    qmodel = squant.quantize(model, 4, "KC")
+    reference = float_model_with_expected_weights(model, 4, "KC")
+    with torch.no_grad():
+        out = qmodel(x)
+        assert out.shape == model(x).shape
+        torch.testing.assert_close(out, reference(x))
+
+
+@zoo_models
+def test_8_bit_output_close_to_float(entry: ZooModel) -> None:
+    """At 8 bits the output is within 2% (relative L2) of FP32; not vacuously: the 8-bit
+    output differs from FP32 and the 2-bit error is several times larger."""
+    model, x = entry.build(), entry.example()
+    with torch.no_grad():
+        exact = model(x)
+        error_8 = relative_error(squant.quantize(model, 8)(x), exact)
+        error_2 = relative_error(squant.quantize(model, 2)(x), exact)
+    assert 0 < error_8 < 0.02
+    assert error_2 > 4 * error_8
+
+
+@zoo_models
+def test_input_model_is_unchanged(entry: ZooModel) -> None:
+    """Quantizing (with a report), running the result and dequantizing it leave the input
+    model's modules, tensor objects and values as they were."""
+    model, x = entry.build(), entry.example()
+    before = Snapshot.of(model)
+    with torch.no_grad():
+        qmodel = squant.quantize(model, 4, report=True)
+        qmodel(x)
+        squant.dequantize(qmodel)(x)
+    before.assert_unchanged(model)
+
+
+@pytest.mark.parametrize(("entry", "skip"), [
+    *[pytest.param(entry, (), id=entry.name) for entry in ZOO],
+    pytest.param(BY_NAME["tied_mlp"], ("decoder",), id="tied_mlp-skip-decoder"),
+])
+def test_changing_the_quantized_model_leaves_input_unchanged(
+        entry: ZooModel, skip: tuple[str, ...]) -> None:
+    """The copy shares no tensor with the input model: updating every float parameter and
+    buffer of the quantized model in place (as training would) does not reach the input."""
+    model = entry.build()
+    before = Snapshot.of(model)
+    qmodel = squant.quantize(model, skip=skip)
+    with torch.no_grad():
+        for tensor in chain(qmodel.parameters(), qmodel.buffers()):
+            if tensor.is_floating_point():
+                tensor.add_(1.0)
+    before.assert_unchanged(model)
+
+
+@zoo_models
+def test_inplace_returns_the_input_model_quantized(entry: ZooModel) -> None:
+    """``inplace=True`` returns the very model given, its layers replaced by the same
+    quantization a copy would get."""
+    model = entry.build()
+    float_layers = quantizable_layers(model)
+    qmodel = squant.quantize(model, inplace=True)
+    assert qmodel is model
+    for name, layer in float_layers.items():
+        qlayer = model.get_submodule(name)
+        assert type(qlayer) is FLOAT_TO_QUANTIZED[type(layer)], name
+        assert_quantized_as(qlayer, expected_quantization(layer), name)
+
+
+@pytest.mark.parametrize(("model_name", "skip", "skipped"), [
+    ("resnet", ("stem.0", "*.shortcut.0"), {"stem.0", "block2.shortcut.0"}),
+    ("fx_resnet", ("block?.conv1",), {"block1.conv1", "block2.conv1"}),
+    ("containers", ("heads.*", "blocks.1"), {"heads.mean", "heads.scale", "blocks.1"}),
+    ("decoder2d", ("up1",), {"up1"}),
+    ("shared_module", ("again",), {"conv", "again", "tail.0"}),
+])
+def test_skip_leaves_named_and_matching_layers_float(
+        model_name: str, skip: tuple[str, ...], skipped: set[str]) -> None:
+    """Layers named in ``skip`` or matching a pattern keep their float class and weights (a
+    module registered twice is skipped under both names); the others are quantized."""
+    model = BY_NAME[model_name].build()
+    qmodel = squant.quantize(model, skip=skip)
+    for name in skipped:
+        layer, qlayer = model.get_submodule(name), qmodel.get_submodule(name)
+        assert type(qlayer) is type(layer), name
+        assert torch.equal(qlayer.weight, layer.weight), name
+        assert (qlayer.bias is None) == (layer.bias is None), name
+        assert qlayer.bias is None or torch.equal(qlayer.bias, layer.bias), name
+    kept = {name: layer for name, layer in quantizable_layers(model).items()
+            if name not in skipped}
+    assert kept
+    for name, layer in kept.items():
+        assert_quantized_as(qmodel.get_submodule(name), expected_quantization(layer), name)
+
+
+@pytest.mark.parametrize(("model_name", "layer_bits", "bits_of"), [
+    ("resnet", {"block1.conv1": 2, "block1.*": 6, "fc": 8},
+     {"block1.conv1": 2, "block1.conv2": 6, "fc": 8}),
+    ("resnet", {"block1.*": 6, "block1.conv1": 2}, {"block1.conv1": 6, "block1.conv2": 6}),
+    ("decoder2d", {"up*": 3}, {"up1": 3, "up2": 3}),
+    ("containers", {"heads.scale": 8, "trunk.*": 2},
+     {"heads.scale": 8, "trunk.0.0": 2, "trunk.1.0.0": 2}),
+    ("tied_mlp", {"encoder": 8, "decoder": 8}, {"encoder": 8, "decoder": 8}),
+    ("shared_module", {"again": 5}, {"conv": 5, "again": 5, "tail.0": 5}),
+])
+def test_layer_bits_set_bits_of_matching_layers_first_pattern_wins(
+        model_name: str, layer_bits: dict[str, int], bits_of: dict[str, int]) -> None:
+    """Layers matching a ``layer_bits`` pattern get the first matching pattern's bits, the
+    others the default; codes stay in the asymmetric range of their bits."""
+    model = BY_NAME[model_name].build()
+    qmodel = squant.quantize(model, 4, layer_bits=layer_bits)
+    assert_layers_quantized(model, qmodel, bits_of, 4)
+    for name in quantizable_layers(model):
+        half = 2 ** (bits_of.get(name, 4) - 1)
+        codes = qmodel.get_submodule(name).codes
+        assert -half <= int(codes.min()) and int(codes.max()) <= half - 1, name
+
+
+@zoo_models
+def test_state_dict_round_trip_restores_outputs_and_buffers(entry: ZooModel, tmp_path) -> None:
+    """The state_dict holds int8 codes (no float weight) for every quantized layer; saved and
+    loaded with ``weights_only=True`` into a model quantized differently (whose cached
+    weights were already used), it restores the same buffers, weights and outputs."""
+    model, x = entry.build(), entry.example()
+    source = squant.quantize(model, 4, "KC")
+    state = source.state_dict()
+    quantized = [name for name, m in source.named_modules() if isinstance(m, QUANTIZED_TYPES)]
+    for name in quantized:
+        assert state[f"{name}.codes"].dtype == torch.int8, name
+        assert f"{name}.weight" not in state, name
+    torch.save(state, tmp_path / "quantized.pt")
+    target = squant.quantize(model, 8, "E")
+    with torch.no_grad():
+        expected = source(x)
+        assert not torch.equal(target(x), expected)
+        target.load_state_dict(torch.load(tmp_path / "quantized.pt", weights_only=True))
+        assert torch.equal(target(x), expected)
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for name in quantized:
+        assert torch.equal(target.get_submodule(name).weight, source.get_submodule(name).weight)
+
+
+@zoo_models
+def test_cache_weights_false_gives_identical_outputs(entry: ZooModel) -> None:
+    """Without the cache the weight is recomputed at each use (a new tensor each time), with
+    the cache it is kept; outputs are bit-identical."""
+    model, x = entry.build(), entry.example()
+    cached = squant.quantize(model, cache_weights=True)
+    uncached = squant.quantize(model, cache_weights=False)
+    with torch.no_grad():
+        assert torch.equal(uncached(x), cached(x))
+    for name in quantizable_layers(model):
+        layer, qlayer = uncached.get_submodule(name), cached.get_submodule(name)
+        assert layer.weight is not layer.weight, name
+        assert qlayer.weight is qlayer.weight, name
+        assert torch.equal(layer.weight, qlayer.weight), name
+
+
+@zoo_models
+def test_dequantize_gives_plain_float_model_of_original_classes(entry: ZooModel) -> None:
+    """``dequantize`` puts back the exact original classes holding the dequantized weights and
+    the biases, computes the same outputs, and leaves the quantized model quantized."""
+    model, x = entry.build(), entry.example()
+    qmodel = squant.quantize(model)
+    plain = squant.dequantize(qmodel)
+    assert not any(isinstance(m, squant.nn.QuantizedModule) for m in plain.modules())
+    assert module_classes(plain) == module_classes(model)
+    for name in quantizable_layers(model):
+        layer, qlayer = plain.get_submodule(name), qmodel.get_submodule(name)
+        assert isinstance(qlayer, QUANTIZED_TYPES), name
+        assert torch.equal(layer.weight, qlayer.weight), name
+        assert (layer.bias is None) == (qlayer.bias is None), name
+        assert layer.bias is None or torch.equal(layer.bias, qlayer.bias), name
+    with torch.no_grad():
+        assert torch.equal(plain(x), qmodel(x))
+
+
+def test_tied_weight_quantized_once_and_codes_shared() -> None:
+    """Two Linear layers sharing one Parameter share one codes tensor (and grid) holding the
+    quantization of that weight, and the report has one row for it."""
+    model = BY_NAME["tied_mlp"].build()
+    qmodel = squant.quantize(model, report=True)
+    encoder, decoder = qmodel.encoder, qmodel.decoder
+    assert encoder.codes.untyped_storage().data_ptr() == decoder.codes.untyped_storage().data_ptr()
+    assert torch.equal(encoder.scale, decoder.scale)
+    assert torch.equal(encoder.zero_point, decoder.zero_point)
+    assert_quantized_as(encoder, expected_quantization(model.encoder), "encoder")
+    assert len(qmodel.squant_report.layers) == 2
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_module_registered_twice_becomes_one_quantized_module(inplace: bool) -> None:
+    """The same Conv2d under three names (two in one parent) is replaced by one quantized
+    module under all of them, which computes the expected output; ``dequantize`` turns it
+    back into one float Conv2d under all three."""
+    model, x = SHARED_MODULE.build(), SHARED_MODULE.example()
+    reference = float_model_with_expected_weights(model, 4, "KC")
+    expected = expected_quantization(model.conv)
+    qmodel = squant.quantize(model, inplace=inplace)
+    for name in ("conv", "again", "tail.0"):
+        assert qmodel.get_submodule(name) is qmodel.conv, name
+    assert type(qmodel.conv) is qnn.QuantizedConv2d
+    assert_quantized_as(qmodel.conv, expected, "conv")
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), reference(x))
+    plain = squant.dequantize(qmodel)
+    assert plain.conv is plain.again and plain.conv is plain.tail[0]
+    assert type(plain.conv) is nn.Conv2d
+
+
+def report_of(model: nn.Module, bits: int = 4, mode: str = "KC") -> QuantizationReport:
+    """The report of quantizing ``model``."""
+    report = squant.quantize(model, bits, mode, report=True).squant_report
+    assert isinstance(report, QuantizationReport)
+    return report
+
+
+@zoo_models
+def test_report_has_one_sensible_row_per_distinct_weight(entry: ZooModel) -> None:
+    """One row per distinct weight Parameter with its kind, shape, bits and mode; SQuant's mean
+    channel |error sum| is at most round-to-nearest's; the max weight error is the real one."""
+    model = entry.build()
+    qmodel = squant.quantize(model, 4, "KC", report=True)
+    report = qmodel.squant_report
+    layers = quantizable_layers(model)
+    assert len(report.layers) == len({id(layer.weight) for layer in layers.values()})
+    assert report.seconds > 0
+    for row in report.layers:
+        name = row.name.split(", ")[0]
+        layer = layers[name]
+        assert (row.kind, row.shape, row.bits, row.mode) == (
+            type(layer).__name__, tuple(layer.weight.shape), 4, "KC")
+        assert row.channel_sum_eq_mean > 0
+        assert row.channel_sum_squant_mean <= row.channel_sum_eq_mean
+        error = (qmodel.get_submodule(name).weight - layer.weight.detach()).abs().max()
+        assert row.max_abs_weight_error == pytest.approx(float(error), rel=1e-4)
+        assert row.seconds >= 0
+
+
+@zoo_models
+def test_report_table_and_json_name_every_quantized_layer(entry: ZooModel) -> None:
+    """Every quantized layer (tied ones included) is named by a report row, appears in
+    ``table()``, and ``to_json()`` parses to the same rows as ``to_dict()``."""
+    model = entry.build()
+    report = report_of(model)
+    named = {name for row in report.layers for name in row.name.split(", ")}
+    assert named == set(quantizable_layers(model))
+    table = report.table()
+    for name in quantizable_layers(model):
+        assert name in table, name
+    parsed = json.loads(report.to_json())
+    assert parsed == json.loads(json.dumps(report.to_dict()))
+    assert [layer["name"] for layer in parsed["layers"]] == [row.name for row in report.layers]
+
+
+@pytest.mark.parametrize("model_name", ["resnet", "decoder2d", "transpose1d"])
+def test_report_eq_statistics_are_those_of_mode_e(model_name: str) -> None:
+    """The report's round-to-nearest (EQ) statistics under KC are the statistics of the codes
+    that mode "E" produces, and under mode "E" the SQuant statistics equal the EQ ones."""
+    model = BY_NAME[model_name].build()
+    kc, e = report_of(model, 4, "KC"), report_of(model, 4, "E")
+    for row_kc, row_e in zip(kc.layers, e.layers, strict=True):
+        assert row_e.channel_sum_squant_mean == pytest.approx(row_e.channel_sum_eq_mean)
+        assert row_e.kernel_sum_squant_max == pytest.approx(row_e.kernel_sum_eq_max)
+        assert row_kc.channel_sum_eq_mean == pytest.approx(row_e.channel_sum_squant_mean)
+        assert row_kc.kernel_sum_eq_mean == pytest.approx(row_e.kernel_sum_squant_mean)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"bits": 1}, r"bits must be in 2\.\.8, got 1"),
+    ({"bits": 9}, r"bits must be in 2\.\.8, got 9"),
+    ({"mode": "X"}, r"unknown mode 'X'"),
+    ({"skip": ["nope*"]}, r"skip pattern 'nope\*' matches no quantizable layer"),
+    ({"layer_bits": {"block3.*": 8}}, r"layer_bits pattern 'block3\.\*' matches no quantizable"),
+    ({"layer_bits": {"fc": 9}}, r"layer_bits\['fc'\] must be in 2\.\.8, got 9"),
+    ({"skip": ["*"]}, r"every layer is skipped"),
+    ({"skip": ["stem.0", "block*", "fc"]}, r"every layer is skipped"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs: dict, message: str) -> None:
+    """Out-of-range bits, an unknown mode, patterns matching nothing and skipping every layer
+    are ``QuantizationError``s saying what is wrong."""
+    with pytest.raises(QuantizationError, match=message):
+        squant.quantize(BY_NAME["resnet"].build(), **kwargs)
+
+
+def test_model_with_nothing_to_quantize_raises() -> None:
+    """A model without any supported layer is an error, not a silent no-op."""
+    with pytest.raises(QuantizationError, match=r"Sequential has no layer to quantize"):
+        squant.quantize(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
+
+
+@pytest.mark.parametrize(("model_name", "layer", "index", "message"), [
+    ("mobilenet", "features.0", (0, 0, 0, 0), r"layer 'features\.0' \(Conv2d\) weight.*NaN"),
+    ("decoder2d", "up1", (3, 1, 0, 0), r"layer 'up1' \(ConvTranspose2d\) weight, group 1.*NaN"),
+])
+def test_nan_weight_error_names_the_layer(model_name: str, layer: str, index: tuple,
+                                          message: str) -> None:
+    """A NaN weight is reported with the layer's name (and group for a grouped ConvTranspose)."""
+    model = BY_NAME[model_name].build()
+    with torch.no_grad():
+        model.get_submodule(layer).weight[index] = float("nan")
+    with pytest.raises(QuantizationError, match=message):
+        squant.quantize(model)
+
+
+@pytest.mark.parametrize("function", [squant.quantize, squant.dequantize])
+def test_non_module_argument_is_a_type_error(function) -> None:
+    """Passing a tensor instead of a model is a ``TypeError`` naming what was expected."""
+    with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module, got Tensor"):
+        function(torch.ones(3, 3))
+
+
+def test_tied_weight_with_conflicting_layer_bits_raises() -> None:
+    """One Parameter cannot be quantized at two bit widths: the error names both layers."""
+    model = BY_NAME["tied_mlp"].build()
+    with pytest.raises(QuantizationError, match=r"'encoder' and 'decoder' share one weight"):
+        squant.quantize(model, 4, layer_bits={"decoder": 8})
+
+
+@zoo_models
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+def test_low_and_double_precision_models_quantize(entry: ZooModel, dtype: torch.dtype) -> None:
+    """A half, bfloat16 or double model quantizes its weights as ``quantize_weight`` does,
+    keeps its dtype for weights and outputs, and at 8 bits stays close to its float output."""
+    model = entry.build().to(dtype)
+    x = entry.example()
+    x = x if entry.vocab else x.to(dtype)
+    qmodel = squant.quantize(model, 8)
+    for name, layer in quantizable_layers(model).items():
+        qlayer = qmodel.get_submodule(name)
+        assert qlayer.weight.dtype == dtype, name
+        assert qlayer.bias is None or qlayer.bias.dtype == dtype, name
+        assert_quantized_as(qlayer, expected_quantization(layer, 8), name)
+    with torch.no_grad():
+        out, exact = qmodel(x), model(x)
+    assert out.dtype == dtype
+    assert relative_error(out, exact) < 0.03
