@@ -1,25 +1,27 @@
 """Sum of a group's rounding errors 'as exactly as float64 allows' (SQUANT_SPEC.md, flip step 1).
 
-The result is the exact sum of the float32 errors, rounded once to float64. Nearly always the
-plain float64 sum is already exact (see ``error_sum``); groups holding a finer error (a weight
-sitting almost exactly on the grid) or a huge one take an exact Shewchuk-style summation.
+The result is the exact sum of the float32 errors, rounded once to float64. The plain float64
+sum of all but the finest errors is exact by construction (see ``error_sum``); the rare finer
+errors (a weight sitting almost exactly on the grid) are added to it with an exact Shewchuk-style
+summation, as is everything in a group too large for the fast path.
 """
 
 import numpy as np
 from numba import njit
 
 FINE = 2.0**-17  # float32 values at least this large are multiples of 2**-40
-_EXACT_BOUND = 8000.0  # below 2**13: sums of multiples of 2**-40 are exact in float64
+EXACT_BOUND = 8000.0  # below 2**13: sums of multiples of 2**-40 are exact in float64
 _MAX_PARTIALS = 64  # non-overlapping float64 partials of float32 inputs: a handful at most
 
 
-@njit(cache=True, inline="always", fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"})  # not inline="always": that would drop the flag
 def error_sum(err):
     """Exact sum of the float32 errors ``err``, rounded to float64.
 
-    Fast path: when every non-zero error is a multiple of 2**-40 (``|e| >= 2**-17``) and the sum
-    of their magnitudes stays below 2**13, every partial sum in any order is exact in float64,
-    so the plain sum is the exact one and may be reassociated (vectorised) safely.
+    Fast path: errors of magnitude >= ``FINE`` are multiples of 2**-40; while their magnitudes
+    sum to less than 2**13 every partial sum of them, in any order, is exact in float64, so their
+    plain sum is exact and may be reassociated (vectorised) safely. The rare finer errors are
+    then added exactly to it.
     """
     total = 0.0
     magnitude = 0.0
@@ -31,25 +33,30 @@ def error_sum(err):
         total += e if coarse else 0.0
         magnitude += a
         fine += (not coarse) & (e != 0.0)
-    if sum_is_exact(fine, magnitude):
-        return total
-    return exact_sum_slow(err)
+    return complete_sum(total, magnitude, fine, err)
 
 
 @njit(cache=True, inline="always")
-def sum_is_exact(fine, magnitude):
-    """Whether a plain float64 sum is exact: no error below ``FINE`` (``fine`` counts them) and
-    the magnitudes summing to less than 2**13."""
-    return (fine == 0) & (magnitude < _EXACT_BOUND)
+def complete_sum(coarse_total, magnitude, fine, err):
+    """The exact sum of ``err`` from its coarse part's plain sum (see ``error_sum``)."""
+    if magnitude >= EXACT_BOUND:
+        return exact_sum(err, 0.0, False)
+    if fine == 0:
+        return coarse_total
+    return exact_sum(err, coarse_total, True)
 
 
 @njit(cache=True)
-def exact_sum_slow(err):
-    """Exact float64 rounding of the sum via non-overlapping partials (Shewchuk's method)."""
+def exact_sum(err, start, fine_only):
+    """Exact float64 rounding of ``start`` plus the errors (only those below ``FINE`` if
+    ``fine_only``), by non-overlapping partials (Shewchuk's method)."""
     partials = np.empty(_MAX_PARTIALS, np.float64)
-    count = 0
+    partials[0] = start
+    count = 1
     for i in range(err.shape[0]):
         value = np.float64(err[i])
+        if fine_only and abs(value) >= FINE:
+            continue
         kept = 0
         for p in range(count):
             other = partials[p]

@@ -54,20 +54,24 @@ def select_top(keys, size, m, top):
             top[t] = best
             below = best
     elif m <= _INSERTION_LIMIT:
-        filled = 0
-        for i in range(size):
+        for i in range(m):  # the first m, sorted, then each larger key is inserted
             key = keys[i]
-            if filled < m:
-                pos = filled
-                filled += 1
-            elif key > top[m - 1]:
-                pos = m - 1
-            else:
-                continue
+            pos = i
             while pos > 0 and top[pos - 1] < key:
                 top[pos] = top[pos - 1]
                 pos -= 1
             top[pos] = key
+        threshold = top[m - 1]  # a local: the scan below is a tight compare loop
+        for i in range(m, size):
+            key = keys[i]
+            if key <= threshold:
+                continue
+            pos = m - 1
+            while pos > 0 and top[pos - 1] < key:
+                top[pos] = top[pos - 1]
+                pos -= 1
+            top[pos] = key
+            threshold = top[m - 1]
     else:
         ordered = np.sort(keys[:size])
         for t in range(m):

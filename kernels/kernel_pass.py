@@ -9,7 +9,7 @@ that run across kernels, which vectorise. Only the decisions and the few flips a
 import numpy as np
 from numba import njit
 
-from .exact_sum import FINE, exact_sum_slow, sum_is_exact
+from .exact_sum import EXACT_BOUND, FINE, complete_sum
 from .flip import (
     LARGEST_KEY,
     SMALLEST_KEY,
@@ -43,10 +43,10 @@ def _kernel_sums(err, inner, ksize, total, magnitude, fine, group):
             magnitude[i] += a
             fine[i] += (not coarse) & (e != 0.0)
     for i in range(inner):
-        if not sum_is_exact(fine[i], magnitude[i]):
+        if fine[i] != 0 or magnitude[i] >= EXACT_BOUND:  # the fast sum is not exact
             for j in range(ksize):
                 group[j] = err[j * inner + i]
-            total[i] = exact_sum_slow(group[:ksize])
+            total[i] = complete_sum(total[i], magnitude[i], fine[i], group[:ksize])
 
 
 @njit(cache=True)
