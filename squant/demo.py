@@ -52,10 +52,11 @@ def round_to_nearest(model: nn.Module, bits: int) -> nn.Module:
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of ``model`` on the images, in [0, 1]."""
-    model.eval()
+    """Top-1 accuracy of ``model`` on the images, in [0, 1] (channels-last: faster on CPU)."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
     correct = 0
-    with torch.no_grad():
+    with torch.inference_mode():
         for start in range(0, len(images), 500):
             logits = model(images[start : start + 500])
             correct += int((logits.argmax(dim=1) == labels[start : start + 500]).sum())
@@ -84,6 +85,7 @@ def run_demo(bits: tuple[int, ...] = BITS,
     """FP32 accuracy and one :class:`DemoRow` per (bits, method)."""
     model = load_demo_model()
     images, labels = load_demo_data()
+    quantize(model, 4)  # load the compiled kernels once, so that the times below are warm
     rows = []
     for b in bits:
         for method in methods:
@@ -100,6 +102,7 @@ def format_table(fp32_accuracy: float, rows: list[DemoRow], images: int) -> str:
     """The demo's table: one line per bits and method."""
     lines = [f"Fashion-MNIST CNN, {images} test images, FP32 accuracy {fp32_accuracy:.2%}",
              "RTN = round to nearest (plain torch); E, K, C, KC = SQuant modes (KC = the paper)",
+             "weight err = ||W - Q|| / ||W|| over all layers; time = quantizing the whole model",
              "",
              f"{'bits':>4}  {'method':<6} {'accuracy':>9} {'weight err':>11} {'time':>9}",
              "-" * 44]
