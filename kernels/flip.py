@@ -5,7 +5,7 @@ float32 priority's bit pattern (order-preserving for priorities >= 0) in the hig
 ``0xFFFFFFFF - index`` in the low half. The largest key is the largest priority with the lowest
 index on ties, so the first ``m`` of the order are the ``m`` largest keys. Only the first
 ``k + 1`` are ever needed (``k = round(|sum of errors|)``, nearly always 0 to 2), so they are
-found by max scans or a running top list, never by a sort of the whole group.
+found by one scan keeping a short sorted list of the best so far, not by sorting the group.
 """
 
 import numpy as np
@@ -14,7 +14,6 @@ from numba import njit
 from .grid import flip
 
 _LOW = np.int64(0xFFFFFFFF)
-_SCAN_LIMIT = 4  # up to this many: one max scan each; above: insertion into the top list
 _INSERTION_LIMIT = 64  # above this many: a full sort
 SMALLEST_KEY = np.iinfo(np.int64).min
 LARGEST_KEY = np.iinfo(np.int64).max
@@ -44,16 +43,9 @@ def key_index(key):
 @njit(cache=True, inline="always")
 def select_top(keys, size, m, top):
     """Write the ``m`` largest of the distinct ``keys[:size]`` into ``top[:m]``, largest first."""
-    if m <= _SCAN_LIMIT:
-        below = LARGEST_KEY
-        for t in range(m):
-            best = SMALLEST_KEY
-            for i in range(size):
-                key = keys[i]
-                best = key if (key > best) & (key < below) else best
-            top[t] = best
-            below = best
-    elif m <= _INSERTION_LIMIT:
+    if m == 0:
+        return
+    if m <= _INSERTION_LIMIT:
         for i in range(m):  # the first m, sorted, then each larger key is inserted
             key = keys[i]
             pos = i
