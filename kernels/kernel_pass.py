@@ -29,7 +29,8 @@ def transposed_position(index, inner, ksize):
 
 @njit(cache=True)
 def _kernel_sums(err, inner, ksize, total, magnitude, fine, group):
-    """Step 1 for every kernel: the exact sum of its errors, rounded to float64, in ``total``."""
+    """Step 1 for every kernel: the exact sum of its errors, rounded to float64, in ``total``
+    (``magnitude`` and ``fine`` are scratch)."""
     total[:inner] = 0.0
     magnitude[:inner] = 0.0
     fine[:inner] = 0
@@ -66,6 +67,20 @@ def _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second
 
 
 @njit(cache=True)
+def _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_index, hand_up):
+    """Steps 2 and 5 for every kernel whose order's first two keys suffice (nearly all), side by
+    side: how many to flip (``flips``, -1 where the general selection is needed) and the element
+    handed on with its direction."""
+    for i in range(inner):
+        up, k, overshoot = flip_count(total[i])
+        place = k - 1 if overshoot else k  # place in the order of the element handed on
+        handed = last[i] if place < 0 else (first[i] if place == 0 else second[i])
+        flips[i] = k if place < 2 else -1
+        hand_index[i] = i * ksize + key_index(handed)
+        hand_up[i] = up ^ overshoot  # overshoot: the opposite direction
+
+
+@njit(cache=True)
 def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     """KQ on a channel held transposed; records what each kernel hands on to CQ.
 
@@ -74,38 +89,36 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     (``hand_up[i]``) or down direction of the channel's element ``hand_index[i]``.
     """
     (keys, top, hand_index, hand_up, hand_priority,
-     total, magnitude, fine, first, second, last, group) = scratch
-    _kernel_sums(err, inner, ksize, total, magnitude, fine, group)
+     total, magnitude, flips, first, second, last, group) = scratch
+    _kernel_sums(err, inner, ksize, total, magnitude, flips, group)
     _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last)
+    _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_index, hand_up)
     for i in range(inner):
-        up, k, overshoot = flip_count(total[i])
-        needed = k if overshoot else k + 1  # k < |sum| <= ksize / 2 when not overshooting
-        if needed > 2:
+        up = total[i] < 0
+        if flips[i] > 0:  # step 4 with the first two of the order
+            flip(key_index(first[i]) * inner + i, up, x, err, value, t_min, t_max)
+            if flips[i] > 1:
+                flip(key_index(second[i]) * inner + i, up, x, err, value, t_min, t_max)
+        elif flips[i] < 0:  # more than two of the order needed: select them, flip, hand on
+            _, k, overshoot = flip_count(total[i])
             for j in range(ksize):
                 keys[j] = eq_key(err[j * inner + i], x[j * inner + i], j, up, t_min, t_max)
-            select_top(keys, ksize, needed, top)
-        else:
-            top[0] = first[i]
-            top[1] = second[i]
-        for t in range(k):  # step 4
-            flip(key_index(top[t]) * inner + i, up, x, err, value, t_min, t_max)
-        if overshoot:  # step 5: flipped a little too much, the last flipped may flip back
-            handed, handed_up = (top[k - 1] if k > 0 else last[i]), not up
-        else:  # a little too little: the next in line may flip
-            handed, handed_up = top[k], up
-        j = key_index(handed)
-        hand_index[i] = i * ksize + j
-        hand_up[i] = handed_up
+            select_top(keys, ksize, k if overshoot else k + 1, top)
+            for t in range(k):
+                flip(key_index(top[t]) * inner + i, up, x, err, value, t_min, t_max)
+            hand_index[i] = i * ksize + key_index(top[k - 1] if overshoot else top[k])
+    for i in range(inner):  # the priority handed on is the element's current error
+        j = hand_index[i] - i * ksize
         hand_priority[i] = abs(err[j * inner + i])
 
 
 @njit(cache=True)
 def transpose_in(w, scale, zero, inner, ksize, x, err, value):
     """EQ of a channel ``w`` (``i*ksize + j`` order) into the transposed scratch arrays."""
-    for j in range(ksize):
-        column = w[j::ksize]
-        for i in range(inner):
-            xi = scale * column[i] - zero
+    for i in range(inner):
+        kernel = w[i * ksize : (i + 1) * ksize]  # read in order, write strided
+        for j in range(ksize):
+            xi = scale * kernel[j] - zero
             r = np.rint(xi)
             x[j * inner + i] = xi
             err[j * inner + i] = r - xi
