@@ -35,13 +35,16 @@ def _grid(w: np.ndarray, bits: int, scheme: str, granularity: str):
     return scale.astype(F32), zero, t_min, t_max
 
 
-def _flip_group(idx, err, up_pri, down_pri, up_val, up_err, down_val, down_err, value):
-    """Spec 'The flip step on one group'. ``idx`` are the flat indices of the group."""
+def _flip_group(idx, order_up, order_down, err, up_pri, down_pri, up_val, up_err, down_val,
+                down_err, value):
+    """Spec 'The flip step on one group'. ``idx`` are the flat indices of the group; the order
+    comes from ``order_up``/``order_down`` (KQ: the EQ priorities; CQ: the current ones, i.e.
+    ``up_pri``/``down_pri`` themselves) and step 5 sets ``up_pri``/``down_pri``."""
     se = math.fsum(float(v) for v in err[idx])  # step 1: as exactly as float64 allows
     up = se < 0
     k = int(np.rint(abs(se)))  # step 2
-    pri = up_pri if up else down_pri
-    order = idx[np.argsort(-pri[idx], kind="stable")]  # step 3
+    order_pri = order_up if up else order_down
+    order = idx[np.argsort(-order_pri[idx], kind="stable")]  # step 3
     for i in order[:k]:  # step 4
         if up:
             value[i], err[i] = up_val[i], up_err[i]
@@ -52,12 +55,12 @@ def _flip_group(idx, err, up_pri, down_pri, up_val, up_err, down_val, down_err, 
         (down_pri if up else up_pri)[j] = abs(err[j])
     else:
         j = order[k]
-        pri[j] = abs(err[j])
+        (up_pri if up else down_pri)[j] = abs(err[j])
 
 
 def squant_oracle(w3: np.ndarray, bits: int, kernel: bool, channel: bool,
                   scheme: str = "asymmetric", granularity: str = "channel"):
-    """Quantize an ``(O, I, K)`` float32 weight exactly as the spec says; returns codes, scale, zero."""
+    """Quantize an ``(O, I, K)`` float32 weight as the spec says; returns codes, scale, zero."""
     w3 = np.asarray(w3, dtype=F32)
     o, i_dim, k_dim = w3.shape
     scale, zero, t_min, t_max = _grid(w3, bits, scheme, granularity)
@@ -84,29 +87,8 @@ def squant_oracle(w3: np.ndarray, bits: int, kernel: bool, channel: bool,
             up_pri[c][:] = 0
             down_pri[c][:] = 0
             for idx in kernels:
-                _flip_group_with_orders(idx, eq_up, eq_down, *args)
+                _flip_group(idx, eq_up, eq_down, *args)
         if channel:
-            _flip_group(np.arange(i_dim * k_dim), *args)
+            _flip_group(np.arange(i_dim * k_dim), up_pri[c], down_pri[c], *args)
     codes = np.clip(value, t_min, t_max).astype(np.int8).reshape(w3.shape)
     return codes, scale, zero
-
-
-def _flip_group_with_orders(idx, order_up, order_down, err, up_pri, down_pri, up_val, up_err,
-                            down_val, down_err, value):
-    """KQ's flip step: the order is taken from the EQ priorities, the hand-on goes to the reset ones."""
-    se = math.fsum(float(v) for v in err[idx])
-    up = se < 0
-    k = int(np.rint(abs(se)))
-    order_pri = order_up if up else order_down
-    order = idx[np.argsort(-order_pri[idx], kind="stable")]
-    for i in order[:k]:
-        if up:
-            value[i], err[i] = up_val[i], up_err[i]
-        else:
-            value[i], err[i] = down_val[i], down_err[i]
-    if k >= abs(se):
-        j = order[k - 1]
-        (down_pri if up else up_pri)[j] = abs(err[j])
-    else:
-        j = order[k]
-        (up_pri if up else down_pri)[j] = abs(err[j])
