@@ -52,11 +52,18 @@ def _as_float_array(weight: object, name: str) -> np.ndarray:
         if not (weight.is_floating_point()):
             raise TypeError(f"{name}: dtype {weight.dtype} is not a floating type; "
                             "quantize float16, bfloat16, float32 or float64 weights")
+        if weight.is_meta:
+            raise TypeError(f"{name}: is on the meta device and holds no values; "
+                            "load the weights first")
         tensor = weight.detach().cpu()
         if tensor.dtype not in (torch.float16, torch.float32, torch.float64):
             tensor = tensor.to(torch.float32)
         return tensor.numpy()
+    if isinstance(weight, np.ma.MaskedArray):
+        raise TypeError(f"{name}: masked arrays are not supported (the mask would be ignored); "
+                        "fill or drop the masked values first")
     if isinstance(weight, np.ndarray):
+        weight = np.asarray(weight)  # subclasses such as np.matrix behave as plain arrays
         if weight.dtype.kind != "f":
             raise TypeError(f"{name}: dtype {weight.dtype} is not a floating type; "
                             "quantize float16, float32 or float64 weights")
@@ -106,6 +113,11 @@ def quantize_weights(
     error messages. numpy and torch inputs give identical codes; float16, bfloat16 and float64
     are quantized from their float32 value. Inputs are never modified.
     """
+    if isinstance(weights, (np.ndarray, torch.Tensor)):
+        raise TypeError("quantize_weights takes a sequence of weights; for one weight use "
+                        "quantize_weight")
+    if isinstance(names, str):
+        raise TypeError("names must be a sequence of str, one per weight, not one str")
     weights = list(weights)
     count = len(weights)
     names = [f"weight {i}" for i in range(count)] if names is None else list(names)
@@ -135,6 +147,10 @@ def quantize_with_options(
     for result, array, name in zip(results, arrays, names):
         if not result.finite:
             _raise_non_finite(array, name)
+        if not (result.scale > 0).all():  # only max - min overflowing float32 gives S = 0
+            raise QuantizationError(
+                f"{name}: its values span more than float32 arithmetic can hold (max - min "
+                f"overflows); rescale the weight or use scheme='symmetric'")
     out = []
     for result, m, ax, opts in zip(results, moved, axes, options):
         codes = np.moveaxis(result.codes.reshape(m.shape), 0, ax)
