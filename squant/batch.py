@@ -55,12 +55,16 @@ def _as_float32_contiguous(weight: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(weight, dtype=np.float32)
 
 
-def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions]) -> list[BatchResult]:
+def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
+                   ranges: list[tuple[float, float] | None] | None = None) -> list[BatchResult]:
     """Quantize weights viewed as ``(O, I, K)`` arrays of any float dtype and any memory layout.
 
     C-contiguous float32 weights are read where they lie; others are first copied as float32.
     Inputs are never modified. A weight with a NaN or Inf is flagged (``finite``), not quantized.
+    ``ranges`` may give a per-tensor grid's ``(min, max)`` for a weight that is one part of a
+    larger tensor (a ConvTranspose group); by default it is the weight's own.
     """
+    ranges = [None] * len(weights) if ranges is None else ranges
     arrays = [_as_float32_contiguous(w) for w in weights]  # kept alive during the kernel call
     sizes = np.array([a.size for a in arrays], np.int64)
     offsets = np.concatenate(([0], np.cumsum(sizes)))
@@ -75,7 +79,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions]) -> li
     ch_lo = np.zeros(channels, np.float32)
     ch_hi = np.zeros(channels, np.float32)
     first = 0
-    for array, opts, start in zip(arrays, options, offsets[:-1]):
+    for array, opts, given, start in zip(arrays, options, ranges, offsets[:-1]):
         o, i, k = array.shape
         rows = slice(first, first + o)
         channel_bytes = np.arange(o, dtype=np.int64) * (i * k)
@@ -84,7 +88,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions]) -> li
         ch_inner[rows], ch_ksize[rows] = i, k
         ch_bits[rows], ch_flags[rows] = opts.bits, _flags(opts)
         if opts.granularity == "tensor":
-            ch_lo[rows], ch_hi[rows] = array.min(), array.max()
+            ch_lo[rows], ch_hi[rows] = (array.min(), array.max()) if given is None else given
         first += o
     scale = np.empty(channels, np.float32)
     zero = np.empty(channels, np.float32)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -236,19 +237,27 @@ def _quantize_shared(layers: list[_Layer]) -> dict[int, _SharedWeight]:
             raise QuantizationError(
                 f"layers {first.names[0]!r} and {layer.names[0]!r} share one weight but are "
                 f"asked for different quantization ({first.options} vs {layer.options})")
-    arrays, axes, options, names = [], [], [], []
+    arrays, axes, options, names, ranges = [], [], [], [], []
     for entry in shared.values():
         layer = entry.layer
         label = f"layer {layer.names[0]!r} ({type(layer.module).__name__}) weight"
+        whole = _tensor_range(layer.module.weight) if len(entry.blocks) > 1 else None
         for index, block in enumerate(entry.blocks):
             arrays.append(block)
             axes.append(entry.axis)
             options.append(layer.options)
             names.append(label if len(entry.blocks) == 1 else f"{label}, group {index}")
-    results = iter(quantize_with_options(arrays, axes, options, names))
+            ranges.append(whole)
+    results = iter(quantize_with_options(arrays, axes, options, names, ranges))
     for entry in shared.values():
         entry.parts = [next(results) for _ in entry.blocks]
     return shared
+
+
+def _tensor_range(weight: torch.Tensor) -> tuple[np.float32, np.float32]:
+    """``(min, max)`` of a whole weight as float32: a per-tensor grid spans every group."""
+    values = weight.detach().float()
+    return np.float32(values.min()), np.float32(values.max())
 
 
 def _join_blocks(parts: list[QuantizedTensor]) -> QuantizedTensor:

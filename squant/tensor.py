@@ -89,6 +89,9 @@ def _raise_non_finite(array: np.ndarray, name: str) -> None:
     """Say where the first NaN or Inf (or float64 value beyond float32's range) of a weight is."""
     with np.errstate(over="ignore"):
         finite = np.isfinite(array.astype(np.float32, copy=False))
+    if finite.all():
+        raise QuantizationError(f"{name}: the tensor it is part of holds NaN or Inf values, so "
+                                "its per-tensor range is not finite")
     where = tuple(int(i) for i in np.argwhere(~finite)[0])
     count = int(finite.size - np.count_nonzero(finite))
     raise QuantizationError(
@@ -135,15 +138,20 @@ def quantize_with_options(
     axes: Sequence[int],
     options: Sequence[QuantOptions],
     names: Sequence[str],
+    ranges: Sequence[tuple[float, float] | None] | None = None,
 ) -> list[QuantizedTensor]:
-    """Validate and quantize weights, each with its own axis and options, in one kernel call."""
+    """Validate and quantize weights, each with its own axis and options, in one kernel call.
+
+    ``ranges``: per weight, the ``(min, max)`` a per-tensor grid uses when the weight is one part
+    of a larger tensor (None: the weight's own).
+    """
     arrays = [_as_float_array(w, n) for w, n in zip(weights, names)]
     axes = [_check_shape(a, ax, n) for a, ax, n in zip(arrays, axes, names)]
     if not arrays:
         return []
     moved = [np.moveaxis(a, ax, 0) for a, ax in zip(arrays, axes)]
     views = [m.reshape(m.shape[0], m.shape[1], -1) for m in moved]
-    results = quantize_batch(views, list(options))
+    results = quantize_batch(views, list(options), None if ranges is None else list(ranges))
     for result, array, name in zip(results, arrays, names):
         if not result.finite:
             _raise_non_finite(array, name)

@@ -19,7 +19,7 @@ from torch import fx, nn
 from zoo import BY_NAME, SHARED_MODULE, ZOO, ZooModel
 
 import squant
-from squant import QuantizationError, QuantizationReport
+from squant import QuantizationReport
 from squant import nn as qnn
 
 FLOAT_TO_QUANTIZED = {
@@ -164,6 +164,62 @@ def test_quantized_layers_hold_quantize_weight_of_original_weight(
     of its original weight (ConvTranspose: axis 1, group by group)."""
     model = entry.build()
     assert_layers_quantized(model, squant.quantize(model, bits, mode), {}, bits, mode)
+
+
+def expected_on_grid(layer: nn.Module, scheme: str, granularity: str) -> Expected:
+    """4-bit KC ``quantize_weight`` on a grid. A grouped ConvTranspose's groups are stacked as
+    the output channels of one ``(out, in/groups, k)`` weight, so that a per-tensor grid spans
+    the whole layer while every channel keeps its own data."""
+    weight = layer.weight.detach()
+    if not isinstance(layer, TRANSPOSED):
+        q = squant.quantize_weight(weight, 4, "KC", 0, scheme=scheme, granularity=granularity)
+        return Expected(q.codes, q.scale, q.zero_point, q.dequantize().to(weight.dtype))
+    groups, kernel = layer.groups, weight.shape[2:]
+    blocks = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
+    stacked = blocks.permute(0, 2, 1, 3).reshape(-1, weight.shape[0] // groups, blocks.shape[3])
+    q = squant.quantize_weight(stacked, 4, "KC", 0, scheme=scheme, granularity=granularity)
+    def back(t: torch.Tensor) -> torch.Tensor:
+        grouped = t.reshape(groups, -1, weight.shape[0] // groups, blocks.shape[3])
+        return grouped.permute(0, 2, 1, 3).reshape(weight.shape[0], weight.shape[1], *kernel)
+    return Expected(back(q.codes), q.scale, q.zero_point,
+                    back(q.dequantize()).to(weight.dtype))
+
+
+@zoo_models
+@pytest.mark.parametrize(("scheme", "granularity"), [
+    ("symmetric", "channel"), ("symmetric", "tensor"), ("asymmetric", "tensor")])
+def test_grid_options_reach_every_layer(entry: ZooModel, scheme: str, granularity: str) -> None:
+    """Every layer is quantized on the grid asked for, exactly as ``quantize_weight`` does it;
+    symmetric zero points are all 0 and a per-tensor grid has one scale per layer."""
+    model = entry.build()
+    qmodel = squant.quantize(model, 4, scheme=scheme, granularity=granularity)
+    for name, layer in quantizable_layers(model).items():
+        qlayer = qmodel.get_submodule(name)
+        assert (qlayer.scheme, qlayer.granularity) == (scheme, granularity), name
+        assert_quantized_as(qlayer, expected_on_grid(layer, scheme, granularity), name)
+        if scheme == "symmetric":
+            assert torch.count_nonzero(qlayer.zero_point) == 0, name
+        if granularity == "tensor":
+            assert torch.unique(qlayer.scale).numel() == 1, name
+
+
+def test_layer_options_override_the_grid_of_matching_layers() -> None:
+    """``layer_options`` sets a layer's grid and bits; the others keep the defaults."""
+    model = BY_NAME["mobilenet"].build()
+    qmodel = squant.quantize(model, 4, layer_options={"features.0": {"scheme": "symmetric",
+                                                                     "bits": 8}})
+    for name, layer in quantizable_layers(model).items():
+        qlayer = qmodel.get_submodule(name)
+        if name == "features.0":
+            assert (qlayer.scheme, qlayer.bits) == ("symmetric", 8)
+            q = squant.quantize_weight(layer.weight, 8, scheme="symmetric")
+            assert torch.equal(qlayer.codes, q.codes)
+        else:
+            assert (qlayer.scheme, qlayer.bits) == ("asymmetric", 4), name
+    with pytest.raises(squant.QuantizationError, match=r"unknown option\(s\) schem"):
+        squant.quantize(model, 4, layer_options={"features.0": {"schem": "symmetric"}})
+    with pytest.raises(squant.QuantizationError, match=r"layer_options pattern 'nope' matches no"):
+        squant.quantize(model, 4, layer_options={"nope": {"bits": 8}})
 
 
 @zoo_models
@@ -469,13 +525,13 @@ def test_report_eq_statistics_are_those_of_mode_e(model_name: str) -> None:
 def test_bad_arguments_raise_clear_errors(kwargs: dict, message: str) -> None:
     """Out-of-range bits, an unknown mode, patterns matching nothing and skipping every layer
     are ``QuantizationError``s saying what is wrong."""
-    with pytest.raises(QuantizationError, match=message):
+    with pytest.raises(squant.QuantizationError, match=message):
         squant.quantize(BY_NAME["resnet"].build(), **kwargs)
 
 
 def test_model_with_nothing_to_quantize_raises() -> None:
     """A model without any supported layer is an error, not a silent no-op."""
-    with pytest.raises(QuantizationError, match=r"Sequential has no layer to quantize"):
+    with pytest.raises(squant.QuantizationError, match=r"Sequential has no layer to quantize"):
         squant.quantize(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
 
 
@@ -489,7 +545,7 @@ def test_nan_weight_error_names_the_layer(model_name: str, layer: str, index: tu
     model = BY_NAME[model_name].build()
     with torch.no_grad():
         model.get_submodule(layer).weight[index] = float("nan")
-    with pytest.raises(QuantizationError, match=message):
+    with pytest.raises(squant.QuantizationError, match=message):
         squant.quantize(model)
 
 
@@ -503,7 +559,7 @@ def test_non_module_argument_is_a_type_error(function) -> None:
 def test_tied_weight_with_conflicting_layer_bits_raises() -> None:
     """One Parameter cannot be quantized at two bit widths: the error names both layers."""
     model = BY_NAME["tied_mlp"].build()
-    with pytest.raises(QuantizationError, match=r"'encoder' and 'decoder' share one weight"):
+    with pytest.raises(squant.QuantizationError, match=r"'encoder' and 'decoder' share one weight"):
         squant.quantize(model, 4, layer_bits={"decoder": 8})
 
 
