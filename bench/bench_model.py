@@ -113,7 +113,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build().eval()
         weights = layer_weights(model)
-        rtn = median_time(lambda _: numpy_rtn(weights), args.repeats)
+        rtn = median_time(lambda _, ws=weights: numpy_rtn(ws), args.repeats)
         inplace = median_time(lambda m: squant.quantize(m, BITS, inplace=True), args.repeats,
                               setup=lambda m=model: copy.deepcopy(m))
         copied = median_time(lambda _, m=model: squant.quantize(m, BITS), args.repeats)
@@ -122,7 +122,8 @@ def main() -> None:
                      run_worker(name, inplace=True, warm=True)["extra_mib"])
         print(f"{name:<10} {rtn * 1e3:>8.1f}ms {inplace * 1e3:>7.1f}ms {inplace / rtn:>5.2f}x"
               f" {copied * 1e3:>7.1f}ms {copied / rtn:>5.2f}x {cold['seconds']:>7.2f}s"
-              f" {cold['weights_mib']:>6.0f}MB {memory:>6.0f}MB ({memory / cold['weights_mib']:.2f}x)")
+              f" {cold['weights_mib']:>6.0f}MB {memory:>6.0f}MB"
+              f" ({memory / cold['weights_mib']:.2f}x)")
 
 
 if __name__ == "__main__":
