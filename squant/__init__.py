@@ -15,6 +15,7 @@ from .errors import QuantizationError
 from .model import dequantize, quantize
 from .options import QuantOptions
 from .report import LayerReport, QuantizationReport
+from .storage import load, save
 from .tensor import QuantizedTensor, quantize_weight, quantize_weights
 
 __version__ = "0.1.0"
@@ -27,8 +28,10 @@ __all__ = [
     "QuantizedTensor",
     "__version__",
     "dequantize",
+    "load",
     "nn",
     "quantize",
     "quantize_weight",
     "quantize_weights",
+    "save",
 ]
