@@ -26,20 +26,17 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .errors import QuantizationError
-from .options import GRANULARITIES, MODES, SCHEMES, QuantOptions, check_bits
-from .report import layer_report
-from .storage import (
+from .file_format import (
     FORMAT_VERSION,
     TORCH_DTYPES,
     QuantizedEntry,
-    SafetensorsWriter,
-    SquantReader,
     TensorSpec,
-    atomic_path,
-    first_line,
     squant_metadata,
     tensor_spec,
 )
+from .file_io import SafetensorsWriter, SquantReader, atomic_path, first_line
+from .options import GRANULARITIES, MODES, SCHEMES, QuantOptions, check_bits
+from .report import layer_report
 from .tensor import QuantizedTensor, quantize_with_options
 
 CHUNK_BYTES = 64 << 20  # float32 bytes per batched kernel call: bounds the peak memory

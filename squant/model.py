@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import QuantizationError
+from .module_tree import copy_replacing, swap_modules
 from .nn import QUANTIZED_CLASSES, QuantizedModule
 from .options import QuantOptions, check_bits
 from .report import QuantizationReport, layer_report
@@ -80,7 +81,7 @@ def quantize(
     layers = _select_layers(model, skip, dict(layer_bits or {}), dict(layer_options or {}),
                             default)
     if not inplace:
-        model = _copy_sharing(model, _replaced_weights(model, layers))
+        model = copy_replacing(model, [layer.module for layer in layers])
         layers = _relocate(model, layers)
     start = time.perf_counter()
     shared = _quantize_shared(layers)
@@ -91,7 +92,7 @@ def quantize(
         cls = QUANTIZED_CLASSES[type(layer.module)]
         replacements[id(layer.module)] = cls.from_float(
             layer.module, joined[id(layer.module.weight)], cache_weights)
-    model = _swap_modules(model, replacements)
+    model = swap_modules(model, replacements)
     if report:
         model.squant_report = _report(shared, seconds)
     return model
@@ -109,7 +110,7 @@ def dequantize(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
         if isinstance(module, QuantizedModule):
             weight = weights.setdefault(id(module.codes), module.float_weight())
             replacements[id(module)] = module.to_float(weight)
-    return _swap_modules(model, replacements)
+    return swap_modules(model, replacements)
 
 
 def _select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
@@ -164,26 +165,6 @@ def _check_patterns_match(patterns: Iterable[str], what: str, layers: Iterable[_
             raise QuantizationError(
                 f"{what} pattern {pattern!r} matches no quantizable layer (layers: {known}"
                 f"{', ...' if len(layers) > 20 else ''})")
-
-
-def _replaced_weights(model: nn.Module, layers: list[_Layer]) -> list[torch.Tensor]:
-    """The weights that only layers about to be replaced hold (a weight tied to a layer that
-    stays float, such as an embedding, is not among them)."""
-    replaced = {id(layer.module) for layer in layers}
-    holders: dict[int, set[int]] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        for tensor in module._parameters.values():
-            if tensor is not None:
-                holders.setdefault(id(tensor), set()).add(id(module))
-    weights = {id(layer.module.weight): layer.module.weight for layer in layers}
-    return [w for key, w in weights.items() if holders[key] <= replaced]
-
-
-def _copy_sharing(model: nn.Module, shared: list[torch.Tensor]) -> nn.Module:
-    """Deep copy of ``model`` in which the tensors in ``shared`` are not copied (they are about
-    to be replaced by quantized ones, so the copy never exposes them)."""
-    memo = {id(tensor): tensor for tensor in shared}
-    return copy.deepcopy(model, memo)
 
 
 def _relocate(model: nn.Module, layers: list[_Layer]) -> list[_Layer]:
@@ -270,17 +251,6 @@ def _join_blocks(parts: list[QuantizedTensor]) -> QuantizedTensor:
         zero_point=torch.cat([p.zero_point for p in parts]),
         bits=first.bits, mode=first.mode, axis=first.axis, scheme=first.scheme,
         granularity=first.granularity)
-
-
-def _swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
-    """Put each replacement wherever its module sits (under every name); returns the root."""
-    if id(model) in replacements:
-        return replacements[id(model)]
-    for _, module in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(module._modules.items()):  # every name, repeats too
-            if child is not None and id(child) in replacements:
-                setattr(module, child_name, replacements[id(child)])
-    return model
 
 
 def _report(shared: dict[int, _SharedWeight], seconds: float) -> QuantizationReport:

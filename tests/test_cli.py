@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 import squant
 from squant import cli
+from squant.file_io import SquantReader
 from squant.report import layer_report
-from squant.storage import SquantReader
 
 QUANTIZABLE = ("conv.weight", "deconv.weight", "fc.weight", "emb.weight")
 

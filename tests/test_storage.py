@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import squant
-from squant import storage
+from squant import file_format, packing
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -50,14 +50,14 @@ def _bitstream_reference(codes: np.ndarray, bits: int) -> np.ndarray:
 def test_packing_matches_the_documented_bit_stream(bits: int, count: int) -> None:
     rng = np.random.default_rng(bits * 1000 + count)
     codes = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), count).astype(np.int8)
-    packed = storage.pack_codes(codes, bits)
+    packed = packing.pack_codes(codes, bits)
     assert packed.dtype == np.uint8 and packed.size == -(-count * bits // 8)
     np.testing.assert_array_equal(packed, _bitstream_reference(codes, bits))
-    np.testing.assert_array_equal(storage.unpack_codes(packed, bits, count), codes)
+    np.testing.assert_array_equal(packing.unpack_codes(packed, bits, count), codes)
 
 
 def test_four_bit_codes_are_nibbles_low_first() -> None:
-    packed = storage.pack_codes(np.array([-8, 7, 0], np.int8), 4)
+    packed = packing.pack_codes(np.array([-8, 7, 0], np.int8), 4)
     assert packed.tolist() == [0x0 | (0xF << 4), 0x8]
 
 
@@ -183,7 +183,7 @@ def test_header_and_layout(tmp_path: Path) -> None:
         names = set(file.keys())
         codes = file.get_tensor("deconv.weight.codes")
         scale = file.get_tensor("deconv.weight.scale")
-    assert header["format_version"] == storage.FORMAT_VERSION
+    assert header["format_version"] == file_format.FORMAT_VERSION
     assert header["squant_version"] == squant.__version__
     assert header["tensors"]["deconv.weight"] == {
         "bits": 5, "mode": "KC", "axis": 1, "shape": [8, 2, 3, 3], "dtype": "float32",

@@ -1,0 +1,264 @@
+"""Reading and writing squant files: safetensors files whose tensors are written one at a
+time (so the command line never holds a whole checkpoint in memory) and always through a
+temporary file in the target folder that replaces the target only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import QuantizationError
+from .file_format import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    SAFETENSORS_DTYPES,
+    TORCH_DTYPES,
+    QuantizedEntry,
+    TensorSpec,
+)
+from .tensor import QuantizedTensor
+
+if sys.byteorder != "little":  # safetensors stores little-endian data; raw bytes are copied
+    raise ImportError("squant's file I/O needs a little-endian machine")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A new temporary path in ``path``'s folder that replaces ``path`` if the block succeeds
+    and is removed if it fails: a failed write never leaves a partial or stale file behind.
+    The file is created with the usual permissions (``0o666`` less the umask)."""
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _layout(specs: list[TensorSpec]) -> dict[str, tuple[int, int]]:
+    """Byte range of each tensor in the data section: widest dtypes first, then by name (as
+    safetensors' own writer does), so that every tensor is aligned to its element size."""
+    ranges, offset = {}, 0
+    for spec in sorted(specs, key=lambda s: (-s.dtype.itemsize, s.name)):
+        ranges[spec.name] = (offset, offset + spec.nbytes)
+        offset += spec.nbytes
+    return ranges
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's data in C order as raw bytes (little-endian, as safetensors stores it)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose tensors (fixed in advance by their specs) arrive one at a
+    time, in any order.
+
+    Each tensor's data goes at once to its place in a spool file, so memory holds one tensor at
+    a time; on a clean exit from the ``with`` block the header (with ``metadata``, which may be
+    set until then) and the data are written to a temporary file that replaces ``path``. On an
+    exception nothing is written.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec]) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            raise QuantizationError(f"tensor names clash in the file: {', '.join(duplicates)}")
+        self.path = Path(path)
+        self.metadata: dict[str, str] = {}
+        self._specs = {s.name: s for s in specs}
+        self._ranges = _layout(specs)
+        self._pending = set(names)
+        self._spool = tempfile.TemporaryFile(dir=self.path.parent)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor's data; its dtype and shape must be those of its spec."""
+        spec = self._specs[name]
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise QuantizationError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, "
+                                    f"expected {spec.dtype} {spec.shape}")
+        _pwrite_all(self._spool.fileno(), _tensor_bytes(tensor), self._ranges[name][0])
+        self._pending.discard(name)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        try:
+            if kind is None:
+                self._commit()
+        finally:
+            self._spool.close()
+
+    def _header(self) -> bytes:
+        header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
+        for name, (start, end) in self._ranges.items():
+            spec = self._specs[name]
+            header[name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+                            "data_offsets": [start, end]}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # data starts 8-aligned, as safetensors pads it
+        return len(text).to_bytes(8, "little") + text
+
+    def _commit(self) -> None:
+        if self._pending:
+            raise QuantizationError(f"tensors never written: {', '.join(sorted(self._pending))}")
+        size = sum(spec.nbytes for spec in self._specs.values())
+        with atomic_path(self.path) as temporary, open(temporary, "wb") as out:
+            out.write(self._header())
+            self._spool.seek(0)
+            while size:
+                block = self._spool.read(min(size, 1 << 24))
+                out.write(block)
+                size -= len(block)
+
+
+class SquantReader:
+    """An open squant file: its header parsed and checked, its tensors read on demand.
+
+    Raises ``QuantizationError`` for a file that is not safetensors, is truncated or corrupt,
+    lacks the squant metadata, has an unknown format version or an inconsistent header.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            self._header = self._file.metadata() or {}
+            names = list(self._file.keys())
+            self._dtypes = {n: self._file.get_slice(n).get_dtype() for n in names}
+            self._shapes = {n: tuple(self._file.get_slice(n).get_shape()) for n in names}
+        except SafetensorError as error:
+            raise QuantizationError(f"{self.path}: not a readable safetensors file "
+                                    f"({first_line(error)})") from None
+        try:
+            self._read_header(names)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self, names: list[str]) -> None:
+        header = self._parse_header()
+        self.squant_version = str(header.get("squant_version", "unknown"))
+        self.entries = {name: QuantizedEntry.from_json(name, raw)
+                        for name, raw in _object_field(header, "tensors", self.path).items()}
+        self.report: dict[str, dict] = _object_field(header, "report", self.path, {})
+        for entry in self.entries.values():
+            self._check_stored(entry)
+        claimed = {spec.name for e in self.entries.values() for spec in e.specs()}
+        self.float_names = [n for n in names if n not in claimed]
+        for name in self.float_names:
+            if self._dtypes[name] not in TORCH_DTYPES:
+                raise QuantizationError(f"{self.path}: tensor {name!r} has dtype "
+                                        f"{self._dtypes[name]}, which squant does not read")
+
+    def __enter__(self) -> SquantReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the file (its memory map)."""
+        self._file.__exit__(None, None, None)
+
+    def _parse_header(self) -> dict:
+        if METADATA_KEY not in self._header:
+            raise QuantizationError(f"{self.path}: not a squant file (no {METADATA_KEY!r} "
+                                    "metadata); use squant.save or `squant quantize` to make one")
+        try:
+            header = json.loads(self._header[METADATA_KEY])
+        except json.JSONDecodeError as error:
+            raise QuantizationError(f"{self.path}: corrupt squant header ({error})") from None
+        if not isinstance(header, dict):
+            raise QuantizationError(f"{self.path}: corrupt squant header (not a JSON object)")
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            raise QuantizationError(
+                f"{self.path}: squant format version {version!r} is not supported (this squant "
+                f"reads version {FORMAT_VERSION}); upgrade squant or re-quantize")
+        return header
+
+    def _check_stored(self, entry: QuantizedEntry) -> None:
+        """The file holds the entry's three tensors with the dtypes and shapes it implies."""
+        for spec in entry.specs():
+            dtype = SAFETENSORS_DTYPES[spec.dtype]
+            found = (self._dtypes.get(spec.name), self._shapes.get(spec.name))
+            if found != (dtype, spec.shape):
+                raise QuantizationError(
+                    f"{self.path}: tensor {spec.name!r} should be {dtype} of shape {spec.shape}"
+                    + (", it is missing" if found[0] is None else
+                       f", got {found[0]} of shape {found[1]}"))
+
+    def spec(self, name: str) -> TensorSpec:
+        """Dtype and shape of tensor ``name`` of the state_dict the file stands for (a quantized
+        one: the original tensor's)."""
+        if name in self.entries:
+            entry = self.entries[name]
+            return TensorSpec(name, entry.dtype, entry.shape)
+        return TensorSpec(name, TORCH_DTYPES[self._dtypes[name]], self._shapes[name])
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes the file spends on tensor ``name`` (a quantized one: its three tensors)."""
+        if name in self.entries:
+            return sum(spec.nbytes for spec in self.entries[name].specs())
+        return self.spec(name).nbytes
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """A tensor of the file as stored (a float tensor, or a quantized tensor's part)."""
+        try:
+            return self._file.get_tensor(name)
+        except SafetensorError as error:
+            raise QuantizationError(f"{self.path}: cannot read tensor {name!r} "
+                                    f"({first_line(error)})") from None
+
+    def read_quantized(self, name: str) -> QuantizedTensor:
+        """A quantized tensor's codes (unpacked, int8, original shape), scale and zero point."""
+        entry = self.entries[name]
+        return entry.quantized_tensor(*(self.read_tensor(spec.name) for spec in entry.specs()))
+
+    def read_dequantized(self, name: str) -> torch.Tensor:
+        """Any tensor as a float tensor: quantized ones dequantized to their original dtype."""
+        if name in self.entries:
+            return self.entries[name].dequantize(self.read_quantized(name))
+        return self.read_tensor(name)
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor of the state_dict the file stands for (quantized ones by their name)."""
+        return sorted([*self.entries, *self.float_names])
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch's and safetensors' run over several)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _object_field(header: dict, key: str, path: Path, default: dict | None = None) -> dict:
+    """``header[key]``, which must be a JSON object."""
+    value = header.get(key, default)
+    if not isinstance(value, dict):
+        raise QuantizationError(f"{path}: corrupt squant header ({key!r} is not an object)")
+    return value

@@ -1,0 +1,77 @@
+"""Packing of int codes for the file format: ``code + 2**(bits-1)`` (unsigned) as a
+little-endian bit stream of ``bits`` bits per code. Groups of 8 codes fill exactly ``bits``
+bytes, so the numba loops handle whole groups, in parallel, and a last partial group is padded
+(with unsigned 0) around them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .errors import QuantizationError
+
+
+@njit(cache=True, parallel=True)
+def _pack_groups(codes: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """Pack ``codes`` (a multiple of 8 of them) into ``out`` (``bits`` bytes per 8 codes)."""
+    offset = 1 << (bits - 1)
+    for group in prange(codes.shape[0] // 8):
+        word = np.uint64(0)
+        for j in range(8):
+            value = np.uint64(np.int64(codes[group * 8 + j]) + offset)
+            word |= value << np.uint64(j * bits)
+        for b in range(bits):
+            out[group * bits + b] = np.uint8((word >> np.uint64(8 * b)) & np.uint64(255))
+
+
+@njit(cache=True, parallel=True)
+def _unpack_groups(packed: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """The inverse of :func:`_pack_groups`."""
+    offset = 1 << (bits - 1)
+    mask = np.uint64((1 << bits) - 1)
+    for group in prange(out.shape[0] // 8):
+        word = np.uint64(0)
+        for b in range(bits):
+            word |= np.uint64(packed[group * bits + b]) << np.uint64(8 * b)
+        for j in range(8):
+            out[group * 8 + j] = np.int8(np.int64((word >> np.uint64(j * bits)) & mask) - offset)
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes that ``count`` codes of ``bits`` bits take packed: ``ceil(count * bits / 8)``."""
+    return (count * bits + 7) // 8
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """int8 codes in ``[-2**(bits-1), 2**(bits-1) - 1]`` (any shape, read in C order) as the
+    file's packed uint8 stream of ``ceil(count * bits / 8)`` bytes."""
+    flat = np.ascontiguousarray(codes, dtype=np.int8).reshape(-1)
+    whole = flat.size // 8 * 8
+    out = np.empty(packed_size(flat.size, bits), np.uint8)
+    _pack_groups(flat[:whole], bits, out)
+    if whole < flat.size:
+        last = np.full(8, -(1 << (bits - 1)), np.int8)  # unsigned 0: zero padding bits
+        last[: flat.size - whole] = flat[whole:]
+        tail = np.empty(bits, np.uint8)
+        _pack_groups(last, bits, tail)
+        out[whole // 8 * bits :] = tail[: out.size - whole // 8 * bits]
+    return out
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The ``count`` int8 codes of a packed uint8 stream (the inverse of :func:`pack_codes`)."""
+    if packed.shape != (packed_size(count, bits),):
+        raise QuantizationError(f"{count} codes of {bits} bits take {packed_size(count, bits)} "
+                                f"bytes packed, got an array of shape {tuple(packed.shape)}")
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    whole = count // 8 * 8
+    out = np.empty(count, np.int8)
+    _unpack_groups(packed, bits, out[:whole])
+    if whole < count:
+        tail = np.zeros(bits, np.uint8)
+        tail[: packed.size - whole // 8 * bits] = packed[whole // 8 * bits :]
+        last = np.empty(8, np.int8)
+        _unpack_groups(tail, bits, last)
+        out[whole:] = last[: count - whole]
+    return out
