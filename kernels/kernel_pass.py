@@ -28,21 +28,27 @@ def transposed_position(index, inner, ksize):
 
 
 @njit(cache=True)
-def _kernel_sums(err, inner, ksize, total, magnitude, fine, group):
-    """Step 1 for every kernel: the exact sum of its errors, rounded to float64, in ``total``
-    (``magnitude`` and ``fine`` are scratch)."""
+def _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, fine, group):
+    """EQ (``value = round(x)``, ``err = value - x``) and step 1 for every kernel: the exact sum
+    of its errors, rounded to float64, in ``total`` (``magnitude`` and ``fine`` are scratch)."""
     total[:inner] = 0.0
     magnitude[:inner] = 0.0
     fine[:inner] = 0
     for j in range(ksize):
-        row = err[j * inner : (j + 1) * inner]
+        x_row = x[j * inner : (j + 1) * inner]
+        err_row = err[j * inner : (j + 1) * inner]
+        value_row = value[j * inner : (j + 1) * inner]
         for i in range(inner):  # across kernels: each kernel's own sum stays in order
-            e = np.float64(row[i])
-            a = abs(e)
+            r = np.rint(x_row[i])
+            e = r - x_row[i]
+            value_row[i] = r
+            err_row[i] = e
+            e64 = np.float64(e)
+            a = abs(e64)
             coarse = a >= FINE
-            total[i] += e if coarse else 0.0
+            total[i] += e64 if coarse else 0.0
             magnitude[i] += a
-            fine[i] += (not coarse) & (e != 0.0)
+            fine[i] += (not coarse) & (e64 != 0.0)
     for i in range(inner):
         if fine[i] != 0 or magnitude[i] >= EXACT_BOUND:  # the fast sum is not exact
             for j in range(ksize):
@@ -82,7 +88,8 @@ def _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_inde
 
 @njit(cache=True)
 def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
-    """KQ on a channel held transposed; records what each kernel hands on to CQ.
+    """EQ and KQ on a channel held transposed (``x`` filled by ``transpose_in``); records what
+    each kernel hands on to CQ.
 
     Every priority of the layer is reset to 0 before the kernels run, so afterwards the only
     non-zero priority of kernel ``i`` is the one its step 5 set: ``hand_priority[i]`` in the up
@@ -90,7 +97,7 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     """
     (keys, top, hand_index, hand_up, hand_priority,
      total, magnitude, flips, first, second, last, group) = scratch
-    _kernel_sums(err, inner, ksize, total, magnitude, flips, group)
+    _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, flips, group)
     _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last)
     _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_index, hand_up)
     for i in range(inner):
@@ -113,16 +120,12 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
 
 
 @njit(cache=True)
-def transpose_in(w, scale, zero, inner, ksize, x, err, value):
-    """EQ of a channel ``w`` (``i*ksize + j`` order) into the transposed scratch arrays."""
+def transpose_in(w, scale, zero, inner, ksize, x):
+    """A channel ``w`` (``i*ksize + j`` order) on the grid, ``x = S*w - Z``, transposed."""
     for i in range(inner):
         kernel = w[i * ksize : (i + 1) * ksize]  # read in order, write strided
         for j in range(ksize):
-            xi = scale * kernel[j] - zero
-            r = np.rint(xi)
-            x[j * inner + i] = xi
-            err[j * inner + i] = r - xi
-            value[j * inner + i] = r
+            x[j * inner + i] = scale * kernel[j] - zero
 
 
 @njit(cache=True)

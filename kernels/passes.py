@@ -70,7 +70,7 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
         return scale, zero, True
     x, err, value = x[:size], err[:size], value[:size]
     if after_kernels:
-        transpose_in(w, scale, zero, inner, ksize, x, err, value)
+        transpose_in(w, scale, zero, inner, ksize, x)
         kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
         if channel_pass:
             channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratch)
