@@ -56,15 +56,19 @@ def numpy_rtn(weights: list[np.ndarray], bits: int = BITS) -> list[np.ndarray]:
     return out
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time in seconds of each ``fns[name]()`` over ``repeats`` rounds (after one
+    warm-up). Each round runs every function once, interleaved, so that all see the same
+    machine: ratios then hold even when the machine is busy."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 _COLD_SCRIPT = """
@@ -109,12 +113,13 @@ def main() -> None:
     for name, build in (("ResNet-18", resnet18), ("ResNet-50", resnet50)):
         weights = random_weights(weight_shapes(build()))
         count = sum(w.size for w in weights)
-        rtn = median_time(lambda ws=weights: numpy_rtn(ws), args.repeats)
-        batched = median_time(lambda ws=weights: squant.quantize_weights(ws, BITS), args.repeats)
-        per_layer = median_time(lambda ws=weights: [squant.quantize_weight(w, BITS) for w in ws],
-                                args.repeats)
-        eq_only = median_time(lambda ws=weights: squant.quantize_weights(ws, BITS, "E"),
-                              args.repeats)
+        t = median_times({
+            "rtn": lambda ws=weights: numpy_rtn(ws),
+            "batched": lambda ws=weights: squant.quantize_weights(ws, BITS),
+            "per_layer": lambda ws=weights: [squant.quantize_weight(w, BITS) for w in ws],
+            "eq_only": lambda ws=weights: squant.quantize_weights(ws, BITS, "E"),
+        }, args.repeats)
+        rtn, batched, per_layer, eq_only = t["rtn"], t["batched"], t["per_layer"], t["eq_only"]
         print(f"{name:<10} {count / 1e6:>8.1f}M {rtn * 1e3:>8.1f}ms {batched * 1e3:>9.1f}ms"
               f" {batched / rtn:>5.2f}x {per_layer * 1e3:>11.1f}ms {per_layer / rtn:>5.2f}x"
               f" {eq_only * 1e3:>8.1f}ms {eq_only / rtn:>5.2f}x")

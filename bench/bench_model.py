@@ -21,7 +21,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see PERFORM
 
 import copy
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 import squant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import numpy_rtn  # noqa: E402
+from bench_kernels import median_times, numpy_rtn  # noqa: E402
 from resnet import resnet18, resnet50  # noqa: E402
 
 MODELS = {"ResNet-18": resnet18, "ResNet-50": resnet50}
@@ -81,18 +80,6 @@ def run_worker(name: str, inplace: bool, warm: bool) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def median_time(fn, repeats: int, setup=lambda: None) -> float:
-    """Median of ``fn(setup())`` wall times in seconds (``setup`` untimed), after one warm-up."""
-    fn(setup())
-    times = []
-    for _ in range(repeats):
-        arg = setup()
-        start = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
@@ -113,10 +100,13 @@ def main() -> None:
         torch.manual_seed(0)
         model = build().eval()
         weights = layer_weights(model)
-        rtn = median_time(lambda _, ws=weights: numpy_rtn(ws), args.repeats)
-        inplace = median_time(lambda m: squant.quantize(m, BITS, inplace=True), args.repeats,
-                              setup=lambda m=model: copy.deepcopy(m))
-        copied = median_time(lambda _, m=model: squant.quantize(m, BITS), args.repeats)
+        copies = iter([copy.deepcopy(model) for _ in range(args.repeats + 1)])  # made untimed
+        t = median_times({
+            "rtn": lambda ws=weights: numpy_rtn(ws),
+            "inplace": lambda cs=copies: squant.quantize(next(cs), BITS, inplace=True),
+            "copy": lambda m=model: squant.quantize(m, BITS),
+        }, args.repeats)
+        rtn, inplace, copied = t["rtn"], t["inplace"], t["copy"]
         cold = run_worker(name, inplace=False, warm=False)
         memory = max(run_worker(name, inplace=False, warm=True)["extra_mib"],
                      run_worker(name, inplace=True, warm=True)["extra_mib"])

@@ -73,6 +73,18 @@ def has_candidate(x, up, t_min, t_max):
 
 
 @njit(cache=True, inline="always")
+def flipped(x, up, t_min, t_max):
+    """``(value, error)`` of the element at ``x`` flipped in a direction, without branches:
+    ``round(x) +- 1`` and the float32 ``e +- 1`` where it has a candidate, else ``round(x)``
+    and 0, as the spec says."""
+    r = np.rint(x)
+    e = r - x
+    step = np.float32(1.0) if up else np.float32(-1.0)
+    candidate = (up & (e < 0) & (x < t_max)) | (~up & (e > 0) & (x > t_min))
+    return (r + step if candidate else r), (e + step if candidate else np.float32(0.0))
+
+
+@njit(cache=True, inline="always")
 def flip(i, up, x, err, value, t_min, t_max):
     """Flip element ``i`` in a direction: its value and current error become that direction's
     candidate value and error (``round(x) +- 1`` and the float32 ``e +- 1``), or ``round(x)``

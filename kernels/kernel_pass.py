@@ -18,7 +18,7 @@ from .flip import (
     key_index,
     select_top,
 )
-from .grid import flip
+from .grid import flip, flipped
 
 
 @njit(cache=True, inline="always")
@@ -100,14 +100,17 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, flips, group)
     _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last)
     _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_index, hand_up)
-    for i in range(inner):
+    for i in range(inner):  # step 4 with the first two of the order, without branches
         up = total[i] < 0
-        if flips[i] > 0:  # step 4 with the first two of the order
-            flip(key_index(first[i]) * inner + i, up, x, err, value, t_min, t_max)
-            if flips[i] > 1:
-                flip(key_index(second[i]) * inner + i, up, x, err, value, t_min, t_max)
-        elif flips[i] < 0:  # more than two of the order needed: select them, flip, hand on
-            _, k, overshoot = flip_count(total[i])
+        for place, key in ((1, first[i]), (2, second[i])):
+            p = key_index(key) * inner + i
+            flipped_value, flipped_err = flipped(x[p], up, t_min, t_max)
+            chosen = flips[i] >= place
+            value[p] = flipped_value if chosen else value[p]
+            err[p] = flipped_err if chosen else err[p]
+    for i in range(inner):  # more than two of the order needed (rare): select, flip, hand on
+        if flips[i] < 0:
+            up, k, overshoot = flip_count(total[i])
             for j in range(ksize):
                 keys[j] = eq_key(err[j * inner + i], x[j * inner + i], j, up, t_min, t_max)
             select_top(keys, ksize, k if overshoot else k + 1, top)
