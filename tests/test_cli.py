@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import squant
+from squant import checkpoint as checkpoints
 from squant import cli
 from squant.file_io import SquantReader
 from squant.report import layer_report
@@ -123,8 +124,8 @@ def test_streaming_in_small_chunks_writes_the_same_file(capsys, monkeypatch, tmp
     assert _run(capsys, "quantize", source, whole)[0] == 0
     monkeypatch.setattr(cli, "CHUNK_BYTES", 1000)
     calls = []
-    real = cli.quantize_with_options
-    monkeypatch.setattr(cli, "quantize_with_options",
+    real = checkpoints.quantize_with_options
+    monkeypatch.setattr(checkpoints, "quantize_with_options",
                         lambda weights, *args: calls.append(len(weights)) or real(weights, *args))
     assert _run(capsys, "quantize", source, chunked)[0] == 0
     assert len(calls) > 1
@@ -159,9 +160,9 @@ def test_report_statistics_are_merged_over_channel_blocks(monkeypatch) -> None:
     torch.manual_seed(3)
     weight = torch.randn(40, 7, 3)
     qweight = squant.quantize_weight(weight, bits=3)
-    whole = cli._tensor_stats("w", weight, qweight)
-    monkeypatch.setattr(cli, "_STATS_ELEMENTS", 50)  # blocks of 2 channels
-    blocks = cli._tensor_stats("w", weight, qweight)
+    whole = checkpoints.tensor_stats("w", weight, qweight)
+    monkeypatch.setattr(checkpoints, "_STATS_ELEMENTS", 50)  # blocks of 2 channels
+    blocks = checkpoints.tensor_stats("w", weight, qweight)
     assert blocks == pytest.approx(whole, rel=1e-9)
 
 
