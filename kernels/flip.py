@@ -11,7 +11,7 @@ found by one scan keeping a short sorted list of the best so far, not by sorting
 import numpy as np
 from numba import njit
 
-from .grid import flip
+from .grid import flip, has_candidate
 
 _LOW = np.int64(0xFFFFFFFF)
 _INSERTION_LIMIT = 64  # above this many: a full sort
@@ -29,9 +29,7 @@ def make_key(priority, index):
 def eq_key(e, x, index, up, t_min, t_max):
     """Order key of an element by its EQ priority in one direction: ``|e|`` where it has a
     candidate (up: ``e < 0`` and ``x < t_max``; down: ``e > 0`` and ``x > t_min``), else 0."""
-    zero = np.float32(0.0)
-    candidate = (up & (e < zero) & (x < t_max)) | (~up & (e > zero) & (x > t_min))
-    return make_key(abs(e) * np.float32(candidate), index)
+    return make_key(abs(e) * np.float32(has_candidate(e, x, up, t_min, t_max)), index)
 
 
 @njit(cache=True, inline="always")

@@ -60,16 +60,12 @@ def grid_params(lo, hi, bits, symmetric):
 
 
 @njit(cache=True, inline="always")
-def has_candidate(x, up, t_min, t_max):
-    """Whether the element at ``x`` on the grid has a flip candidate in the given direction.
-
-    up: its EQ error ``e = round(x) - x`` is negative and ``x < t_max``;
-    down: ``e`` is positive and ``x > t_min``.
-    """
-    e = np.rint(x) - x
-    if up:
-        return (e < 0) & (x < t_max)
-    return (e > 0) & (x > t_min)
+def has_candidate(e, x, up, t_min, t_max):
+    """Whether the element at ``x`` on the grid, with EQ error ``e = round(x) - x``, has a flip
+    candidate in a direction: up if ``e < 0`` and ``x < t_max``, down if ``e > 0`` and
+    ``x > t_min``. Without branches."""
+    zero = np.float32(0.0)
+    return (up & (e < zero) & (x < t_max)) | ((not up) & (e > zero) & (x > t_min))
 
 
 @njit(cache=True, inline="always")
@@ -80,21 +76,12 @@ def flipped(x, up, t_min, t_max):
     r = np.rint(x)
     e = r - x
     step = np.float32(1.0) if up else np.float32(-1.0)
-    candidate = (up & (e < 0) & (x < t_max)) | (~up & (e > 0) & (x > t_min))
+    candidate = has_candidate(e, x, up, t_min, t_max)
     return (r + step if candidate else r), (e + step if candidate else np.float32(0.0))
 
 
 @njit(cache=True, inline="always")
 def flip(i, up, x, err, value, t_min, t_max):
     """Flip element ``i`` in a direction: its value and current error become that direction's
-    candidate value and error (``round(x) +- 1`` and the float32 ``e +- 1``), or ``round(x)``
-    and 0 where it has no candidate in that direction, as the spec says."""
-    xi = x[i]
-    r = np.rint(xi)
-    if has_candidate(xi, up, t_min, t_max):
-        step = np.float32(1.0) if up else np.float32(-1.0)
-        value[i] = r + step
-        err[i] = (r - xi) + step
-    else:
-        value[i] = r
-        err[i] = np.float32(0.0)
+    candidate value and error (see ``flipped``)."""
+    value[i], err[i] = flipped(x[i], up, t_min, t_max)
