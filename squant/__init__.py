@@ -4,13 +4,10 @@ Weights are rounded per output channel, then flipped so that the rounding errors
 kernel and every output channel sum to as close to zero as possible: no data, no training.
 """
 
-import os
-
-# numba's and torch's OpenMP threads take turns on small machines; busy-waiting ones slow the
-# other side down several-fold (see PERFORMANCE_NOTES). Only applies if torch is not loaded yet.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from . import nn  # noqa: E402
+from . import (
+    _environment,  # noqa: F401  (first: it sets the process up)
+    nn,
+)
 from .errors import QuantizationError
 from .model import dequantize, quantize
 from .options import QuantOptions

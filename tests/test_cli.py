@@ -350,3 +350,16 @@ def test_usage_errors_exit_with_2(capsys, checkpoint: Path, tmp_path: Path) -> N
                   "--layer-bits", "fc=eight"])
     assert exit_info.value.code == 2
     assert "expected PATTERN=BITS" in capsys.readouterr().err
+
+
+def test_python_m_squant_runs_from_the_checkout_root() -> None:
+    """From the repository's root ``python -m squant`` imports the source folder, not the
+    installed package: its kernels (``kernels/`` beside it) must still be ``squant.kernels``."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", "import squant, numpy; "
+         "print(squant.quantize_weight(numpy.ones((2, 3), numpy.float32)).codes.shape, "
+         "squant.kernels.__name__)"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["torch.Size([2,", "3])", "squant.kernels"]
