@@ -5,7 +5,8 @@ Prints, per model (random weights with the exact layer shapes, 4-bit, mode KC):
 - warm median of the batched call (``quantize_weights``: one kernel call for every layer) and of
   per-layer ``quantize_weight`` calls;
 - plain numpy per-channel round-to-nearest of the same weights, timed in the same process, and
-  the ratios to it (ratios hold on a noisy machine; absolute times do not).
+  the ratios to it (ratios hold on a noisy machine; absolute times do not);
+- batched KC with ``range="search"`` and its ratio to batched KC (minmax).
 
 Run: ``python bench/bench_kernels.py [--repeats 15]``.
 """
@@ -107,7 +108,8 @@ def main() -> None:
               f"  -> {imp + load_s:.2f} s in all")
     print()
     header = (f"{'model':<10} {'weights':>9} {'numpy RTN':>10} {'KC batched':>11} {'ratio':>6}"
-              f" {'KC per-layer':>13} {'ratio':>6} {'E batched':>10} {'ratio':>6}")
+              f" {'KC per-layer':>13} {'ratio':>6} {'E batched':>10} {'ratio':>6}"
+              f" {'KC search':>10} {'vs KC':>6}")
     print(header)
     print("-" * len(header))
     for name, build in (("ResNet-18", resnet18), ("ResNet-50", resnet50)):
@@ -118,11 +120,14 @@ def main() -> None:
             "batched": lambda ws=weights: squant.quantize_weights(ws, BITS),
             "per_layer": lambda ws=weights: [squant.quantize_weight(w, BITS) for w in ws],
             "eq_only": lambda ws=weights: squant.quantize_weights(ws, BITS, "E"),
+            "search": lambda ws=weights: squant.quantize_weights(ws, BITS, range="search"),
         }, args.repeats)
         rtn, batched, per_layer, eq_only = t["rtn"], t["batched"], t["per_layer"], t["eq_only"]
+        search = t["search"]
         print(f"{name:<10} {count / 1e6:>8.1f}M {rtn * 1e3:>8.1f}ms {batched * 1e3:>9.1f}ms"
               f" {batched / rtn:>5.2f}x {per_layer * 1e3:>11.1f}ms {per_layer / rtn:>5.2f}x"
-              f" {eq_only * 1e3:>8.1f}ms {eq_only / rtn:>5.2f}x")
+              f" {eq_only * 1e3:>8.1f}ms {eq_only / rtn:>5.2f}x"
+              f" {search * 1e3:>8.1f}ms {search / batched:>5.2f}x")
 
 
 if __name__ == "__main__":

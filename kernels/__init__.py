@@ -8,6 +8,7 @@ from .passes import (
     CHANNEL_PASS,
     GIVEN_RANGE,
     KERNEL_PASS,
+    RANGE_SEARCH,
     SYMMETRIC,
     quantize_batch,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "CHANNEL_PASS",
     "GIVEN_RANGE",
     "KERNEL_PASS",
+    "RANGE_SEARCH",
     "SYMMETRIC",
     "quantize_batch",
 ]

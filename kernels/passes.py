@@ -19,6 +19,11 @@ KERNEL_PASS = 1  # run KQ (on weights whose kernels have more than one element)
 CHANNEL_PASS = 2  # run CQ
 SYMMETRIC = 4  # symmetric grid instead of the asymmetric default
 GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel's min and max
+RANGE_SEARCH = 16  # also try shrunk ranges; keep the one with the least reconstruction error
+
+# Range search: the channel's range scaled by each factor, in this order (1.0 first, so that
+# minmax wins ties and search is never worse than minmax).
+SHRINK_FACTORS = np.array([1.0, 0.94, 0.88, 0.82, 0.76, 0.7, 0.64, 0.58, 0.52], np.float32)
 
 
 @njit(cache=True)
@@ -48,26 +53,16 @@ def _round_only(w, scale, zero, t_min, t_max, codes):
 
 
 @njit(cache=True)
-def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch,
-                     range_scratch):
-    """Quantize one channel ``w`` (its slice; ``w_bits`` the same memory as int32) into its
-    slice of ``codes``. The other arrays are scratch space.
-
-    Returns ``(S, Z, finite)``; with a NaN or Inf in the channel (``finite`` False) nothing is
-    written.
-    """
+def _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch):
+    """Quantize one channel ``w`` on the grid of the range ``[lo, hi]``: EQ, then KQ and CQ as
+    ``flags`` say, and the clamp, into ``codes``. Returns ``(S, Z)``."""
     size = w.shape[0]
-    if not flags & GIVEN_RANGE:
-        if not channel_range(w_bits, range_scratch):
-            return np.float32(0.0), np.float32(0.0), False
-        range_floats = range_scratch.view(np.float32)
-        lo, hi = range_floats[0], range_floats[1]
     scale, zero, t_min, t_max = grid_params(lo, hi, bits, flags & SYMMETRIC != 0)
     after_kernels = (flags & KERNEL_PASS != 0) and ksize > 1
     channel_pass = flags & CHANNEL_PASS != 0
     if not (after_kernels or channel_pass):
         _round_only(w, scale, zero, t_min, t_max, codes)
-        return scale, zero, True
+        return scale, zero
     x, err, value = x[:size], err[:size], value[:size]
     if after_kernels:
         transpose_in(w, scale, zero, inner, ksize, x)
@@ -75,7 +70,7 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
         if channel_pass:
             channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratch)
         transpose_out(value, inner, ksize, t_min, t_max, codes)
-        return scale, zero, True
+        return scale, zero
     for i in range(size):  # EQ
         xi = scale * w[i] - zero
         r = np.rint(xi)
@@ -85,6 +80,70 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
     channel_pass_eq(x, err, value, t_min, t_max, scratch[0], scratch[1])
     for i in range(size):
         codes[i] = np.int8(min(max(value[i], t_min), t_max))
+    return scale, zero
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def reconstruction_error(w, codes, scale, zero):
+    """``sum((w - (codes + Z) / S)**2)`` in float64: how far the dequantized channel is from it.
+
+    The sum may be reordered (``reassoc``), so that it vectorises; the order is fixed at compile
+    time, so the result is still the same on every call.
+    """
+    step = 1.0 / np.float64(scale)
+    z = np.float64(zero)
+    total = 0.0
+    for i in range(w.shape[0]):
+        d = np.float64(w[i]) - (np.float64(codes[i]) + z) * step
+        total += d * d
+    return total
+
+
+@njit(cache=True)
+def _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err, value,
+                  scratch, trial):
+    """Given the channel quantized on its full range ``[lo, hi]`` (``codes``, ``scale``,
+    ``zero``), quantize it again on each shrunk range ``[f*lo, f*hi]`` of ``SHRINK_FACTORS``
+    (into ``trial``) and keep in ``codes`` the one whose reconstruction error is least, the
+    earliest on ties. Returns the kept ``(S, Z)``.
+
+    Clipping the few largest weights buys a finer grid for all the others; which trade-off is
+    best depends on the channel's distribution, hence the search. Each candidate runs the very
+    passes of the full range, so the error compared is the one the passes really leave.
+    """
+    best = reconstruction_error(w, codes, scale, zero)
+    trial = trial[: w.shape[0]]
+    for f in SHRINK_FACTORS[1:]:
+        s, z = _quantize_on_grid(w, inner, ksize, bits, flags, f * lo, f * hi, trial, x, err,
+                                 value, scratch)
+        error = reconstruction_error(w, trial, s, z)
+        if error < best:
+            best, scale, zero = error, s, z
+            codes[:] = trial
+    return scale, zero
+
+
+@njit(cache=True)
+def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch,
+                     range_scratch, trial):
+    """Quantize one channel ``w`` (its slice; ``w_bits`` the same memory as int32) into its
+    slice of ``codes``. The other arrays are scratch space (``trial``: candidate codes of the
+    range search).
+
+    Returns ``(S, Z, finite)``; with a NaN or Inf in the channel (``finite`` False) nothing is
+    written.
+    """
+    if not flags & GIVEN_RANGE:
+        if not channel_range(w_bits, range_scratch):
+            return np.float32(0.0), np.float32(0.0), False
+        range_floats = range_scratch.view(np.float32)
+        lo, hi = range_floats[0], range_floats[1]
+    scale, zero = _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value,
+                                    scratch)
+    # S = 0 (max - min overflows float32) is the caller's to report: no search then
+    if flags & RANGE_SEARCH != 0 and scale > 0:
+        scale, zero = _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x,
+                                    err, value, scratch, trial)
     return scale, zero, True
 
 
@@ -95,8 +154,8 @@ def quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch
 
     Channel ``c`` is ``ch_inner[c] * ch_ksize[c]`` contiguous float32 values at address
     ``ch_address[c]`` (its weight laid out ``(O, I, K)``), quantized with ``ch_bits[c]`` and
-    ``ch_flags[c]`` (``KERNEL_PASS | CHANNEL_PASS | SYMMETRIC | GIVEN_RANGE``; with
-    ``GIVEN_RANGE`` the range is ``[ch_lo[c], ch_hi[c]]``) into as many int8 codes at
+    ``ch_flags[c]`` (``KERNEL_PASS | CHANNEL_PASS | SYMMETRIC | GIVEN_RANGE | RANGE_SEARCH``;
+    with ``GIVEN_RANGE`` the range is ``[ch_lo[c], ch_hi[c]]``) into as many int8 codes at
     ``ch_codes_address[c]``. Blocks ``block_start[b] .. block_start[b+1]-1`` of channels are the
     parallel work items. Writes ``scale`` and ``zero`` (float32, one per channel) and
     ``finite`` (False for a channel holding a NaN or Inf, whose other outputs are then junk).
@@ -115,10 +174,11 @@ def quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch
         value = np.empty(max_size, np.float32)
         scratch = _allocate_scratch(max_size, max_inner, max_ksize)
         range_scratch = np.empty(2, np.int32)  # a channel's range, as float32 bit patterns
+        trial = np.empty(max_size, np.int8)  # a channel's codes on a range-search candidate
         for c in range(first, last):
             size = ch_inner[c] * ch_ksize[c]
             scale[c], zero[c], finite[c] = quantize_channel(
                 view_at(ch_address[c], size, np.float32), view_at(ch_address[c], size, np.int32),
                 ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c], ch_hi[c],
                 view_at(ch_codes_address[c], size, np.int8), x, err, value, scratch,
-                range_scratch)
+                range_scratch, trial)

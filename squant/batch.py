@@ -37,6 +37,8 @@ def _flags(options: QuantOptions) -> int:
         flags |= kernels.SYMMETRIC
     if options.granularity == "tensor":
         flags |= kernels.GIVEN_RANGE
+    if options.range == "search":
+        flags |= kernels.RANGE_SEARCH
     return flags
 
 

@@ -160,7 +160,7 @@ class Item:
     def options(self) -> QuantOptions:
         """The quantization options of a quantized tensor."""
         e = self.entry
-        return QuantOptions(e.bits, e.mode, e.scheme, e.granularity)
+        return QuantOptions(e.bits, e.mode, e.scheme, e.granularity, e.range)
 
 
 def _is_quantizable(spec: TensorSpec) -> bool:
@@ -204,7 +204,7 @@ def plan(source: Source, default: QuantOptions, skip: Sequence[str],
             bits = next((b for p, b in layer_bits.items() if _matches(p, name)), default.bits)
             axis = 1 if any(_matches(p, name) for p in transposed) else 0
             entry = QuantizedEntry(name, bits, default.mode, axis, spec.shape, spec.dtype,
-                                   default.scheme, default.granularity)
+                                   default.scheme, default.granularity, range=default.range)
         items.append(Item(spec, entry))
     if not any(item.entry for item in items):
         raise QuantizationError(f"{source.path}: nothing to quantize (no floating tensor named "
@@ -245,7 +245,7 @@ def tensor_stats(name: str, weight: torch.Tensor, qweight: QuantizedTensor) -> d
         part = QuantizedTensor(qweight.codes.narrow(axis, start, n),
                                qweight.scale[start : start + n],
                                qweight.zero_point[start : start + n], qweight.bits, qweight.mode,
-                               axis, qweight.scheme, qweight.granularity)
+                               axis, qweight.scheme, qweight.granularity, qweight.range)
         block = weight.narrow(axis, start, n)
         rows.append(asdict(layer_report(name, "", block.shape, [block], [part], 0.0)))
         counts.append(n)

@@ -28,7 +28,7 @@ from .checkpoint import (
 from .errors import QuantizationError
 from .file_format import FORMAT_VERSION, QuantizedEntry, squant_metadata
 from .file_io import SafetensorsWriter, SquantReader, atomic_path
-from .options import GRANULARITIES, MODES, SCHEMES, QuantOptions
+from .options import GRANULARITIES, MODES, RANGES, SCHEMES, QuantOptions
 
 # ---------------------------------------------------------------------------------------------
 # Paths.
@@ -77,7 +77,8 @@ def _quantize(args: argparse.Namespace) -> None:
         _check_output(report_path, (".json",), source_path, out)
     start = time.perf_counter()
     source = open_source(source_path)
-    items = plan(source, QuantOptions(args.bits, args.mode, args.scheme, args.granularity),
+    items = plan(source, QuantOptions(args.bits, args.mode, args.scheme, args.granularity,
+                                       args.range),
                  args.skip, dict(args.layer_bits), args.transposed)
     stats: dict[str, dict] | None = {} if report_path else None
     total = sum(item.spec.nbytes for item in items)
@@ -100,7 +101,8 @@ def _write_report(path: Path, source: Path, out: Path, entries: list[QuantizedEn
                   stats: dict[str, dict], seconds: float) -> None:
     """The per-tensor statistics as JSON (the same ones the file's metadata holds)."""
     tensors = {e.name: {"bits": e.bits, "mode": e.mode, "axis": e.axis, "shape": list(e.shape),
-                        "scheme": e.scheme, "granularity": e.granularity, **stats[e.name]}
+                        "scheme": e.scheme, "granularity": e.granularity, "range": e.range,
+                        **stats[e.name]}
                for e in entries}
     report = {"input": str(source), "output": str(out), "seconds": seconds, "tensors": tensors}
     with atomic_path(path) as temporary:
@@ -203,6 +205,9 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
                         help="E = round to nearest, K/C = + kernel/channel flips (default KC)")
     parser.add_argument("--scheme", choices=SCHEMES, default="asymmetric")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="channel")
+    parser.add_argument("--range", choices=RANGES, default="minmax",
+                        help="minmax: each channel's full range (the paper's); search: also "
+                             "try shrunk ranges, keep the one closest to the weight")
     parser.add_argument("--skip", nargs="+", action="extend", default=[], metavar="PATTERN",
                         help="tensors left in float")
     parser.add_argument("--layer-bits", nargs="+", action="extend", default=[],

@@ -61,7 +61,7 @@ class QuantizedEntry:
     ``shape`` and ``dtype`` are the original float tensor's. ``groups`` is 1 except for grouped
     ConvTranspose weights: the tensor is then ``groups`` equal blocks along dim 0, each with its
     own ``shape[axis]`` channels, so ``scale`` and ``zero_point`` hold ``groups * shape[axis]``
-    values, block by block.
+    values, block by block. ``range`` is optional in the header (older files: ``"minmax"``).
     """
 
     name: str
@@ -73,6 +73,7 @@ class QuantizedEntry:
     scheme: str = "asymmetric"
     granularity: str = "channel"
     groups: int = 1
+    range: str = "minmax"
 
     @property
     def count(self) -> int:
@@ -95,7 +96,8 @@ class QuantizedEntry:
         """The header entry (JSON-ready)."""
         return {"bits": self.bits, "mode": self.mode, "axis": self.axis, "shape": list(self.shape),
                 "dtype": str(self.dtype).removeprefix("torch."), "scheme": self.scheme,
-                "granularity": self.granularity, "groups": self.groups}
+                "granularity": self.granularity, "groups": self.groups,
+                "range": self.range}
 
     @classmethod
     def from_json(cls, name: str, raw: object) -> QuantizedEntry:
@@ -109,10 +111,11 @@ class QuantizedEntry:
                 raise ValueError(f"bad shape {raw['shape']!r}")
             if raw["dtype"] not in _FLOAT_DTYPES:
                 raise ValueError(f"dtype {raw['dtype']!r} is not one of {', '.join(_FLOAT_DTYPES)}")
-            options = QuantOptions(raw["bits"], raw["mode"], raw["scheme"], raw["granularity"])
+            options = QuantOptions(raw["bits"], raw["mode"], raw["scheme"], raw["granularity"],
+                                   raw.get("range", "minmax"))
             entry = cls(name, options.bits, options.mode, _json_int(raw["axis"], "axis"), shape,
                         _FLOAT_DTYPES[raw["dtype"]], options.scheme, options.granularity,
-                        _json_int(raw["groups"], "groups"))
+                        _json_int(raw["groups"], "groups"), options.range)
         except (KeyError, TypeError, ValueError) as error:
             raise QuantizationError(f"header entry of tensor {name!r} is invalid: "
                                     f"{_describe(error)}") from None
@@ -144,7 +147,7 @@ class QuantizedEntry:
         ConvTranspose weight: all groups joined, as ``squant.quantize`` holds them)."""
         codes = unpack_codes(packed.numpy(), self.bits, self.count).reshape(self.shape)
         return QuantizedTensor(torch.from_numpy(codes), scale, zero_point, self.bits, self.mode,
-                               self.axis, self.scheme, self.granularity)
+                               self.axis, self.scheme, self.granularity, self.range)
 
     def dequantize(self, qweight: QuantizedTensor) -> torch.Tensor:
         """``(codes + zero_point) / scale`` in float32, block by block, in the original dtype:

@@ -45,6 +45,7 @@ def quantize(
     layer_options: Mapping[str, Mapping[str, object]] | None = None,
     scheme: str = "asymmetric",
     granularity: str = "channel",
+    range: str = "minmax",
     inplace: bool = False,
     cache_weights: bool = True,
     report: bool = False,
@@ -62,9 +63,9 @@ def quantize(
             in float.
         layer_bits: ``{pattern: bits}``; the first pattern matching a layer's name wins.
         layer_options: ``{pattern: {option: value}}`` with options among ``bits``, ``mode``,
-            ``scheme``, ``granularity`` (e.g. ``{"fc": {"scheme": "symmetric"}}``); the first
-            matching pattern's options override the others for that layer.
-        scheme, granularity: the grid (see :class:`squant.QuantOptions`).
+            ``scheme``, ``granularity``, ``range`` (e.g. ``{"fc": {"scheme": "symmetric"}}``); the
+            first matching pattern's options override the others for that layer.
+        scheme, granularity, range: the grid (see :class:`squant.QuantOptions`).
         inplace: modify and return ``model`` itself instead of a copy.
         cache_weights: quantized modules keep their dequantized weight after first use
             (faster forward) instead of recomputing it each time (less memory).
@@ -76,7 +77,7 @@ def quantize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
-    default = QuantOptions(bits, mode, scheme, granularity)
+    default = QuantOptions(bits, mode, scheme, granularity, range)
     skip = [skip] if isinstance(skip, str) else list(skip)
     layers = _select_layers(model, skip, dict(layer_bits or {}), dict(layer_options or {}),
                             default)
@@ -124,7 +125,7 @@ def _select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int]
         if unknown:
             raise QuantizationError(f"layer_options[{pattern!r}]: unknown option(s) "
                                     f"{', '.join(sorted(map(str, unknown)))}; use bits, mode, "
-                                    "scheme or granularity")
+                                    "scheme, granularity or range")
     by_module: dict[int, _Layer] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if type(module) not in QUANTIZED_CLASSES:
@@ -250,7 +251,7 @@ def _join_blocks(parts: list[QuantizedTensor]) -> QuantizedTensor:
         scale=torch.cat([p.scale for p in parts]),
         zero_point=torch.cat([p.zero_point for p in parts]),
         bits=first.bits, mode=first.mode, axis=first.axis, scheme=first.scheme,
-        granularity=first.granularity)
+        granularity=first.granularity, range=first.range)
 
 
 def _report(shared: dict[int, _SharedWeight], seconds: float) -> QuantizationReport:

@@ -56,6 +56,7 @@ class QuantizedModule:
         qmodule.register_buffer("zero_point", qweight.zero_point)
         qmodule.bits, qmodule.mode, qmodule.axis = qweight.bits, qweight.mode, qweight.axis
         qmodule.scheme, qmodule.granularity = qweight.scheme, qweight.granularity
+        qmodule.range = qweight.range
         qmodule.cache_weight = cache_weight
         qmodule.weight_dtype = module.weight.dtype
         qmodule._cached_weight = None
@@ -110,7 +111,7 @@ class QuantizedModule:
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, bits={self.bits}, mode={self.mode}, "
-                f"scheme={self.scheme}, granularity={self.granularity}")
+                f"scheme={self.scheme}, granularity={self.granularity}, range={self.range}")
 
 
 def _hyper_parameters(module: nn.Module) -> list[str]:

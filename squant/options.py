@@ -13,6 +13,7 @@ from .errors import QuantizationError
 MODES = ("E", "K", "C", "KC")
 SCHEMES = ("asymmetric", "symmetric")
 GRANULARITIES = ("channel", "tensor")
+RANGES = ("minmax", "search")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -39,19 +40,27 @@ class QuantOptions:
     flips), ``"C"`` (+ channel flips) or ``"KC"`` (all: the paper's method, the default).
     scheme: ``"asymmetric"`` (the paper's grid) or ``"symmetric"`` (zero point 0, codes in
     ``[-(2**(bits-1)-1), 2**(bits-1)-1]``, what int8 runtimes expect). granularity: one scale per
-    output ``"channel"`` (default) or one for the whole ``"tensor"``.
+    output ``"channel"`` (default) or one for the whole ``"tensor"``. range: the grid spans each
+    channel's ``"minmax"`` (the paper's, default), or ``"search"`` tries shrunk ranges too and
+    keeps, per channel, the one whose quantized weight is closest to the float weight (never
+    farther than minmax's; per-channel granularity only).
     """
 
     bits: int = 4
     mode: str = "KC"
     scheme: str = "asymmetric"
     granularity: str = "channel"
+    range: str = "minmax"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", check_bits(self.bits))
         _check_choice(self.mode, "mode", MODES)
         _check_choice(self.scheme, "scheme", SCHEMES)
         _check_choice(self.granularity, "granularity", GRANULARITIES)
+        _check_choice(self.range, "range", RANGES)
+        if self.range == "search" and self.granularity == "tensor":
+            raise QuantizationError("range 'search' picks a range per output channel, so it "
+                                    "needs granularity 'channel', not 'tensor'")
 
     @property
     def kernel_pass(self) -> bool:

@@ -33,7 +33,7 @@ def _module_entry(prefix: str, module: QuantizedModule) -> QuantizedEntry:
     groups = module.groups if getattr(module, "transposed", False) else 1
     return QuantizedEntry(_join(prefix, "weight"), module.bits, module.mode, module.axis,
                           tuple(module.codes.shape), module.weight_dtype, module.scheme,
-                          module.granularity, groups)
+                          module.granularity, groups, module.range)
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
@@ -60,7 +60,8 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
         for prefix, entry in entries.items():
             module = modules[prefix]
             qweight = QuantizedTensor(module.codes, module.scale, module.zero_point, entry.bits,
-                                      entry.mode, entry.axis, entry.scheme, entry.granularity)
+                                      entry.mode, entry.axis, entry.scheme, entry.granularity,
+                                      entry.range)
             for name, tensor in entry.file_tensors(qweight).items():
                 writer.write(name, tensor)
         for name, tensor in state.items():

@@ -19,6 +19,7 @@ class QuantizedTensor:
 
     ``codes`` (int8, the weight's shape), ``scale`` and ``zero_point`` (float32, one per output
     channel, i.e. along ``axis``): the weight is approximated by ``(codes + zero_point) / scale``.
+    ``range`` says how the grid's range was chosen (see :class:`squant.QuantOptions`).
     """
 
     codes: torch.Tensor
@@ -29,6 +30,7 @@ class QuantizedTensor:
     axis: int
     scheme: str = "asymmetric"
     granularity: str = "channel"
+    range: str = "minmax"
 
     @property
     def shape(self) -> torch.Size:
@@ -43,7 +45,8 @@ class QuantizedTensor:
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={tuple(self.shape)}, bits={self.bits}, mode={self.mode!r}, "
-                f"axis={self.axis}, scheme={self.scheme!r}, granularity={self.granularity!r})")
+                f"axis={self.axis}, scheme={self.scheme!r}, granularity={self.granularity!r}, "
+                f"range={self.range!r})")
 
 
 def _as_float_array(weight: object, name: str) -> np.ndarray:
@@ -107,12 +110,14 @@ def quantize_weights(
     *,
     scheme: str = "asymmetric",
     granularity: str = "channel",
+    range: str = "minmax",
     names: Sequence[str] | None = None,
 ) -> list[QuantizedTensor]:
     """Quantize many weights with SQuant in one parallel kernel call.
 
     ``bits`` and ``axes`` are one value for all or one per weight; ``axes`` gives each weight's
-    output-channel axis (default 0; 1 for ConvTranspose weights). ``names`` label the weights in
+    output-channel axis (default 0; 1 for ConvTranspose weights). ``scheme``, ``granularity`` and
+    ``range`` are as in :class:`squant.QuantOptions`. ``names`` label the weights in
     error messages. numpy and torch inputs give identical codes; float16, bfloat16 and float64
     are quantized from their float32 value. Inputs are never modified.
     """
@@ -123,11 +128,11 @@ def quantize_weights(
         raise TypeError("names must be a sequence of str, one per weight, not one str")
     weights = list(weights)
     count = len(weights)
-    names = [f"weight {i}" for i in range(count)] if names is None else list(names)
+    names = [f"weight {i}" for i, _ in enumerate(weights)] if names is None else list(names)
     if len(names) != count:
         raise QuantizationError(f"got {len(names)} names for {count} weights")
     bits_list = _per_weight(bits, count, "bits")
-    options = [QuantOptions(check_bits(b, f"bits of {n}"), mode, scheme, granularity)
+    options = [QuantOptions(check_bits(b, f"bits of {n}"), mode, scheme, granularity, range)
                for b, n in zip(bits_list, names)]
     return quantize_with_options(weights, _per_weight(0 if axes is None else axes, count, "axes"),
                                  options, names)
@@ -167,7 +172,7 @@ def quantize_with_options(
             scale=torch.from_numpy(result.scale),
             zero_point=torch.from_numpy(result.zero_point),
             bits=opts.bits, mode=opts.mode, axis=ax, scheme=opts.scheme,
-            granularity=opts.granularity))
+            granularity=opts.granularity, range=opts.range))
     return out
 
 
@@ -187,14 +192,17 @@ def quantize_weight(
     *,
     scheme: str = "asymmetric",
     granularity: str = "channel",
+    range: str = "minmax",
 ) -> QuantizedTensor:
     """Quantize one weight with SQuant (the paper's method: ``mode="KC"``, asymmetric per channel).
 
     ``weight`` has output channels on ``axis`` (0 for Linear and Conv, 1 for ConvTranspose) and
     at least 2 dims. Returns a :class:`QuantizedTensor` of int8 codes with a scale and zero point
-    per output channel. Raises ``TypeError``/``QuantizationError`` (a ``ValueError``) for bad
-    input: a non-float dtype, NaN/Inf, bits outside 2..8, fewer than 2 dims, an empty weight, an
-    axis out of range or an unknown mode.
+    per output channel. ``range="search"`` tries shrunk ranges per channel and keeps the one
+    that reconstructs the weight best (see :class:`squant.QuantOptions`). Raises
+    ``TypeError``/``QuantizationError`` (a ``ValueError``) for bad input: a non-float dtype,
+    NaN/Inf, bits outside 2..8, fewer than 2 dims, an empty weight, an axis out of range or an
+    unknown mode.
     """
     return quantize_weights([weight], bits, mode, [axis], scheme=scheme,
-                            granularity=granularity, names=["weight"])[0]
+                            granularity=granularity, range=range, names=["weight"])[0]

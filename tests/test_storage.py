@@ -187,7 +187,8 @@ def test_header_and_layout(tmp_path: Path) -> None:
     assert header["squant_version"] == squant.__version__
     assert header["tensors"]["deconv.weight"] == {
         "bits": 5, "mode": "KC", "axis": 1, "shape": [8, 2, 3, 3], "dtype": "float32",
-        "scheme": "asymmetric", "granularity": "channel", "groups": 2}
+        "scheme": "asymmetric", "granularity": "channel", "groups": 2,
+        "range": "minmax"}
     assert {"conv.weight.codes", "conv.weight.scale", "conv.weight.zero_point", "conv.bias",
             "bn.running_var", "bn.num_batches_tracked"} <= names
     assert "conv.weight" not in names
