@@ -11,13 +11,14 @@ import copy
 import dataclasses
 import fnmatch
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from .activations import calibrate, check_activation_options, enable_activations
 from .errors import QuantizationError
 from .module_tree import copy_replacing, swap_modules
 from .nn import QUANTIZED_CLASSES, QuantizedModule
@@ -49,6 +50,12 @@ def quantize(
     inplace: bool = False,
     cache_weights: bool = True,
     report: bool = False,
+    act_bits: int | None = None,
+    input_shape: Sequence[int] | None = None,
+    act_range: str = "paper",
+    sigma: float | None = None,
+    calibration_batch: int = 256,
+    seed: int = 0,
 ) -> nn.Module:
     """Quantize every Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d weight of ``model``.
 
@@ -70,6 +77,16 @@ def quantize(
         cache_weights: quantized modules keep their dequantized weight after first use
             (faster forward) instead of recomputing it each time (less memory).
         report: attach a :class:`squant.QuantizationReport` as ``qmodel.squant_report``.
+        act_bits: 2..8 to also quantize activations, data-free (``None``: weights only). The
+            input of every quantized layer but the first (which stays float) is fake-quantized
+            per tensor, the last layer's with 8 bits; ranges come from ``act_range``.
+        input_shape: one input's shape without the batch dimension; required with
+            ``act_bits``, to run the calibration batch.
+        act_range: how activation ranges are found: ``"paper"`` (SQuant's rule: one batch of
+            uniform [0, 1) inputs, range ``sigma`` times the std of each layer's input).
+        sigma: the paper rule's multiplier; ``None``: 12 up to 4 bits, 14 for 5-6, 25 for 7-8
+            (by each layer's own activation bits).
+        calibration_batch, seed: size and seed of the calibration batch.
 
     A pattern in ``skip`` or ``layer_bits`` that matches no layer is an error (a typo would
     otherwise silently quantize everything). A weight shared by several layers is quantized
@@ -78,6 +95,8 @@ def quantize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     default = QuantOptions(bits, mode, scheme, granularity, range)
+    if act_bits is not None:
+        check_activation_options(act_bits, input_shape, act_range, sigma, calibration_batch)
     skip = [skip] if isinstance(skip, str) else list(skip)
     layers = _select_layers(model, skip, dict(layer_bits or {}), dict(layer_options or {}),
                             default)
@@ -94,8 +113,14 @@ def quantize(
         replacements[id(layer.module)] = cls.from_float(
             layer.module, joined[id(layer.module.weight)], cache_weights)
     model = swap_modules(model, replacements)
+    if act_bits is not None:
+        quantized = [m for m in model.modules() if isinstance(m, QuantizedModule)]
+        calibrate(model, enable_activations(quantized, act_bits), input_shape, sigma,
+                  calibration_batch, seed)
+        for module in quantized:  # weights cached under inference_mode cannot enter autograd
+            module._cached_weight = None
     if report:
-        model.squant_report = _report(shared, seconds)
+        model.squant_report = _report(model, shared, seconds)
     return model
 
 
@@ -254,8 +279,10 @@ def _join_blocks(parts: list[QuantizedTensor]) -> QuantizedTensor:
         granularity=first.granularity, range=first.range)
 
 
-def _report(shared: dict[int, _SharedWeight], seconds: float) -> QuantizationReport:
-    """Error statistics per distinct weight; each layer is also timed alone for its row."""
+def _report(model: nn.Module, shared: dict[int, _SharedWeight], seconds: float
+            ) -> QuantizationReport:
+    """Error statistics per distinct weight; each layer is also timed alone for its row. The
+    activation range and bits are those of the row's first layer (None: float input)."""
     rows = []
     for entry in shared.values():
         layer = entry.layer
@@ -265,5 +292,6 @@ def _report(shared: dict[int, _SharedWeight], seconds: float) -> QuantizationRep
                               layer.names[:1] * count)
         alone = time.perf_counter() - start
         rows.append(layer_report(", ".join(entry.names), type(layer.module).__name__,
-                                 layer.module.weight.shape, entry.blocks, entry.parts, alone))
+                                 layer.module.weight.shape, entry.blocks, entry.parts, alone,
+                                 model.get_submodule(layer.names[0])))
     return QuantizationReport(rows, seconds)

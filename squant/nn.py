@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .activations import fake_quantize
 from .tensor import QuantizedTensor
 
 QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedModule]] = {}
@@ -80,6 +81,31 @@ class QuantizedModule:
         codes = self.codes.to(torch.float32)
         return (codes + self.zero_point.float().view(view)) / self.scale.float().view(view)
 
+    @property
+    def act_enabled(self) -> bool:
+        """Whether this layer fake-quantizes its input (it holds ``act_lo/act_hi/act_bits``)."""
+        return "act_bits" in self._buffers
+
+    def enable_activation_quantization(self, bits: int) -> None:
+        """Fake-quantize this layer's input to ``bits`` from now on.
+
+        Adds the buffers ``act_lo``, ``act_hi`` (float32, NaN until calibrated or loaded, so an
+        unset range cannot pass unnoticed) and ``act_bits`` (int64); weight-only layers never
+        have them, which keeps their state_dict and files unchanged.
+        """
+        device = self.codes.device
+        nan = torch.tensor(float("nan"), dtype=torch.float32, device=device)
+        self.register_buffer("act_lo", nan.clone())
+        self.register_buffer("act_hi", nan.clone())
+        self.register_buffer("act_bits", torch.tensor(bits, dtype=torch.int64, device=device))
+
+    def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The float layer's forward, on the fake-quantized input when activation quantization
+        is on (``args`` pass through, e.g. ConvTranspose's ``output_size``)."""
+        if self.act_enabled:
+            input = fake_quantize(input, self.act_lo, self.act_hi, int(self.act_bits))
+        return super().forward(input, *args, **kwargs)
+
     def float_weight(self) -> nn.Parameter:
         """The dequantized weight as a new Parameter of the float layer's dtype."""
         return nn.Parameter(self.dequantize_weight().to(self.weight_dtype))
@@ -101,8 +127,9 @@ class QuantizedModule:
         self._cached_weight = None
         self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
         result = super()._apply(fn, recurse)
-        for name in ("scale", "zero_point"):
-            self._buffers[name] = self._buffers[name].float()
+        for name in ("scale", "zero_point", "act_lo", "act_hi"):
+            if name in self._buffers:
+                self._buffers[name] = self._buffers[name].float()
         return result
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -110,8 +137,9 @@ class QuantizedModule:
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
+        act = f", act_bits={int(self.act_bits)}" if self.act_enabled else ""
         return (f"{super().extra_repr()}, bits={self.bits}, mode={self.mode}, "
-                f"scheme={self.scheme}, granularity={self.granularity}, range={self.range}")
+                f"scheme={self.scheme}, granularity={self.granularity}, range={self.range}{act}")
 
 
 def _hyper_parameters(module: nn.Module) -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from .tensor import QuantizedTensor
 
@@ -19,7 +20,8 @@ from .tensor import QuantizedTensor
 class LayerReport:
     """Statistics of one quantized weight. ``*_sum`` fields are ``|sum of (code - x)|`` over
     a kernel or a channel, with ``x`` the weight on the integer grid; ``eq`` is before the
-    flips (round to nearest), ``squant`` after."""
+    flips (round to nearest), ``squant`` after. ``act_*``: the layer's input quantization
+    (bits and range), None when its input stays float."""
 
     name: str
     kind: str
@@ -36,11 +38,16 @@ class LayerReport:
     channel_sum_squant_max: float
     max_abs_weight_error: float
     seconds: float
+    act_bits: int | None = None
+    act_lo: float | None = None
+    act_hi: float | None = None
 
 
 def layer_report(name: str, kind: str, shape: torch.Size, blocks: list[torch.Tensor],
-                 parts: list[QuantizedTensor], seconds: float) -> LayerReport:
-    """Statistics of a weight quantized as ``blocks`` (one per ConvTranspose group)."""
+                 parts: list[QuantizedTensor], seconds: float,
+                 module: nn.Module | None = None) -> LayerReport:
+    """Statistics of a weight quantized as ``blocks`` (one per ConvTranspose group), with the
+    activation quantization of the quantized ``module`` using it (if any)."""
     kernel_eq, kernel_sq, channel_eq, channel_sq, max_error = [], [], [], [], 0.0
     for block, q in zip(blocks, parts):
         w = np.moveaxis(block.detach().cpu().float().numpy(), q.axis, 0)
@@ -60,8 +67,10 @@ def layer_report(name: str, kind: str, shape: torch.Size, blocks: list[torch.Ten
         max_error = max(max_error, float(np.abs(dequantized - w).max()))
     stats = [f(np.concatenate(v)) for v in (kernel_eq, kernel_sq, channel_eq, channel_sq)
              for f in (np.mean, np.max)]
+    act = ((int(module.act_bits), float(module.act_lo), float(module.act_hi))
+           if getattr(module, "act_enabled", False) else (None, None, None))
     return LayerReport(name, kind, tuple(shape), parts[0].bits, parts[0].mode,
-                       *(float(s) for s in stats), max_error, seconds)
+                       *(float(s) for s in stats), max_error, seconds, *act)
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,7 @@ class QuantizationReport:
         """An aligned text table, one row per layer."""
         header = ("layer", "kind", "shape", "bits", "mode", "kernel |sum| EQ mean/max",
                   "SQuant mean/max", "channel |sum| EQ mean/max", "SQuant mean/max",
-                  "max |W-Q|", "ms")
+                  "max |W-Q|", "ms", "input")
         rows = [header]
         for r in self.layers:
             rows.append((r.name, r.kind, "x".join(map(str, r.shape)), str(r.bits), r.mode,
@@ -95,7 +104,8 @@ class QuantizationReport:
                          f"{r.kernel_sum_squant_mean:.3f}/{r.kernel_sum_squant_max:.3f}",
                          f"{r.channel_sum_eq_mean:.2f}/{r.channel_sum_eq_max:.2f}",
                          f"{r.channel_sum_squant_mean:.2f}/{r.channel_sum_squant_max:.2f}",
-                         f"{r.max_abs_weight_error:.3g}", f"{r.seconds * 1e3:.2f}"))
+                         f"{r.max_abs_weight_error:.3g}", f"{r.seconds * 1e3:.2f}",
+                         _input_cell(r)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "-" * len(lines[0]))
@@ -105,3 +115,10 @@ class QuantizationReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _input_cell(row: LayerReport) -> str:
+    """``"A4 [0, 1.23]"`` for a quantized input, ``"float"`` otherwise."""
+    if row.act_bits is None:
+        return "float"
+    return f"A{row.act_bits} [{row.act_lo:.3g}, {row.act_hi:.3g}]"

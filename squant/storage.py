@@ -117,6 +117,15 @@ def _layer_name(name: str) -> str | None:
     return name[: -len(".weight")] if name.endswith(".weight") else None
 
 
+def _enable_stored_activations(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Turn on input quantization, with the stored bits, on each quantized layer whose
+    ``act_bits`` is in the file, so that ``load_state_dict`` then restores its range."""
+    for prefix, module in _quantized_modules(model).items():
+        bits = state.get(_join(prefix, "act_bits"))
+        if bits is not None and not module.act_enabled:
+            module.enable_activation_quantization(int(bits))
+
+
 def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
     targets = _target_modules(reader, model)
     model = copy_replacing(model, targets.values())
@@ -128,6 +137,7 @@ def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
             replacements[id(module)] = QUANTIZED_CLASSES[type(module)].from_float(module, qweight)
     model = swap_modules(model, replacements)
     state = {name: reader.read_tensor(name) for name in reader.float_names}
+    _enable_stored_activations(model, state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches

@@ -1,0 +1,144 @@
+"""Data-free activation quantization: the SQuant paper's range rule and fake quantizer.
+
+The input of every quantized layer but the first is fake-quantized (quantize, then dequantize
+in float), per tensor and asymmetric. Its range is found once, without data, from one batch of
+uniform random inputs run through the weight-quantized model (see ACTIVATIONS_SPEC.md).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import QuantizationError
+from .options import check_bits
+
+ACT_RANGES = ("paper",)
+LAST_LAYER_BITS = 8
+
+
+def default_sigma(bits: int) -> float:
+    """The paper's range multiplier: 12 up to 4 bits, 14 for 5-6 bits, 25 for 7-8 bits."""
+    if bits <= 4:
+        return 12.0
+    return 14.0 if bits <= 6 else 25.0
+
+
+def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
+                  ) -> torch.Tensor:
+    """``x`` quantized to ``bits`` on the grid spanning ``[lo, hi]``, then dequantized.
+
+    ``scale = (2**b - 1) / max(hi - lo, 1e-8)``, ``zp = round(scale * lo) + (n if lo < 0)``,
+    ``q = round(scale * x - zp)`` clamped to ``[-n, n-1]`` (signed, ``lo < 0``) or ``[0, 2n-1]``,
+    output ``(q + zp) / scale``, with ``n = 2**(b-1)``; computed in float32, returned in
+    ``x``'s dtype.
+    """
+    n = 2 ** (bits - 1)
+    lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+    signed = bool(lo < 0)
+    scale = (2**bits - 1) / torch.clamp(hi - lo, min=1e-8)
+    zero_point = torch.round(scale * lo) + (n if signed else 0)
+    low, high = (-n, n - 1) if signed else (0, 2 * n - 1)
+    q = torch.clamp(torch.round(scale * x.float() - zero_point), low, high)
+    return ((q + zero_point) / scale).to(x.dtype)
+
+
+def paper_range(x: torch.Tensor, bits: int, sigma: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's data-free range ``(lo, hi)`` (float32, 0-dim) for the tensor ``x``.
+
+    Signed (``min(x) < 0``): ``[-a, a]`` with ``a = sigma * std(x) / 1.25``; else ``[0, a]``
+    with ``a = sigma * std`` of the strictly positive elements (unbiased std; 0 when fewer
+    than two). Below 6 bits ``a`` is clipped to ``max(x)``. ``sigma`` defaults by ``bits``
+    (:func:`default_sigma`).
+    """
+    x = x.detach().float().flatten()
+    sigma = default_sigma(bits) if sigma is None else sigma
+    signed = bool(x.min() < 0)
+    values = x if signed else x[x > 0]
+    std = values.std() if values.numel() > 1 else torch.zeros((), device=x.device)
+    alpha = sigma * std / (1.25 if signed else 1.0)
+    if bits < 6:
+        alpha = torch.minimum(alpha, x.max())
+    return (-alpha if signed else torch.zeros_like(alpha)), alpha
+
+
+def check_activation_options(act_bits: object, input_shape: object, act_range: object,
+                             sigma: object, calibration_batch: object) -> None:
+    """Raise a clear error for any activation option ``squant.quantize`` cannot use."""
+    check_bits(act_bits, "act_bits")
+    if input_shape is None:
+        raise QuantizationError("act_bits needs input_shape, the shape of one model input "
+                                "without the batch dimension (e.g. (3, 224, 224)), to run the "
+                                "calibration batch")
+    if not _positive_ints(input_shape):
+        raise QuantizationError(f"input_shape must be a sequence of positive ints, "
+                                f"got {input_shape!r}")
+    if act_range not in ACT_RANGES:
+        raise QuantizationError(f"unknown act_range {act_range!r}: choose one of "
+                                f"{', '.join(ACT_RANGES)}")
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
+                              or not sigma > 0):
+        raise QuantizationError(f"sigma must be a positive number or None, got {sigma!r}")
+    if isinstance(calibration_batch, bool) or not _positive_ints([calibration_batch]):
+        raise QuantizationError(f"calibration_batch must be a positive int, "
+                                f"got {calibration_batch!r}")
+
+
+def _positive_ints(values: object) -> bool:
+    return (isinstance(values, Sequence) and len(values) > 0
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+                    for v in values))
+
+
+def enable_activations(layers: list[nn.Module], act_bits: int) -> list[nn.Module]:
+    """Turn on input quantization of every quantized layer of ``layers`` (in model order) but
+    the first (float input); the last uses 8 bits, the others ``act_bits``. Returns the layers
+    turned on."""
+    for index, layer in enumerate(layers[1:], start=1):
+        layer.enable_activation_quantization(
+            LAST_LAYER_BITS if index == len(layers) - 1 else act_bits)
+    return layers[1:]
+
+
+def calibrate(model: nn.Module, layers: list[nn.Module], input_shape: Sequence[int],
+              sigma: float | None, batch: int, seed: int) -> None:
+    """Fix each layer's range from the first input it receives when one batch of seeded
+    uniform [0, 1) inputs runs through ``model`` (in eval mode, restored afterwards).
+
+    A forward pre-hook sets the range before the layer's own forward quantizes that input, so
+    every later layer sees the quantized activations of the layers before it.
+    """
+    if not layers:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.rand((batch, *input_shape), generator=generator)
+    inputs = inputs.to(device=layers[0].codes.device, dtype=layers[0].weight_dtype)
+    pending = set(map(id, layers))
+
+    def set_range(module: nn.Module, args: tuple) -> None:
+        if id(module) in pending:
+            pending.discard(id(module))
+            lo, hi = paper_range(args[0], int(module.act_bits), sigma)
+            module.act_lo.copy_(lo)
+            module.act_hi.copy_(hi)
+
+    handles = [layer.register_forward_pre_hook(set_range) for layer in layers]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise QuantizationError(
+            f"the calibration batch of shape {tuple(inputs.shape)} does not run through "
+            f"{type(model).__name__}: {first_line}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
