@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .activations import calibrate, check_activation_options, enable_activations
+from .activations import bn_ranges, calibrate, check_activation_options, enable_activations
 from .errors import QuantizationError
 from .module_tree import copy_replacing, swap_modules
 from .nn import QUANTIZED_CLASSES, QuantizedModule
@@ -83,7 +83,11 @@ def quantize(
         input_shape: one input's shape without the batch dimension; required with
             ``act_bits``, to run the calibration batch.
         act_range: how activation ranges are found: ``"paper"`` (SQuant's rule: one batch of
-            uniform [0, 1) inputs, range ``sigma`` times the std of each layer's input).
+            uniform [0, 1) inputs, range ``sigma`` times the std of each layer's input), or
+            ``"bn"``: a layer fed by a BatchNorm (maybe through ReLU/ReLU6, Identity, Dropout,
+            flatten) gets ``beta +- 5 |gamma|`` over channels, clipped by the activation; the
+            others, or all of them if ``torch.fx`` cannot trace the model (a warning), keep
+            the paper's rule.
         sigma: the paper rule's multiplier; ``None``: 12 up to 4 bits, 14 for 5-6, 25 for 7-8
             (by each layer's own activation bits).
         calibration_batch, seed: size and seed of the calibration batch.
@@ -115,8 +119,9 @@ def quantize(
     model = swap_modules(model, replacements)
     if act_bits is not None:
         quantized = [m for m in model.modules() if isinstance(m, QuantizedModule)]
-        calibrate(model, enable_activations(quantized, act_bits), input_shape, sigma,
-                  calibration_batch, seed)
+        active = enable_activations(quantized, act_bits)
+        fixed = bn_ranges(model, active) if act_range == "bn" and active else {}
+        calibrate(model, active, input_shape, sigma, calibration_batch, seed, fixed)
         for module in quantized:  # weights cached under inference_mode cannot enter autograd
             module._cached_weight = None
     if report:
