@@ -21,7 +21,7 @@ import torch
 from .errors import QuantizationError
 from .options import QuantOptions
 from .packing import pack_codes, packed_size, unpack_codes
-from .tensor import QuantizedTensor
+from .tensor import QuantizedTensor, dequantize_codes
 
 FORMAT_VERSION = 1
 METADATA_KEY = "squant"
@@ -152,11 +152,9 @@ class QuantizedEntry:
     def dequantize(self, qweight: QuantizedTensor) -> torch.Tensor:
         """``(codes + zero_point) / scale`` in float32, block by block, in the original dtype:
         the same arithmetic as the quantized modules, so the values are identical."""
-        blocks = qweight.codes.to(torch.float32).view(self.groups, -1, *self.shape[1:])
-        view = [self.groups] + [1] * len(self.shape)
-        view[self.axis + 1] = -1
-        weight = (blocks + qweight.zero_point.view(view)) / qweight.scale.view(view)
-        return weight.view(self.shape).to(self.dtype)
+        weight = dequantize_codes(qweight.codes, qweight.scale, qweight.zero_point, self.axis,
+                                  self.groups)
+        return weight.to(self.dtype)
 
 
 def _json_int(value: object, what: str) -> int:

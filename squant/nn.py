@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .activations import fake_quantize
-from .tensor import QuantizedTensor
+from .tensor import QuantizedTensor, dequantize_codes
 
 QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedModule]] = {}
 
@@ -76,10 +76,13 @@ class QuantizedModule:
 
     def dequantize_weight(self) -> torch.Tensor:
         """``(codes + zero_point) / scale`` in float32, scale and zero point along ``axis``."""
-        view = [1] * self.codes.dim()
-        view[self.axis] = -1
-        codes = self.codes.to(torch.float32)
-        return (codes + self.zero_point.float().view(view)) / self.scale.float().view(view)
+        return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis,
+                                self.groups_of_codes)
+
+    @property
+    def groups_of_codes(self) -> int:
+        """Blocks along dim 0 with channels of their own: 1 but for grouped ConvTranspose."""
+        return 1
 
     @property
     def act_enabled(self) -> bool:
@@ -172,13 +175,9 @@ class _QuantizedConvTranspose(QuantizedModule):
     with groups each group's block has its own ``out/groups`` channels. ``scale`` and
     ``zero_point`` list all ``out`` channels, group by group."""
 
-    def dequantize_weight(self) -> torch.Tensor:
-        groups = self.groups
-        codes = self.codes.to(torch.float32)
-        blocks = codes.view(groups, codes.shape[0] // groups, *codes.shape[1:])
-        view = [groups, 1, -1] + [1] * (codes.dim() - 2)
-        weight = (blocks + self.zero_point.float().view(view)) / self.scale.float().view(view)
-        return weight.view(codes.shape)
+    @property
+    def groups_of_codes(self) -> int:
+        return self.groups
 
 
 @register(nn.ConvTranspose1d)

@@ -30,10 +30,9 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedModule]:
 
 
 def _module_entry(prefix: str, module: QuantizedModule) -> QuantizedEntry:
-    groups = module.groups if getattr(module, "transposed", False) else 1
     return QuantizedEntry(_join(prefix, "weight"), module.bits, module.mode, module.axis,
                           tuple(module.codes.shape), module.weight_dtype, module.scheme,
-                          module.granularity, groups, module.range)
+                          module.granularity, module.groups_of_codes, module.range)
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike) -> None:

@@ -39,14 +39,28 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the codes stand for: ``(codes + zero_point) / scale``."""
-        view = [1] * self.codes.dim()
-        view[self.axis] = -1
-        return (self.codes.to(torch.float32) + self.zero_point.view(view)) / self.scale.view(view)
+        return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis)
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={tuple(self.shape)}, bits={self.bits}, mode={self.mode!r}, "
                 f"axis={self.axis}, scheme={self.scheme!r}, granularity={self.granularity!r}, "
                 f"range={self.range!r})")
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                     axis: int, groups: int = 1) -> torch.Tensor:
+    """``(codes + zero_point) / scale`` in float32, the scale and zero point along ``axis``.
+
+    With ``groups`` (grouped ConvTranspose weights), ``codes`` are ``groups`` equal blocks along
+    dim 0, each with its own ``shape[axis]`` channels: ``scale`` and ``zero_point`` list them
+    block by block. The one place this arithmetic lives, so that every path that dequantizes
+    (tensors, modules, files) gives the same bits.
+    """
+    blocks = codes.to(torch.float32).reshape(groups, -1, *codes.shape[1:])
+    view = [groups] + [1] * codes.dim()
+    view[axis + 1] = -1
+    weight = (blocks + zero_point.float().view(view)) / scale.float().view(view)
+    return weight.reshape(codes.shape)
 
 
 def _as_float_array(weight: object, name: str) -> np.ndarray:
