@@ -4,45 +4,25 @@ The input of every quantized layer but the first is fake-quantized (quantize, th
 in float), per tensor and asymmetric. Its range is found once, without data, from one batch of
 uniform random inputs run through the weight-quantized model (see ACTIVATIONS_SPEC.md).
 
-``act_range="bn"`` takes the range of a layer's input from the BatchNorm that directly
-produces it (through ReLU/ReLU6/Hardtanh, Identity, Dropout and flatten): per channel the BN
-output is about ``N(beta, gamma**2)``, so its range is ``beta +- BN_STDS * |gamma|``, clipped
-by the activation. Layers with no such BatchNorm keep the paper's rule.
+``act_range="bn"`` (:mod:`squant.bn_ranges`) fixes some ranges from BatchNorm statistics
+instead; the others still come from this rule.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
-import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import fx, nn
-from torch.nn import functional as F
+from torch import nn
 
 from .errors import QuantizationError
 from .options import check_bits
 
 ACT_RANGES = ("paper", "bn")
 LAST_LAYER_BITS = 8
-# ``act_range="bn"``: half-width of each channel's range in BN standard deviations |gamma|.
-# 5 keeps all but ~6e-7 of a Gaussian's values without wasting grid steps; with it MobileNetV2
-# (ImageNet weights, 60 crops of real photos) agrees with FP32 at W8A8 98.3% ("paper": 83.3%).
-BN_STDS = 5.0
 
 Range = tuple[torch.Tensor, torch.Tensor]
-Clip = tuple[float, float]
-
-# Functions walked through unchanged (Identity-like or reshapes: the per-tensor range of a
-# reshaped tensor is that of the tensor), and activations walked through as a clip.
-_PASS_FUNCTIONS = (torch.flatten, torch.reshape, "flatten", "view", "reshape")
-_PASS_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                 nn.AlphaDropout)
-_CLIP_FUNCTIONS: dict[object, Clip] = {
-    F.relu: (0.0, math.inf), torch.relu: (0.0, math.inf), torch.relu_: (0.0, math.inf),
-    "relu": (0.0, math.inf), "relu_": (0.0, math.inf), F.relu6: (0.0, 6.0),
-}
 
 
 def default_sigma(bits: int) -> float:
@@ -89,101 +69,6 @@ def paper_range(x: torch.Tensor, bits: int, sigma: float | None = None
     if bits < 6:
         alpha = torch.minimum(alpha, x.max())
     return (-alpha if signed else torch.zeros_like(alpha)), alpha
-
-
-def bn_range(bn: nn.modules.batchnorm._BatchNorm, clips: Sequence[Clip] = ()) -> Range:
-    """The range ``(lo, hi)`` (float32, 0-dim) of ``bn``'s output, then of ``clips`` applied
-    in order: each channel is about ``N(beta, gamma**2)`` (the running statistics are
-    normalised away), so ``[min(beta - k|gamma|), max(beta + k|gamma|)]`` with ``k = BN_STDS``;
-    a clip ``(low, high)`` (ReLU: ``(0, inf)``, ReLU6: ``(0, 6)``) clamps both ends."""
-    if bn.affine:
-        gamma, beta = bn.weight.detach().float().abs(), bn.bias.detach().float()
-    else:
-        gamma, beta = torch.ones(bn.num_features), torch.zeros(bn.num_features)
-    lo, hi = (beta - BN_STDS * gamma).min(), (beta + BN_STDS * gamma).max()
-    for low, high in clips:
-        lo, hi = lo.clamp(low, high), hi.clamp(low, high)
-    return lo, hi
-
-
-class _LeafTracer(fx.Tracer):
-    """Traces a quantized model keeping quantized layers as single ``call_module`` nodes."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return hasattr(module, "enable_activation_quantization") or super().is_leaf_module(
-            module, qualified_name)
-
-
-def bn_ranges(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, Range]:
-    """``{id(layer): range}`` for each layer of ``layers`` whose every call takes as input the
-    output of a BatchNorm (:func:`bn_range`), found on the ``torch.fx`` graph of ``model``.
-
-    Layers missing here keep the paper's rule. A model ``torch.fx`` cannot trace gets a warning
-    and no BN range at all (every layer keeps the paper's rule).
-    """
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as error:  # noqa: BLE001 - tracing runs arbitrary user code
-        warnings.warn(f'act_range="bn" cannot trace {type(model).__name__} with torch.fx '
-                      f'({type(error).__name__}: {error}); every layer uses the "paper" range '
-                      f'rule instead', stacklevel=3)
-        return {}
-    wanted = {id(layer) for layer in layers}
-    found: dict[int, list[Range | None]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            module = model.get_submodule(node.target)
-            if id(module) in wanted:
-                found.setdefault(id(module), []).append(_producer_range(model, node))
-    return {key: ranges[0] for key, ranges in found.items() if _all_same(ranges)}
-
-
-def _all_same(ranges: list[Range | None]) -> bool:
-    """Whether every call of a layer got the same BN range (a shared layer may be fed by
-    different producers: then it keeps the paper's rule)."""
-    first = ranges[0]
-    return first is not None and all(
-        r is not None and torch.equal(r[0], first[0]) and torch.equal(r[1], first[1])
-        for r in ranges)
-
-
-def _producer_range(model: nn.Module, node: fx.Node) -> Range | None:
-    """The BN range of the input of the layer called at ``node``: walk back through its first
-    argument over pass-through nodes, collecting activation clips, to a BatchNorm module;
-    ``None`` if anything else (or an empty range after clipping) comes first."""
-    clips: list[Clip] = []
-    source = node.args[0] if node.args else None
-    while isinstance(source, fx.Node):
-        module = model.get_submodule(source.target) if source.op == "call_module" else None
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            lo, hi = bn_range(module, clips[::-1])
-            return (lo, hi) if hi > lo else None
-        step = _module_step(module) if module is not None else _function_step(source)
-        if step is False:
-            return None
-        if step is not True:
-            clips.append(step)
-        source = source.args[0] if source.args else None
-    return None
-
-
-def _module_step(module: nn.Module) -> Clip | bool:
-    """For a module between a BatchNorm and a layer: its clip, ``True`` to walk through it
-    unchanged, ``False`` to stop (anything else)."""
-    if isinstance(module, nn.ReLU):
-        return (0.0, math.inf)
-    if isinstance(module, nn.Hardtanh):  # ReLU6 included
-        return (float(module.min_val), float(module.max_val))
-    return isinstance(module, _PASS_MODULES)
-
-
-def _function_step(node: fx.Node) -> Clip | bool:
-    """As :func:`_module_step`, for a ``call_function``/``call_method`` node."""
-    if node.op not in ("call_function", "call_method"):
-        return False
-    if node.target in _CLIP_FUNCTIONS:
-        return _CLIP_FUNCTIONS[node.target]
-    return node.target in _PASS_FUNCTIONS
 
 
 def check_activation_options(act_bits: object, input_shape: object, act_range: object,

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .activations import bn_ranges, calibrate, check_activation_options, enable_activations
+from .activations import calibrate, check_activation_options, enable_activations
+from .bn_ranges import bn_ranges
 from .errors import QuantizationError
 from .module_tree import copy_replacing, swap_modules
 from .nn import QUANTIZED_CLASSES, QuantizedModule
