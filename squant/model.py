@@ -85,10 +85,11 @@ def quantize(
             ``act_bits``, to run the calibration batch.
         act_range: how activation ranges are found: ``"paper"`` (SQuant's rule: one batch of
             uniform [0, 1) inputs, range ``sigma`` times the std of each layer's input), or
-            ``"bn"``: a layer fed by a BatchNorm (maybe through ReLU/ReLU6, Identity, Dropout,
-            flatten) gets ``beta +- 5 |gamma|`` over channels, clipped by the activation; the
-            others, or all of them if ``torch.fx`` cannot trace the model (a warning), keep
-            the paper's rule.
+            ``"bn"``: a layer whose input BatchNorms determine (through ReLU/ReLU6, Identity,
+            Dropout, flatten, residual adds) gets the range with the least expected
+            quantization error at its bits over the BNs' per-channel Gaussians
+            ``N(beta, gamma**2)`` (:mod:`squant.bn_ranges`); the others, or all of them if
+            ``torch.fx`` cannot trace the model (a warning), keep the paper's rule.
         sigma: the paper rule's multiplier; ``None``: 12 up to 4 bits, 14 for 5-6, 25 for 7-8
             (by each layer's own activation bits).
         calibration_batch, seed: size and seed of the calibration batch.
