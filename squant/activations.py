@@ -16,13 +16,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .bn_ranges import Range
 from .errors import QuantizationError
 from .options import check_bits
 
 ACT_RANGES = ("paper", "bn")
 LAST_LAYER_BITS = 8
-
-Range = tuple[torch.Tensor, torch.Tensor]
 
 
 def default_sigma(bits: int) -> float:
