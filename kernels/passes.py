@@ -20,6 +20,7 @@ CHANNEL_PASS = 2  # run CQ
 SYMMETRIC = 4  # symmetric grid instead of the asymmetric default
 GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel's min and max
 RANGE_SEARCH = 16  # also try shrunk ranges; keep the one with the least reconstruction error
+NO_MOMENTS = -1  # a channel's start in the input-moment table when it has none: plain error
 
 # Range search: the channel's range scaled by each factor, in this order (1.0 first, so that
 # minmax wins ties and search is never worse than minmax).
@@ -99,24 +100,61 @@ def reconstruction_error(w, codes, scale, zero):
     return total
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def output_error(w, codes, scale, zero, ksize, moments):
+    """The expected squared error the dequantized channel adds to its output, for inputs that
+    are independent per element with, for input channel ``c``, variance ``moments[c]`` and mean
+    ``moments[inner + c]`` (the same for its ``ksize`` kernel positions):
+    ``sum_i var_i * d_i**2 + (sum_i mean_i * d_i)**2``, ``d = w - (codes + Z) / S``, float64.
+
+    With unit variances and zero means it is :func:`reconstruction_error`. A mean weighs the
+    errors' sum: a channel fed by large positive inputs (after a ReLU) wants errors that cancel.
+    """
+    step = 1.0 / np.float64(scale)
+    z = np.float64(zero)
+    inner = w.shape[0] // ksize
+    spread = 0.0
+    shift = 0.0
+    for c in range(inner):
+        squares = 0.0
+        total = 0.0
+        for k in range(ksize):
+            i = c * ksize + k
+            d = np.float64(w[i]) - (np.float64(codes[i]) + z) * step
+            squares += d * d
+            total += d
+        spread += moments[c] * squares
+        shift += moments[inner + c] * total
+    return spread + shift * shift
+
+
+@njit(cache=True)
+def _channel_error(w, codes, scale, zero, ksize, moments):
+    """The error the range search minimises: :func:`output_error` if the channel has input
+    moments (``moments`` not empty), else :func:`reconstruction_error`."""
+    if moments.shape[0] == 0:
+        return reconstruction_error(w, codes, scale, zero)
+    return output_error(w, codes, scale, zero, ksize, moments)
+
+
 @njit(cache=True)
 def _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err, value,
-                  scratch, trial):
+                  scratch, trial, moments):
     """Given the channel quantized on its full range ``[lo, hi]`` (``codes``, ``scale``,
     ``zero``), quantize it again on each shrunk range ``[f*lo, f*hi]`` of ``SHRINK_FACTORS``
-    (into ``trial``) and keep in ``codes`` the one whose reconstruction error is least, the
-    earliest on ties. Returns the kept ``(S, Z)``.
+    (into ``trial``) and keep in ``codes`` the one whose error (:func:`_channel_error`) is
+    least, the earliest on ties. Returns the kept ``(S, Z)``.
 
     Clipping the few largest weights buys a finer grid for all the others; which trade-off is
     best depends on the channel's distribution, hence the search. Each candidate runs the very
     passes of the full range, so the error compared is the one the passes really leave.
     """
-    best = reconstruction_error(w, codes, scale, zero)
+    best = _channel_error(w, codes, scale, zero, ksize, moments)
     trial = trial[: w.shape[0]]
     for f in SHRINK_FACTORS[1:]:
         s, z = _quantize_on_grid(w, inner, ksize, bits, flags, f * lo, f * hi, trial, x, err,
                                  value, scratch)
-        error = reconstruction_error(w, trial, s, z)
+        error = _channel_error(w, trial, s, z, ksize, moments)
         if error < best:
             best, scale, zero = error, s, z
             codes[:] = trial
@@ -125,10 +163,11 @@ def _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, e
 
 @njit(cache=True)
 def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch,
-                     range_scratch, trial):
+                     range_scratch, trial, moments):
     """Quantize one channel ``w`` (its slice; ``w_bits`` the same memory as int32) into its
-    slice of ``codes``. The other arrays are scratch space (``trial``: candidate codes of the
-    range search).
+    slice of ``codes``. ``moments``: its inputs' variances and means (``2 * inner`` values, see
+    :func:`output_error`) for the range search, or empty. The other arrays are scratch space
+    (``trial``: candidate codes of the range search).
 
     Returns ``(S, Z, finite)``; with a NaN or Inf in the channel (``finite`` False) nothing is
     written.
@@ -143,22 +182,25 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
     # S = 0 (max - min overflows float32) is the caller's to report: no search then
     if flags & RANGE_SEARCH != 0 and scale > 0:
         scale, zero = _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x,
-                                    err, value, scratch, trial)
+                                    err, value, scratch, trial, moments)
     return scale, zero, True
 
 
 @njit(cache=True, parallel=True)
 def quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
-                   ch_hi, block_start, scale, zero, finite):
+                   ch_hi, moments, ch_moments_start, block_start, scale, zero, finite):
     """Quantize every channel of a ragged batch in one parallel loop.
 
     Channel ``c`` is ``ch_inner[c] * ch_ksize[c]`` contiguous float32 values at address
     ``ch_address[c]`` (its weight laid out ``(O, I, K)``), quantized with ``ch_bits[c]`` and
     ``ch_flags[c]`` (``KERNEL_PASS | CHANNEL_PASS | SYMMETRIC | GIVEN_RANGE | RANGE_SEARCH``;
     with ``GIVEN_RANGE`` the range is ``[ch_lo[c], ch_hi[c]]``) into as many int8 codes at
-    ``ch_codes_address[c]``. Blocks ``block_start[b] .. block_start[b+1]-1`` of channels are the
-    parallel work items. Writes ``scale`` and ``zero`` (float32, one per channel) and
-    ``finite`` (False for a channel holding a NaN or Inf, whose other outputs are then junk).
+    ``ch_codes_address[c]``. With ``RANGE_SEARCH``, a channel whose ``ch_moments_start[c]`` is
+    not ``NO_MOMENTS`` weighs its error by the input moments
+    ``moments[start : start + 2 * ch_inner[c]]`` (float64, see :func:`output_error`). Blocks
+    ``block_start[b] .. block_start[b+1]-1`` of channels are the parallel work items. Writes
+    ``scale`` and ``zero`` (float32, one per channel) and ``finite`` (False for a channel
+    holding a NaN or Inf, whose other outputs are then junk).
     """
     for b in prange(block_start.shape[0] - 1):
         first, last = block_start[b], block_start[b + 1]
@@ -177,8 +219,10 @@ def quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch
         trial = np.empty(max_size, np.int8)  # a channel's codes on a range-search candidate
         for c in range(first, last):
             size = ch_inner[c] * ch_ksize[c]
+            start = ch_moments_start[c]
+            stop = start + 2 * ch_inner[c] if start != NO_MOMENTS else start
             scale[c], zero[c], finite[c] = quantize_channel(
                 view_at(ch_address[c], size, np.float32), view_at(ch_address[c], size, np.int32),
                 ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c], ch_hi[c],
                 view_at(ch_codes_address[c], size, np.int8), x, err, value, scratch,
-                range_scratch, trial)
+                range_scratch, trial, moments[max(start, 0) : max(stop, 0)])

@@ -49,6 +49,31 @@ def _block_starts(sizes: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate(([0], cuts, [sizes.shape[0]]))).astype(np.int64)
 
 
+def _moment_table(arrays: list[np.ndarray], moments: list[np.ndarray | None]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """One flat float64 table of every weight's input moments, and per channel the start of its
+    group's ``2 * I`` values in it (``kernels.NO_MOMENTS`` for a channel without)."""
+    parts = []
+    starts = []
+    offset = 0
+    for array, given in zip(arrays, moments):
+        o, i, _ = array.shape
+        if given is None:
+            starts.append(np.full(o, kernels.NO_MOMENTS, np.int64))
+            continue
+        given = np.ascontiguousarray(given, np.float64)
+        groups = given.shape[0]
+        if given.ndim != 3 or given.shape[1:] != (2, i) or groups == 0 or o % groups:
+            raise ValueError(f"input moments of shape {given.shape} do not fit a weight "
+                             f"{array.shape} (expected (G, 2, {i}) with G dividing {o})")
+        group_of_channel = np.arange(o, dtype=np.int64) // (o // groups)
+        starts.append(offset + group_of_channel * 2 * i)
+        parts.append(given.reshape(-1))
+        offset += given.size
+    table = np.concatenate(parts) if parts else np.empty(0, np.float64)
+    return table, np.concatenate(starts) if starts else np.empty(0, np.int64)
+
+
 def _as_float32_contiguous(weight: np.ndarray) -> np.ndarray:
     """The weight itself if it is C-contiguous float32 (read in place), else a float32 copy."""
     if weight.dtype == np.float32 and weight.flags.c_contiguous:
@@ -58,15 +83,21 @@ def _as_float32_contiguous(weight: np.ndarray) -> np.ndarray:
 
 
 def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
-                   ranges: list[tuple[float, float] | None] | None = None) -> list[BatchResult]:
+                   ranges: list[tuple[float, float] | None] | None = None,
+                   moments: list[np.ndarray | None] | None = None) -> list[BatchResult]:
     """Quantize weights viewed as ``(O, I, K)`` arrays of any float dtype and any memory layout.
 
     C-contiguous float32 weights are read where they lie; others are first copied as float32.
     Inputs are never modified. A weight with a NaN or Inf is flagged (``finite``), not quantized.
     ``ranges`` may give a per-tensor grid's ``(min, max)`` for a weight that is one part of a
     larger tensor (a ConvTranspose group); by default it is the weight's own.
+    ``moments`` may give, for a weight searched with ``range="search"``, its inputs' variances
+    and means as a ``(G, 2, I)`` array: ``[g, 0]`` the variances and ``[g, 1]`` the means of the
+    ``I`` input channels of group ``g`` (output channels split evenly into ``G`` groups); the
+    search then minimises the output error they imply instead of the weight error.
     """
     ranges = [None] * len(weights) if ranges is None else ranges
+    moments = [None] * len(weights) if moments is None else moments
     arrays = [_as_float32_contiguous(w) for w in weights]  # kept alive during the kernel call
     sizes = np.array([a.size for a in arrays], np.int64)
     offsets = np.concatenate(([0], np.cumsum(sizes)))
@@ -80,6 +111,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     ch_flags = np.empty(channels, np.int64)
     ch_lo = np.zeros(channels, np.float32)
     ch_hi = np.zeros(channels, np.float32)
+    table, ch_moments_start = _moment_table(arrays, moments)
     first = 0
     for array, opts, given, start in zip(arrays, options, ranges, offsets[:-1]):
         o, i, k = array.shape
@@ -97,7 +129,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     finite = np.empty(channels, np.bool_)
     blocks = _block_starts(ch_inner * ch_ksize)
     kernels.quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags,
-                           ch_lo, ch_hi, blocks, scale, zero, finite)
+                           ch_lo, ch_hi, table, ch_moments_start, blocks, scale, zero, finite)
     results = []
     first = 0
     for array, start in zip(arrays, offsets[:-1]):

@@ -161,24 +161,58 @@ def bn_ranges(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, Range]
     Layers missing here keep the paper's rule. A model ``torch.fx`` cannot trace gets a warning
     and no BN range at all (every layer keeps the paper's rule).
     """
+    inputs = _layer_inputs(model, layers, 'act_range="bn"', 'use the "paper" range rule')
+    found = {key: [None if values is None else least_error_range(values, int(layer.act_bits))
+                   for values in calls] for key, (layer, calls) in inputs.items()}
+    return {key: ranges[0] for key, ranges in found.items() if _all_same(ranges)}
+
+
+def bn_input_moments(model: nn.Module, layers: Sequence[nn.Module]
+                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{id(layer): (mean, variance)}``, float64 per input channel, for each layer of
+    ``layers`` whose every call takes the same BatchNorm-determined input (see the module
+    docstring) with one value per input channel of the layer (``in_channels`` or
+    ``in_features``): what ``range="search"`` weighs the weight errors with.
+
+    A model ``torch.fx`` cannot trace gets a warning and no moments at all.
+    """
+    inputs = _layer_inputs(model, layers, 'range="search"',
+                           "search the range by the weight error alone")
+    moments = {}
+    for key, (layer, calls) in inputs.items():
+        width = getattr(layer, "in_channels", getattr(layer, "in_features", None))
+        found = [None if values is None else values.moments() for values in calls]
+        first = found[0]
+        if first is None or first[0].numel() != width:
+            continue
+        if all(f is not None and torch.equal(f[0], first[0]) and torch.equal(f[1], first[1])
+               for f in found):
+            moments[key] = first
+    return moments
+
+
+def _layer_inputs(model: nn.Module, layers: Sequence[nn.Module], option: str, fallback: str
+                  ) -> dict[int, tuple[nn.Module, list[ChannelGaussians | None]]]:
+    """``{id(layer): (layer, [the BN-determined input of each of its calls, or None])}`` for
+    the layers of ``layers`` that the traced ``model`` calls; ``{}`` with a warning naming
+    ``option`` and its ``fallback`` if ``torch.fx`` cannot trace the model."""
     try:
         graph = _LeafTracer().trace(model)
     except Exception as error:  # noqa: BLE001 - tracing runs arbitrary user code
-        warnings.warn(f'act_range="bn" cannot trace {type(model).__name__} with torch.fx '
-                      f'({type(error).__name__}: {error}); every layer uses the "paper" range '
-                      f'rule instead', stacklevel=3)
+        warnings.warn(f"{option} cannot trace {type(model).__name__} with torch.fx "
+                      f"({type(error).__name__}: {error}); every layer will {fallback} instead",
+                      stacklevel=4)
         return {}
     wanted = {id(layer) for layer in layers}
     walker = _GraphWalker(model)
-    found: dict[int, list[Range | None]] = {}
+    found: dict[int, tuple[nn.Module, list[ChannelGaussians | None]]] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             module = model.get_submodule(node.target)
             if id(module) in wanted:
                 values = walker.values(node.args[0]) if node.args else None
-                found.setdefault(id(module), []).append(
-                    None if values is None else least_error_range(values, int(module.act_bits)))
-    return {key: ranges[0] for key, ranges in found.items() if _all_same(ranges)}
+                found.setdefault(id(module), (module, []))[1].append(values)
+    return found
 
 
 def _all_same(ranges: list[Range | None]) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .activations import calibrate, check_activation_options, enable_activations
-from .bn_ranges import bn_ranges
+from .bn_ranges import bn_input_moments, bn_ranges
 from .errors import QuantizationError
 from .module_tree import copy_replacing, swap_modules
 from .nn import QUANTIZED_CLASSES, QuantizedModule
@@ -110,7 +110,7 @@ def quantize(
         model = copy_replacing(model, [layer.module for layer in layers])
         layers = _relocate(model, layers)
     start = time.perf_counter()
-    shared = _quantize_shared(layers)
+    shared = _quantize_shared(model, layers)
     seconds = time.perf_counter() - start
     joined = {key: entry.joined for key, entry in shared.items()}
     replacements = {}
@@ -235,12 +235,14 @@ class _SharedWeight:
         return _join_blocks(self.parts)
 
 
-def _quantize_shared(layers: list[_Layer]) -> dict[int, _SharedWeight]:
+def _quantize_shared(model: nn.Module, layers: list[_Layer]) -> dict[int, _SharedWeight]:
     """Quantize each distinct weight once, all in one batched call; keyed by ``id`` of the
     weight Parameter."""
     shared: dict[int, _SharedWeight] = {}
+    users: dict[int, list[nn.Module]] = {}
     for layer in layers:
         key = id(layer.module.weight)
+        users.setdefault(key, []).append(layer.module)
         if key not in shared:
             blocks, axis = _weight_blocks(layer.module)
             shared[key] = _SharedWeight(layer, blocks, axis, [], list(layer.names))
@@ -251,8 +253,9 @@ def _quantize_shared(layers: list[_Layer]) -> dict[int, _SharedWeight]:
             raise QuantizationError(
                 f"layers {first.names[0]!r} and {layer.names[0]!r} share one weight but are "
                 f"asked for different quantization ({first.options} vs {layer.options})")
-    arrays, axes, options, names, ranges = [], [], [], [], []
-    for entry in shared.values():
+    input_moments = _input_moments(model, shared, users)
+    arrays, axes, options, names, ranges, moments = [], [], [], [], [], []
+    for key, entry in shared.items():
         layer = entry.layer
         label = f"layer {layer.names[0]!r} ({type(layer.module).__name__}) weight"
         whole = _tensor_range(layer.module.weight) if len(entry.blocks) > 1 else None
@@ -262,10 +265,40 @@ def _quantize_shared(layers: list[_Layer]) -> dict[int, _SharedWeight]:
             options.append(layer.options)
             names.append(label if len(entry.blocks) == 1 else f"{label}, group {index}")
             ranges.append(whole)
-    results = iter(quantize_with_options(arrays, axes, options, names, ranges))
+            moments.append(input_moments.get(key))
+    results = iter(quantize_with_options(arrays, axes, options, names, ranges, moments))
     for entry in shared.values():
         entry.parts = [next(results) for _ in entry.blocks]
     return shared
+
+
+def _input_moments(model: nn.Module, shared: dict[int, _SharedWeight],
+                   users: dict[int, list[nn.Module]]) -> dict[int, np.ndarray]:
+    """For each weight quantized with ``range="search"`` whose layers' inputs BatchNorms
+    determine (:func:`squant.bn_ranges.bn_input_moments`), the same for every layer using it:
+    its input moments as the kernels take them, ``(groups, 2, in/groups)`` (variances, means).
+    ConvTranspose weights (input channels on the output-channel axis) search by weight error."""
+    searched = {key: modules for key, modules in users.items()
+                if shared[key].layer.options.range == "search"
+                and not getattr(modules[0], "transposed", False)}
+    if not searched:
+        return {}
+    found = bn_input_moments(model, [m for modules in searched.values() for m in modules])
+    tables = {}
+    for key, modules in searched.items():
+        given = [found.get(id(module)) for module in modules]
+        first = given[0]
+        if first is None or not all(
+                g is not None and torch.equal(g[0], first[0]) and torch.equal(g[1], first[1])
+                for g in given):
+            continue
+        mean, variance = first
+        if not (torch.isfinite(mean).all() and torch.isfinite(variance).all()):
+            continue
+        groups = getattr(modules[0], "groups", 1)
+        tables[key] = torch.stack([variance.reshape(groups, -1), mean.reshape(groups, -1)],
+                                  dim=1).numpy()
+    return tables
 
 
 def _tensor_range(weight: torch.Tensor) -> tuple[np.float32, np.float32]:

@@ -158,11 +158,14 @@ def quantize_with_options(
     options: Sequence[QuantOptions],
     names: Sequence[str],
     ranges: Sequence[tuple[float, float] | None] | None = None,
+    moments: Sequence[np.ndarray | None] | None = None,
 ) -> list[QuantizedTensor]:
     """Validate and quantize weights, each with its own axis and options, in one kernel call.
 
     ``ranges``: per weight, the ``(min, max)`` a per-tensor grid uses when the weight is one part
-    of a larger tensor (None: the weight's own).
+    of a larger tensor (None: the weight's own). ``moments``: per weight, its inputs' variances
+    and means for ``range="search"`` (see :func:`squant.batch.quantize_batch`; None: the
+    search minimises the weight's own error).
     """
     arrays = [_as_float_array(w, n) for w, n in zip(weights, names)]
     axes = [_check_shape(a, ax, n) for a, ax, n in zip(arrays, axes, names)]
@@ -170,7 +173,8 @@ def quantize_with_options(
         return []
     moved = [np.moveaxis(a, ax, 0) for a, ax in zip(arrays, axes)]
     views = [m.reshape(m.shape[0], m.shape[1], -1) for m in moved]
-    results = quantize_batch(views, list(options), None if ranges is None else list(ranges))
+    results = quantize_batch(views, list(options), None if ranges is None else list(ranges),
+                             None if moments is None else list(moments))
     for result, array, name in zip(results, arrays, names):
         if not result.finite:
             _raise_non_finite(array, name)
