@@ -46,9 +46,6 @@ _CLIP_FUNCTIONS: dict[object, Clip] = {
     "relu": (0.0, math.inf), "relu_": (0.0, math.inf), F.relu6: (0.0, 6.0),
 }
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, "add", "add_")
-# Standard normal quadrature for the moments of a clamped Gaussian.
-_Z = torch.linspace(-TAIL_STDS, TAIL_STDS, 1601, dtype=torch.float64)
-_Z_WEIGHTS = torch.exp(-0.5 * _Z**2) / torch.exp(-0.5 * _Z**2).sum()
 
 
 @dataclass(frozen=True)
@@ -74,12 +71,25 @@ class ChannelGaussians:
                                 min(max(self.high, low), high))
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per channel mean and variance of the (clamped) values."""
+        """Per channel mean and variance of the (clamped) values, in closed form: the clamp
+        bounds' point masses plus the Gaussian's first two moments between them."""
         if self.low == -math.inf and self.high == math.inf:
             return self.mean, self.std**2
-        values = (self.mean[:, None] + self.std[:, None] * _Z).clamp(self.low, self.high)
-        mean = values @ _Z_WEIGHTS
-        return mean, ((values - mean[:, None]) ** 2) @ _Z_WEIGHTS
+        mean, std = self.mean, self.std
+        spread = std > 0
+        safe_std = torch.where(spread, std, torch.ones_like(std))
+        a, b = (self.low - mean) / safe_std, (self.high - mean) / safe_std
+        below, above = torch.special.ndtr(a), torch.special.ndtr(-b)  # P(X < low), P(X > high)
+        inside = 1.0 - below - above
+        pdf_a, pdf_b = _normal_pdf(a), _normal_pdf(b)
+        tails = _times_mass(self.low, below) + _times_mass(self.high, above)
+        tail_squares = _times_mass(self.low**2, below) + _times_mass(self.high**2, above)
+        first = tails + mean * inside + std * (pdf_a - pdf_b)
+        second = (tail_squares + (mean**2 + std**2) * inside + 2 * mean * std * (pdf_a - pdf_b)
+                  + std**2 * (_finite_times(a, pdf_a) - _finite_times(b, pdf_b)))
+        constant = mean.clamp(self.low, self.high)
+        return (torch.where(spread, first, constant),
+                torch.where(spread, (second - first**2).clamp_min(0.0), torch.zeros_like(std)))
 
     def plus(self, other: ChannelGaussians) -> ChannelGaussians | None:
         """The sum of these values and ``other``'s, fully correlated (means and standard
@@ -88,6 +98,20 @@ class ChannelGaussians:
         if mean_a.shape != mean_b.shape and 1 not in (mean_a.numel(), mean_b.numel()):
             return None
         return ChannelGaussians(mean_a + mean_b, var_a.sqrt() + var_b.sqrt())
+
+
+def _normal_pdf(z: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+
+
+def _times_mass(value: float, mass: torch.Tensor) -> torch.Tensor:
+    """``value * mass``, 0 where the mass is 0 (so an infinite bound with no mass adds 0)."""
+    return mass * value if math.isfinite(value) else torch.zeros_like(mass)
+
+
+def _finite_times(z: torch.Tensor, pdf: torch.Tensor) -> torch.Tensor:
+    """``z * pdf(z)``, 0 at ``z = +-inf``."""
+    return torch.where(torch.isfinite(z), z * pdf, torch.zeros_like(pdf))
 
 
 def least_error_range(values: ChannelGaussians, bits: int) -> Range | None:

@@ -43,7 +43,8 @@ class QuantOptions:
     output ``"channel"`` (default) or one for the whole ``"tensor"``. range: the grid spans each
     channel's ``"minmax"`` (the paper's, default), or ``"search"`` tries shrunk ranges too and
     keeps, per channel, the one whose quantized weight is closest to the float weight (never
-    farther than minmax's; per-channel granularity only).
+    farther than minmax's; per-channel granularity only). In ``squant.quantize``, a layer whose
+    input BatchNorms determine measures "closest" by the expected output error instead.
     """
 
     bits: int = 4
