@@ -10,6 +10,7 @@ from .passes import (
     KERNEL_PASS,
     NO_MOMENTS,
     RANGE_SEARCH,
+    SHRINK_FACTORS,
     SYMMETRIC,
     quantize_batch,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "KERNEL_PASS",
     "NO_MOMENTS",
     "RANGE_SEARCH",
+    "SHRINK_FACTORS",
     "SYMMETRIC",
     "quantize_batch",
 ]
