@@ -30,6 +30,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 Range = tuple[torch.Tensor, torch.Tensor]
+Moments = tuple[torch.Tensor, torch.Tensor]  # per channel (mean, variance), float64
 Clip = tuple[float, float]
 
 # Points of the grid on which the expected error is summed, and how many of them are first tried
@@ -191,8 +192,7 @@ def bn_ranges(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, Range]
     return {key: ranges[0] for key, ranges in found.items() if _all_same(ranges)}
 
 
-def bn_input_moments(model: nn.Module, layers: Sequence[nn.Module]
-                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def bn_input_moments(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, Moments]:
     """``{id(layer): (mean, variance)}``, float64 per input channel, for each layer of
     ``layers`` whose every call takes the same BatchNorm-determined input (see the module
     docstring) with one value per input channel of the layer (``in_channels`` or
@@ -205,14 +205,20 @@ def bn_input_moments(model: nn.Module, layers: Sequence[nn.Module]
     moments = {}
     for key, (layer, calls) in inputs.items():
         width = getattr(layer, "in_channels", getattr(layer, "in_features", None))
-        found = [None if values is None else values.moments() for values in calls]
-        first = found[0]
-        if first is None or first[0].numel() != width:
-            continue
-        if all(f is not None and torch.equal(f[0], first[0]) and torch.equal(f[1], first[1])
-               for f in found):
-            moments[key] = first
+        found = same_moments([None if values is None else values.moments() for values in calls])
+        if found is not None and found[0].numel() == width:
+            moments[key] = found
     return moments
+
+
+def same_moments(found: Sequence[Moments | None]) -> Moments | None:
+    """The first of ``found`` if every one is the same ``(mean, variance)``, else ``None`` (a
+    layer fed by different inputs, or a weight shared by such layers, has no moments)."""
+    first = found[0] if found else None
+    if first is None or not all(f is not None and torch.equal(f[0], first[0])
+                                and torch.equal(f[1], first[1]) for f in found):
+        return None
+    return first
 
 
 def _layer_inputs(model: nn.Module, layers: Sequence[nn.Module], option: str, fallback: str

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .activations import calibrate, check_activation_options, enable_activations
-from .bn_ranges import bn_input_moments, bn_ranges
+from .bn_ranges import bn_input_moments, bn_ranges, same_moments
 from .errors import QuantizationError
 from .module_tree import copy_replacing, swap_modules
 from .nn import QUANTIZED_CLASSES, QuantizedModule
@@ -294,13 +294,10 @@ def _input_moments(model: nn.Module, shared: dict[int, _SharedWeight],
     found = bn_input_moments(model, [m for modules in searched.values() for m in modules])
     tables = {}
     for key, modules in searched.items():
-        given = [found.get(id(module)) for module in modules]
-        first = given[0]
-        if first is None or not all(
-                g is not None and torch.equal(g[0], first[0]) and torch.equal(g[1], first[1])
-                for g in given):
+        moments = same_moments([found.get(id(module)) for module in modules])
+        if moments is None:
             continue
-        mean, variance = first
+        mean, variance = moments
         if not (torch.isfinite(mean).all() and torch.isfinite(variance).all()):
             continue
         groups = getattr(modules[0], "groups", 1)

@@ -225,3 +225,41 @@ def test_minmax_never_traces() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         squant.quantize(_Untraceable(), 4)
+
+
+class _SharedWeight(nn.Module):
+    """Two Linear layers sharing one weight, each after its own BatchNorm and ReLU."""
+
+    def __init__(self, same_inputs: bool) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.bn_a, self.bn_b = nn.BatchNorm1d(16), nn.BatchNorm1d(16)
+        nn.init.uniform_(self.bn_a.weight, 0.2, 2.0)
+        nn.init.uniform_(self.bn_a.bias, 0.0, 4.0)
+        if same_inputs:
+            self.bn_b.load_state_dict(self.bn_a.state_dict())
+        self.fc_a, self.fc_b = nn.Linear(16, 32), nn.Linear(16, 32)
+        nn.init.normal_(self.fc_a.weight)
+        self.fc_b.weight = self.fc_a.weight
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_a(torch.relu(self.bn_a(x))) + self.fc_b(torch.relu(self.bn_b(x)))
+
+
+@pytest.mark.parametrize("same_inputs", [True, False])
+def test_a_shared_weight_is_weighted_only_if_its_layers_see_the_same_inputs(
+        same_inputs: bool) -> None:
+    model = _SharedWeight(same_inputs)
+    qmodel = squant.quantize(model, 3, range="search")
+    assert qmodel.fc_a.codes is qmodel.fc_b.codes
+    weight = model.fc_a.weight.detach().numpy()[:, :, None]
+    mean, variance = ChannelGaussians.of_batchnorm(model.bn_a).clamped(0.0, math.inf).moments()
+    options = [QuantOptions(3, range="search")]
+    weighted = quantize_batch([weight], options,
+                              moments=[torch.stack([variance, mean])[None].numpy()])[0]
+    plain = quantize_batch([weight], options)[0]
+    assert not np.array_equal(weighted.scale, plain.scale)
+    want = weighted if same_inputs else plain
+    assert np.array_equal(qmodel.fc_a.scale.numpy(), want.scale)
+    assert np.array_equal(qmodel.fc_a.codes.numpy(), want.codes[:, :, 0])
