@@ -192,16 +192,18 @@ def bn_ranges(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, Range]
     return {key: ranges[0] for key, ranges in found.items() if _all_same(ranges)}
 
 
-def bn_input_moments(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, Moments]:
+def bn_input_moments(model: nn.Module, layers: Sequence[nn.Module], option: str,
+                     fallback: str) -> dict[int, Moments]:
     """``{id(layer): (mean, variance)}``, float64 per input channel, for each layer of
     ``layers`` whose every call takes the same BatchNorm-determined input (see the module
     docstring) with one value per input channel of the layer (``in_channels`` or
-    ``in_features``): what ``range="search"`` weighs the weight errors with.
+    ``in_features``): what ``range="search"`` weighs the weight errors with, and what
+    ``bias_correction`` corrects the biases with.
 
-    A model ``torch.fx`` cannot trace gets a warning and no moments at all.
+    A model ``torch.fx`` cannot trace gets a warning (``option`` cannot trace it; every layer
+    will ``fallback`` instead) and no moments at all.
     """
-    inputs = _layer_inputs(model, layers, 'range="search"',
-                           "search the range by the weight error alone")
+    inputs = _layer_inputs(model, layers, option, fallback)
     moments = {}
     for key, (layer, calls) in inputs.items():
         width = getattr(layer, "in_channels", getattr(layer, "in_features", None))

@@ -11,6 +11,8 @@ import copy
 import dataclasses
 import fnmatch
 import time
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +21,8 @@ import torch
 from torch import nn
 
 from .activations import calibrate, check_activation_options, enable_activations
-from .bn_ranges import bn_input_moments, bn_ranges, same_moments
+from .bias_correction import correct_bias
+from .bn_ranges import Moments, bn_input_moments, bn_ranges, same_moments
 from .errors import QuantizationError
 from .module_tree import copy_replacing, swap_modules
 from .nn import QUANTIZED_CLASSES, QuantizedModule
@@ -57,6 +60,7 @@ def quantize(
     sigma: float | None = None,
     calibration_batch: int = 256,
     seed: int = 0,
+    bias_correction: bool = False,
 ) -> nn.Module:
     """Quantize every Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d weight of ``model``.
 
@@ -101,6 +105,12 @@ def quantize(
         sigma: the paper rule's multiplier; ``None``: 12 up to 4 bits, 14 for 5-6, 25 for 7-8
             (by each layer's own activation bits).
         calibration_batch, seed: size and seed of the calibration batch.
+        bias_correction: add to each layer's bias the mean shift its quantized weight causes
+            in its output, ``sum_c mean_c * sum_k (W - Q)[o, c, k]`` per output channel, where
+            BatchNorms determine the layer's input means (as for ``range="search"``; a
+            bias-free layer gets a bias): data-free bias correction (Nagel et al. 2019, see
+            :mod:`squant.bias_correction`). Layers without such inputs keep their bias; a
+            warning says so if no layer has them.
 
     A pattern in ``skip`` or ``layer_bits`` that matches no layer is an error (a typo would
     otherwise silently quantize everything). A weight shared by several layers is quantized
@@ -118,7 +128,8 @@ def quantize(
         model = copy_replacing(model, [layer.module for layer in layers])
         layers = _relocate(model, layers)
     start = time.perf_counter()
-    shared = _quantize_shared(model, layers)
+    moments = _layer_moments(model, layers, bias_correction)
+    shared = _quantize_shared(layers, moments)
     seconds = time.perf_counter() - start
     joined = {key: entry.joined for key, entry in shared.items()}
     replacements = {}
@@ -127,6 +138,8 @@ def quantize(
         replacements[id(layer.module)] = cls.from_float(
             layer.module, joined[id(layer.module.weight)], cache_weights)
     model = swap_modules(model, replacements)
+    if bias_correction:
+        _correct_biases(layers, replacements, moments)
     if act_bits is not None:
         quantized = [m for m in model.modules() if isinstance(m, QuantizedModule)]
         active = enable_activations(quantized, act_bits)
@@ -243,9 +256,10 @@ class _SharedWeight:
         return _join_blocks(self.parts)
 
 
-def _quantize_shared(model: nn.Module, layers: list[_Layer]) -> dict[int, _SharedWeight]:
+def _quantize_shared(layers: list[_Layer], moments: dict[int, Moments]
+                     ) -> dict[int, _SharedWeight]:
     """Quantize each distinct weight once, all in one batched call; keyed by ``id`` of the
-    weight Parameter."""
+    weight Parameter. ``moments``: per layer ``id``, its BN input moments (for the search)."""
     shared: dict[int, _SharedWeight] = {}
     users: dict[int, list[nn.Module]] = {}
     for layer in layers:
@@ -261,7 +275,7 @@ def _quantize_shared(model: nn.Module, layers: list[_Layer]) -> dict[int, _Share
             raise QuantizationError(
                 f"layers {first.names[0]!r} and {layer.names[0]!r} share one weight but are "
                 f"asked for different quantization ({first.options} vs {layer.options})")
-    input_moments = _input_moments(model, shared, users)
+    input_moments = _search_moments(shared, users, moments)
     arrays, axes, options, names, ranges, moments = [], [], [], [], [], []
     for key, entry in shared.items():
         layer = entry.layer
@@ -280,30 +294,62 @@ def _quantize_shared(model: nn.Module, layers: list[_Layer]) -> dict[int, _Share
     return shared
 
 
-def _input_moments(model: nn.Module, shared: dict[int, _SharedWeight],
-                   users: dict[int, list[nn.Module]]) -> dict[int, np.ndarray]:
-    """For each weight quantized with ``range="search"`` whose layers' inputs BatchNorms
-    determine (:func:`squant.bn_ranges.bn_input_moments`), the same for every layer using it:
-    its input moments as the kernels take them, ``(groups, 2, in/groups)`` (variances, means).
-    ConvTranspose weights (input channels on the output-channel axis) search by weight error."""
-    searched = {key: modules for key, modules in users.items()
-                if shared[key].layer.options.range == "search"
-                and not getattr(modules[0], "transposed", False)}
-    if not searched:
+def _layer_moments(model: nn.Module, layers: list[_Layer], bias_correction: bool
+                   ) -> dict[int, Moments]:
+    """The BN input moments (:func:`squant.bn_ranges.bn_input_moments`) of the layers that
+    need them: those searched with ``range="search"``, and all with ``bias_correction``.
+    ConvTranspose layers (input channels on the output-channel axis) get none."""
+    plain = [layer for layer in layers if not getattr(layer.module, "transposed", False)]
+    searched = [layer.module for layer in plain if layer.options.range == "search"]
+    wanted = [layer.module for layer in plain] if bias_correction else searched
+    if not wanted:
         return {}
-    found = bn_input_moments(model, [m for modules in searched.values() for m in modules])
+    options = (['range="search"'] if searched else []) + (
+        ["bias_correction"] if bias_correction else [])
+    fallbacks = (["search by the weight error alone"] if searched else []) + (
+        ["keep its bias"] if bias_correction else [])
+    return bn_input_moments(model, wanted, " and ".join(options), " and ".join(fallbacks))
+
+
+def _search_moments(shared: dict[int, _SharedWeight], users: dict[int, list[nn.Module]],
+                    moments: dict[int, Moments]) -> dict[int, np.ndarray]:
+    """For each weight quantized with ``range="search"`` whose layers all have the same input
+    moments: those moments as the kernels take them, ``(groups, 2, in/groups)`` (variances,
+    means)."""
+    searched = {key: modules for key, modules in users.items()
+                if shared[key].layer.options.range == "search"}
     tables = {}
     for key, modules in searched.items():
-        moments = same_moments([found.get(id(module)) for module in modules])
-        if moments is None:
+        given = same_moments([moments.get(id(module)) for module in modules])
+        if given is None:
             continue
-        mean, variance = moments
+        mean, variance = given
         if not (torch.isfinite(mean).all() and torch.isfinite(variance).all()):
             continue
         groups = getattr(modules[0], "groups", 1)
         tables[key] = torch.stack([variance.reshape(groups, -1), mean.reshape(groups, -1)],
                                   dim=1).numpy()
     return tables
+
+
+def _correct_biases(layers: list[_Layer], replacements: dict[int, QuantizedModule],
+                    moments: dict[int, Moments]) -> None:
+    """``bias_correction``: correct the bias of each quantized layer with finite input means
+    (a bias tied between quantized layers is left alone, so that it stays tied)."""
+    biases = Counter(id(layer.module.bias) for layer in layers if layer.module.bias is not None)
+    any_inputs = False
+    for layer in layers:
+        found = moments.get(id(layer.module))
+        if found is None or not torch.isfinite(found[0]).all():
+            continue
+        any_inputs = True
+        bias = layer.module.bias
+        if bias is None or biases[id(bias)] == 1:
+            correct_bias(replacements[id(layer.module)], layer.module.weight, found[0])
+    if not any_inputs:
+        warnings.warn("bias_correction: no quantized layer has an input that BatchNorms "
+                      "determine (a folded or BN-free model?), so no bias was corrected",
+                      stacklevel=3)
 
 
 def _tensor_range(weight: torch.Tensor) -> tuple[np.float32, np.float32]:

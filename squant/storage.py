@@ -125,6 +125,15 @@ def _enable_stored_activations(model: nn.Module, state: dict[str, torch.Tensor])
             module.enable_activation_quantization(int(bits))
 
 
+def _add_stored_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give each bias-free quantized layer whose bias is in the file (``bias_correction`` adds
+    one) a bias Parameter, so that ``load_state_dict`` then fills it."""
+    for prefix, module in _quantized_modules(model).items():
+        bias = state.get(_join(prefix, "bias"))
+        if bias is not None and module.bias is None:
+            module.bias = nn.Parameter(torch.empty_like(bias, device=module.codes.device))
+
+
 def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
     targets = _target_modules(reader, model)
     model = copy_replacing(model, targets.values())
@@ -137,6 +146,7 @@ def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
     model = swap_modules(model, replacements)
     state = {name: reader.read_tensor(name) for name in reader.float_names}
     _enable_stored_activations(model, state)
+    _add_stored_biases(model, state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches

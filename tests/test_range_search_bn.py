@@ -155,7 +155,7 @@ def _relu_moments(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, 
 
 def test_bn_input_moments_are_the_clamped_gaussians() -> None:
     model = _BnReluConv()
-    found = bn_input_moments(model, [model.conv0, model.conv1, model.fc])
+    found = bn_input_moments(model, [model.conv0, model.conv1, model.fc], "test", "fall back")
     assert set(found) == {id(model.conv1)}  # image input: none; fc: 256 features, 16 channels
     mean, variance = found[id(model.conv1)]
     want_mean, want_variance = _relu_moments(model.bn0.bias.detach().double(),
