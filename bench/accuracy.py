@@ -12,7 +12,8 @@ Models, weights only (every Conv2d and Linear), per-channel asymmetric grid:
 - The bundled Fashion-MNIST CNN on the full 10,000-image test set: true top-1 accuracy.
 
 Methods: RTN (round to nearest, plain torch, independent of squant's kernels), SQuant E, K, C,
-KC and, when ``squant.quantize`` accepts ``range``, KC with ``range="search"``; each at 8, 6, 4, 3
+KC and, when ``squant.quantize`` accepts ``range``, KC with ``range="search"``; on unfolded
+MobileNetV2 also KC and KC search with ``bias_correction=True`` (if available); each at 8, 6, 4, 3
 bits (and 2 for Fashion-MNIST), with the time it takes to quantize the whole model. A second
 table quantizes the first layer, the depthwise convs or the classifier at 8 bits, to locate
 where 4- and 3-bit accuracy is lost. A third table also quantizes activations (W8A8, W6A6, W4A8,
@@ -89,6 +90,7 @@ class Task:
     labels: torch.Tensor | None
     bits: tuple[int, ...]
     ablations: dict[str, dict[str, int]]
+    batchnorms: bool = False  # the model has its BatchNorms: bias correction can run
 
 
 @dataclass(frozen=True)
@@ -156,14 +158,26 @@ def has_range_search() -> bool:
     return "range" in inspect.signature(squant.quantize).parameters
 
 
-def quantizers(search: bool) -> dict[str, Quantizer]:
-    """Every method by name: RTN, SQuant's modes, and KC with the range search if available."""
+def has_bias_correction() -> bool:
+    """Whether this squant's ``quantize`` accepts a ``bias_correction`` keyword."""
+    return "bias_correction" in inspect.signature(squant.quantize).parameters
+
+
+def quantizers(task: Task, search: bool) -> dict[str, Quantizer]:
+    """Every method by name: RTN, SQuant's modes, KC with the range search if available, and,
+    on a model with BatchNorms, KC (and KC search) with bias correction if available."""
     methods: dict[str, Quantizer] = {"RTN": round_to_nearest}
     for mode in SQUANT_MODES:
         methods[mode] = lambda model, bits, mode=mode: squant.quantize(model, bits, mode)
     if search:
         methods["KC search"] = lambda model, bits: squant.quantize(
             model, bits, "KC", range="search")
+    if task.batchnorms and has_bias_correction():
+        methods["KC + bias corr."] = lambda model, bits: squant.quantize(
+            model, bits, "KC", bias_correction=True)
+        if search:
+            methods["KC search + bias corr."] = lambda model, bits: squant.quantize(
+                model, bits, "KC", range="search", bias_correction=True)
     return methods
 
 
@@ -300,7 +314,8 @@ def build_tasks() -> tuple[list[Task], list[ActTask]]:
     mobilenet_ablations = ablations(folded, "features.0.0", "classifier.1")
     tasks = [Task("MobileNetV2 folded", folded, crops, None, BITS["MobileNetV2"],
                   mobilenet_ablations)]
-    tasks.append(Task("MobileNetV2 unfolded", net, crops, None, BITS["MobileNetV2"], {}))
+    tasks.append(Task("MobileNetV2 unfolded", net, crops, None, BITS["MobileNetV2"], {},
+                      batchnorms=True))
     images, labels = fashion_mnist_test()
     cnn = load_demo_model()
     tasks.append(Task("Fashion-MNIST CNN", cnn, images, labels, BITS["Fashion-MNIST CNN"],
@@ -362,7 +377,7 @@ def main() -> None:
     print("RTN = round to nearest (plain torch); E, K, C, KC = SQuant modes; agree = top-1 "
           "agreement with FP32; KL = mean KL(FP32 || quantized); time = quantizing the model")
     print(HEADER + "\n" + "-" * len(HEADER))
-    rows = [row for task in tasks for row in run_task(task, quantizers(search))]
+    rows = [row for task in tasks for row in run_task(task, quantizers(task, search))]
     print("\nwhere 4/3-bit accuracy is lost: SQuant E (= RTN) and KC with some layers at 8 bits")
     print(HEADER + "\n" + "-" * len(HEADER))
     ablation_rows = [row for task in tasks for row in run_ablations(task)]
@@ -371,6 +386,9 @@ def main() -> None:
     if search:
         print("\nKC search >= SQuant KC (minmax) and round to nearest at 4 and 3 bits:",
               *check_expectation(rows, "KC search", ("KC", "RTN")), sep="\n  ")
+    if has_bias_correction():
+        print("\nKC + bias correction >= SQuant KC at 4 and 3 bits:",
+              *check_expectation(rows, "KC + bias corr.", ("KC",)), sep="\n  ")
     print()
     act_rows = run_act_table(act_tasks)
     RESULTS_DIR.mkdir(exist_ok=True)
