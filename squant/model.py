@@ -275,8 +275,8 @@ def _quantize_shared(layers: list[_Layer], moments: dict[int, Moments]
             raise QuantizationError(
                 f"layers {first.names[0]!r} and {layer.names[0]!r} share one weight but are "
                 f"asked for different quantization ({first.options} vs {layer.options})")
-    input_moments = _search_moments(shared, users, moments)
-    arrays, axes, options, names, ranges, moments = [], [], [], [], [], []
+    search_tables = _search_moments(shared, users, moments)
+    arrays, axes, options, names, ranges, tables = [], [], [], [], [], []
     for key, entry in shared.items():
         layer = entry.layer
         label = f"layer {layer.names[0]!r} ({type(layer.module).__name__}) weight"
@@ -287,8 +287,8 @@ def _quantize_shared(layers: list[_Layer], moments: dict[int, Moments]
             options.append(layer.options)
             names.append(label if len(entry.blocks) == 1 else f"{label}, group {index}")
             ranges.append(whole)
-            moments.append(input_moments.get(key))
-    results = iter(quantize_with_options(arrays, axes, options, names, ranges, moments))
+            tables.append(search_tables.get(key))
+    results = iter(quantize_with_options(arrays, axes, options, names, ranges, tables))
     for entry in shared.values():
         entry.parts = [next(results) for _ in entry.blocks]
     return shared
