@@ -220,9 +220,11 @@ def quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch
         for c in range(first, last):
             size = ch_inner[c] * ch_ksize[c]
             start = ch_moments_start[c]
-            stop = start + 2 * ch_inner[c] if start != NO_MOMENTS else start
+            inputs = moments[:0]  # this channel's input moments, empty without
+            if start != NO_MOMENTS:
+                inputs = moments[start : start + 2 * ch_inner[c]]
             scale[c], zero[c], finite[c] = quantize_channel(
                 view_at(ch_address[c], size, np.float32), view_at(ch_address[c], size, np.int32),
                 ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c], ch_hi[c],
                 view_at(ch_codes_address[c], size, np.int8), x, err, value, scratch,
-                range_scratch, trial, moments[max(start, 0) : max(stop, 0)])
+                range_scratch, trial, inputs)

@@ -38,4 +38,4 @@ def correct_bias(qmodule: QuantizedModule, weight: torch.Tensor, mean: torch.Ten
     dtype = qmodule.weight_dtype if bias is None else bias.dtype
     base = torch.zeros_like(shift) if bias is None else bias.detach().double().cpu()
     qmodule.bias = nn.Parameter((base + shift).to(device=qmodule.codes.device, dtype=dtype),
-                                requires_grad=True if bias is None else bias.requires_grad)
+                                requires_grad=bias is None or bias.requires_grad)

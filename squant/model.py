@@ -316,10 +316,10 @@ def _search_moments(shared: dict[int, _SharedWeight], users: dict[int, list[nn.M
     """For each weight quantized with ``range="search"`` whose layers all have the same input
     moments: those moments as the kernels take them, ``(groups, 2, in/groups)`` (variances,
     means)."""
-    searched = {key: modules for key, modules in users.items()
-                if shared[key].layer.options.range == "search"}
     tables = {}
-    for key, modules in searched.items():
+    for key, modules in users.items():
+        if shared[key].layer.options.range != "search":
+            continue
         given = same_moments([moments.get(id(module)) for module in modules])
         if given is None:
             continue
