@@ -85,7 +85,9 @@ def quantize(
             output error ``sum(var * d**2) + sum(mean * d)**2`` over the input channels'
             means and variances (``d``: the weight's error); for the others (no BN before them,
             a folded model, or one ``torch.fx`` cannot trace: a warning) it is the weight's
-            squared error ``sum(d**2)``.
+            squared error ``sum(d**2)``. If no searched layer has BN inputs, a warning says
+            so: by the weight's error alone the search can lose to minmax (README, "Accuracy
+            on real models").
         inplace: modify and return ``model`` itself instead of a copy.
         cache_weights: quantized modules keep their dequantized weight after first use
             (faster forward) instead of recomputing it each time (less memory).
@@ -276,6 +278,11 @@ def _quantize_shared(layers: list[_Layer], moments: dict[int, Moments]
                 f"layers {first.names[0]!r} and {layer.names[0]!r} share one weight but are "
                 f"asked for different quantization ({first.options} vs {layer.options})")
     search_tables = _search_moments(shared, users, moments)
+    if not search_tables and any(e.layer.options.range == "search" for e in shared.values()):
+        warnings.warn('range="search": no searched layer has an input that BatchNorms determine '
+                      "(a folded or BN-free model?), so every channel's range is chosen by its "
+                      "weight error alone, which can cost accuracy against minmax",
+                      stacklevel=3)
     arrays, axes, options, names, ranges, tables = [], [], [], [], [], []
     for key, entry in shared.items():
         layer = entry.layer

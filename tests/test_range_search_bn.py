@@ -213,8 +213,12 @@ class _Untraceable(_BnReluConv):
 
 def test_an_untraceable_model_warns_and_searches_by_weight_error() -> None:
     model = _Untraceable()
-    with pytest.warns(UserWarning, match='range="search" cannot trace _Untraceable'):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         qmodel = squant.quantize(model, 3, range="search")
+    messages = [str(w.message) for w in caught]
+    assert any('range="search" cannot trace _Untraceable' in m for m in messages)
+    assert any("weight error alone" in m for m in messages)
     weight = model.conv1.weight.detach().numpy().reshape(16, 4, 9)
     plain = quantize_batch([weight], [QuantOptions(3, range="search")])[0]
     assert np.array_equal(qmodel.conv1.scale.numpy(), plain.scale)
@@ -251,7 +255,11 @@ class _SharedWeight(nn.Module):
 def test_a_shared_weight_is_weighted_only_if_its_layers_see_the_same_inputs(
         same_inputs: bool) -> None:
     model = _SharedWeight(same_inputs)
-    qmodel = squant.quantize(model, 3, range="search")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qmodel = squant.quantize(model, 3, range="search")
+    # different inputs: the only searched weight is not weighted, which the warning says
+    assert any("weight error alone" in str(w.message) for w in caught) is not same_inputs
     assert qmodel.fc_a.codes is qmodel.fc_b.codes
     weight = model.fc_a.weight.detach().numpy()[:, :, None]
     mean, variance = ChannelGaussians.of_batchnorm(model.bn_a).clamped(0.0, math.inf).moments()
@@ -263,3 +271,20 @@ def test_a_shared_weight_is_weighted_only_if_its_layers_see_the_same_inputs(
     want = weighted if same_inputs else plain
     assert np.array_equal(qmodel.fc_a.scale.numpy(), want.scale)
     assert np.array_equal(qmodel.fc_a.codes.numpy(), want.codes[:, :, 0])
+
+
+def test_a_model_without_bn_inputs_warns_that_the_search_uses_the_weight_error() -> None:
+    torch.manual_seed(2)
+    folded = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    with pytest.warns(UserWarning, match="weight error alone"):
+        qmodel = squant.quantize(folded, 3, range="search")
+    weight = folded[2].weight.detach().numpy().reshape(4, 8, 9)
+    plain = quantize_batch([weight], [QuantOptions(3, range="search")])[0]
+    assert np.array_equal(qmodel[2].codes.numpy().reshape(4, 8, 9), plain.codes)
+
+
+def test_a_model_with_bn_inputs_searches_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        squant.quantize(_BnReluConv(), 3, range="search")
+        squant.quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), 3)  # minmax: no warning
