@@ -60,9 +60,9 @@ from squant.demo_model import load_demo_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_data import (  # noqa: E402
     CROP,
+    exit_if_missing,
     fashion_mnist_test,
     five_crops,
-    missing_requirements,
     opencv_photos,
     skimage_photos,
 )
@@ -358,11 +358,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="run only the activation table; write no results")
     args = parser.parse_args()
-    missing = missing_requirements()
-    if missing:
-        print("missing, so the accuracy benchmark cannot run:", *missing, sep="\n  ",
-              file=sys.stderr)
-        raise SystemExit(2)
+    exit_if_missing("the accuracy benchmark")
     start = time.perf_counter()
     search = has_range_search()
     if not search:

@@ -4,6 +4,7 @@ crops, the Fashion-MNIST test set, and the check that all of it is installed."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,14 @@ def missing_requirements() -> list[str]:
     if not DATASET_DIR.is_dir():
         missing.append(f"Fashion-MNIST in {DATASET_DIR}: apt-get install -y dataset-fashion-mnist")
     return missing
+
+
+def exit_if_missing(benchmark: str) -> None:
+    """Print what is missing and how to get it, and exit with status 2, if anything is."""
+    missing = missing_requirements()
+    if missing:
+        print(f"missing, so {benchmark} cannot run:", *missing, sep="\n  ", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def opencv_photos() -> dict[str, np.ndarray]:
@@ -99,3 +108,9 @@ def fashion_mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
     images = read_idx(DATASET_DIR / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(DATASET_DIR / "t10k-labels-idx1-ubyte.gz")
     return normalize_images(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def photo_crops() -> torch.Tensor:
+    """The five crops of every opencv-doc and scikit-image photo, in one batch."""
+    photos = opencv_photos() | skimage_photos()
+    return torch.cat([five_crops(p) for p in photos.values()])

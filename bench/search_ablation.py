@@ -38,13 +38,7 @@ from squant.demo_model import load_demo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import HEADER, Row, Task, compare, format_row, logits  # noqa: E402
-from accuracy_data import (  # noqa: E402
-    fashion_mnist_test,
-    five_crops,
-    missing_requirements,
-    opencv_photos,
-    skimage_photos,
-)
+from accuracy_data import exit_if_missing, fashion_mnist_test, photo_crops  # noqa: E402
 from mobilenet_v2 import fold_batchnorm, mobilenet_v2_imagenet  # noqa: E402
 from search_oracle import LAYERS, kc_on_ranges  # noqa: E402
 
@@ -132,13 +126,9 @@ def margins(task: Task, bits: int) -> list[Row]:
 
 def main() -> None:
     """Check requirements, then run both experiments at 4 and 3 bits."""
-    missing = missing_requirements()
-    if missing:
-        print("missing, so this benchmark cannot run:", *missing, sep="\n  ", file=sys.stderr)
-        raise SystemExit(2)
+    exit_if_missing("search_ablation.py")
     images, labels = fashion_mnist_test()
-    photos = opencv_photos() | skimage_photos()
-    crops = torch.cat([five_crops(p) for p in photos.values()])
+    crops = photo_crops()
     fashion = Task("Fashion-MNIST CNN", load_demo_model().eval(), images, labels, (4, 3), {})
     folded = Task("MobileNetV2 folded", fold_batchnorm(mobilenet_v2_imagenet().eval()), crops,
                   None, (4, 3), {})

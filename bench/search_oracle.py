@@ -37,13 +37,7 @@ from squant.demo_model import load_demo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import HEADER, Row, Task, compare, format_row, logits  # noqa: E402
-from accuracy_data import (  # noqa: E402
-    fashion_mnist_test,
-    five_crops,
-    missing_requirements,
-    opencv_photos,
-    skimage_photos,
-)
+from accuracy_data import exit_if_missing, fashion_mnist_test, photo_crops  # noqa: E402
 from mobilenet_v2 import mobilenet_v2_imagenet  # noqa: E402
 
 BITS = (4, 3)
@@ -151,13 +145,9 @@ def run(task: Task) -> list[Row]:
 
 def main() -> None:
     """Check requirements, then run MobileNetV2 (unfolded) and the Fashion-MNIST CNN."""
-    missing = missing_requirements()
-    if missing:
-        print("missing, so this benchmark cannot run:", *missing, sep="\n  ", file=sys.stderr)
-        raise SystemExit(2)
+    exit_if_missing("search_oracle.py")
     squant.quantize(load_demo_model(), 4, range="search")  # load the kernels: warm timings
-    photos = opencv_photos() | skimage_photos()
-    crops = torch.cat([five_crops(p) for p in photos.values()])
+    crops = photo_crops()
     images, labels = fashion_mnist_test()
     tasks = [Task("MobileNetV2 unfolded", mobilenet_v2_imagenet().eval(), crops, None, BITS, {}),
              Task("Fashion-MNIST CNN", load_demo_model(), images, labels, BITS, {})]
