@@ -287,4 +287,3 @@ def test_a_model_with_bn_inputs_searches_without_a_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         squant.quantize(_BnReluConv(), 3, range="search")
-        squant.quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), 3)  # minmax: no warning
