@@ -22,7 +22,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads must not spin
 
-import copy
 import json
 import sys
 from dataclasses import asdict
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import HEADER, Row, Task, compare, format_row, logits  # noqa: E402
 from accuracy_data import exit_if_missing, fashion_mnist_test, photo_crops  # noqa: E402
 from mobilenet_v2 import fold_batchnorm, mobilenet_v2_imagenet  # noqa: E402
-from search_oracle import LAYERS, kc_on_ranges  # noqa: E402
+from search_oracle import LAYERS, kc_on_ranges, with_weights  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "search_ablation.json"
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.5)
@@ -50,15 +49,6 @@ def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weight of every Conv2d and Linear of ``model``, by name."""
     return {name: module.weight.detach() for name, module in model.named_modules()
             if isinstance(module, LAYERS)}
-
-
-def with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of the float ``model`` whose named layers hold ``weights``."""
-    copied = copy.deepcopy(model)
-    modules = dict(copied.named_modules())
-    for name, weight in weights.items():
-        modules[name].weight.data = weight.clone()
-    return copied
 
 
 def score(task: Task, reference: torch.Tensor, model: nn.Module, bits: int, method: str

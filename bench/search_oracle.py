@@ -113,13 +113,20 @@ def oracle_weight(module: nn.Module, moments: np.ndarray, bits: int) -> torch.Te
     return torch.from_numpy(best.astype(np.float32).reshape(shape))
 
 
+def with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of the float ``model`` whose named layers hold ``weights``."""
+    copied = copy.deepcopy(model)
+    modules = dict(copied.named_modules())
+    for name, weight in weights.items():
+        modules[name].weight.data = weight.clone()
+    return copied
+
+
 def oracle_model(model: nn.Module, moments: dict[str, np.ndarray], bits: int) -> nn.Module:
     """A float copy of ``model`` holding the oracle's dequantized weights."""
-    quantized = copy.deepcopy(model)
-    for name, module in quantized.named_modules():
-        if isinstance(module, LAYERS):
-            module.weight.data = oracle_weight(module, moments[name], bits)
-    return quantized
+    return with_weights(model, {name: oracle_weight(module, moments[name], bits)
+                                for name, module in model.named_modules()
+                                if isinstance(module, LAYERS)})
 
 
 def run(task: Task) -> list[Row]:
