@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import squant
-import squant.activations
+import squant.ranges.activations
 from squant.demo import round_to_nearest
 from squant.demo_model import load_demo_model
 
@@ -215,7 +215,7 @@ def run_ablations(task: Task) -> list[Row]:
 
 def act_ranges() -> tuple[str, ...]:
     """The activation range rules to compare: ``"paper"``, and ``"bn"`` when squant has it."""
-    return ("paper", "bn") if "bn" in squant.activations.ACT_RANGES else ("paper",)
+    return ("paper", "bn") if "bn" in squant.ranges.activations.ACT_RANGES else ("paper",)
 
 
 def run_act_task(act_task: ActTask, ranges: tuple[str, ...]) -> list[ActRow]:

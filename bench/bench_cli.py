@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from squant.file_format import TensorSpec
-from squant.file_io import SafetensorsWriter
+from squant.io.file_format import TensorSpec
+from squant.io.file_io import SafetensorsWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import numpy_rtn  # noqa: E402

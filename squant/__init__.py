@@ -5,17 +5,19 @@ kernel and every output channel sum to as close to zero as possible: no data, no
 """
 
 from . import (
+    _compat,
     _environment,  # noqa: F401  (first: it sets the process up)
     nn,
 )
-from .errors import QuantizationError
+from ._version import __version__
+from .core.errors import QuantizationError
+from .core.options import QuantOptions
+from .core.report import LayerReport, QuantizationReport
+from .core.tensor import QuantizedTensor, quantize_weight, quantize_weights
+from .io.storage import load, save
 from .model import dequantize, quantize
-from .options import QuantOptions
-from .report import LayerReport, QuantizationReport
-from .storage import load, save
-from .tensor import QuantizedTensor, quantize_weight, quantize_weights
 
-__version__ = "0.1.0"
+_compat.install()
 
 __all__ = [
     "LayerReport",

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (
+from .core.errors import QuantizationError
+from .core.options import GRANULARITIES, MODES, RANGES, SCHEMES, QuantOptions
+from .io.checkpoint import (
     CHUNK_BYTES,
     SAFETENSORS_SUFFIX,
     STAT_FIELDS,
@@ -25,10 +27,8 @@ from .checkpoint import (
     plan,
     quantize_chunk,
 )
-from .errors import QuantizationError
-from .file_format import FORMAT_VERSION, QuantizedEntry, squant_metadata
-from .file_io import SafetensorsWriter, SquantReader, atomic_path
-from .options import GRANULARITIES, MODES, RANGES, SCHEMES, QuantOptions
+from .io.file_format import FORMAT_VERSION, QuantizedEntry, squant_metadata
+from .io.file_io import SafetensorsWriter, SquantReader, atomic_path
 
 # ---------------------------------------------------------------------------------------------
 # Paths.

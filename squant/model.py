@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .activations import calibrate, check_activation_options, enable_activations
-from .bias_correction import correct_bias
-from .bn_ranges import Moments, bn_input_moments, bn_ranges, same_moments
-from .errors import QuantizationError
-from .module_tree import copy_replacing, swap_modules
+from .core.errors import QuantizationError
+from .core.options import QuantOptions, check_bits
+from .core.report import QuantizationReport, layer_report
+from .core.tensor import QuantizedTensor, quantize_with_options
 from .nn import QUANTIZED_CLASSES, QuantizedModule
-from .options import QuantOptions, check_bits
-from .report import QuantizationReport, layer_report
-from .tensor import QuantizedTensor, quantize_with_options
+from .nn.module_tree import copy_replacing, swap_modules
+from .ranges.activations import calibrate, check_activation_options, enable_activations
+from .ranges.batchnorm import Moments, bn_input_moments, bn_ranges, same_moments
+from .ranges.bias_correction import correct_bias
 
 
 @dataclass
@@ -102,7 +102,7 @@ def quantize(
             ``"bn"``: a layer whose input BatchNorms determine (through ReLU/ReLU6, Identity,
             Dropout, flatten, residual adds) gets the range with the least expected
             quantization error at its bits over the BNs' per-channel Gaussians
-            ``N(beta, gamma**2)`` (:mod:`squant.bn_ranges`); the others, or all of them if
+            ``N(beta, gamma**2)`` (:mod:`squant.ranges.batchnorm`); the others, or all of them if
             ``torch.fx`` cannot trace the model (a warning), keep the paper's rule.
         sigma: the paper rule's multiplier; ``None``: 12 up to 4 bits, 14 for 5-6, 25 for 7-8
             (by each layer's own activation bits).
@@ -111,7 +111,7 @@ def quantize(
             in its output, ``sum_c mean_c * sum_k (W - Q)[o, c, k]`` per output channel, where
             BatchNorms determine the layer's input means (as for ``range="search"``; a
             bias-free layer gets a bias): data-free bias correction (Nagel et al. 2019, see
-            :mod:`squant.bias_correction`). Layers without such inputs keep their bias; a
+            :mod:`squant.ranges.bias_correction`). Layers without such inputs keep their bias; a
             warning says so if no layer has them.
 
     A pattern in ``skip`` or ``layer_bits`` that matches no layer is an error (a typo would
@@ -303,7 +303,7 @@ def _quantize_shared(layers: list[_Layer], moments: dict[int, Moments]
 
 def _layer_moments(model: nn.Module, layers: list[_Layer], bias_correction: bool
                    ) -> dict[int, Moments]:
-    """The BN input moments (:func:`squant.bn_ranges.bn_input_moments`) of the layers that
+    """The BN input moments (:func:`squant.ranges.batchnorm.bn_input_moments`) of the layers that
     need them: those searched with ``range="search"``, and all with ``bias_correction``.
     ConvTranspose layers (input channels on the output-channel axis) get none."""
     plain = [layer for layer in layers if not getattr(layer.module, "transposed", False)]

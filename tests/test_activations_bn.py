@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import squant
-from squant.activations import fake_quantize
-from squant.bn_ranges import ChannelGaussians, least_error_range
+from squant.ranges.activations import fake_quantize
+from squant.ranges.batchnorm import ChannelGaussians, least_error_range
 
 IMAGE = (3, 8, 8)
 

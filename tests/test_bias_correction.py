@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import squant
-from squant.bias_correction import expected_shift
-from squant.bn_ranges import ChannelGaussians
+from squant.ranges.batchnorm import ChannelGaussians
+from squant.ranges.bias_correction import expected_shift
 
 
 class _BnReluConv(nn.Module):

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import squant
-from squant import checkpoint as checkpoints
 from squant import cli
-from squant.file_io import SquantReader
-from squant.report import layer_report
+from squant.core.report import layer_report
+from squant.io import checkpoint as checkpoints
+from squant.io.file_io import SquantReader
 
 QUANTIZABLE = ("conv.weight", "deconv.weight", "fc.weight", "emb.weight")
 

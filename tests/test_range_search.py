@@ -17,12 +17,12 @@ from strategies import cases
 
 import squant
 from squant import cli
+from squant.core.errors import QuantizationError
+from squant.core.options import QuantOptions
 from squant.demo_model import load_demo_model
-from squant.errors import QuantizationError
-from squant.file_format import QuantizedEntry
-from squant.file_io import SquantReader
+from squant.io.file_format import QuantizedEntry
+from squant.io.file_io import SquantReader
 from squant.nn import QuantizedModule
-from squant.options import QuantOptions
 
 
 def _channel_errors(weight: np.ndarray, q: squant.QuantizedTensor) -> np.ndarray:

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import squant
-from squant.batch import BatchResult, quantize_batch
-from squant.bn_ranges import ChannelGaussians, bn_input_moments
+from squant.core.batch import BatchResult, quantize_batch
+from squant.core.options import QuantOptions
 from squant.nn import QuantizedModule
-from squant.options import QuantOptions
+from squant.ranges.batchnorm import ChannelGaussians, bn_input_moments
 
 
 def _dequantized(result) -> np.ndarray:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import squant
-from squant import file_format, packing
+from squant.io import file_format, packing
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .errors import QuantizationError
+from ..core.errors import QuantizationError
 
 
 @njit(cache=True, parallel=True)

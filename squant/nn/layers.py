@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activations import fake_quantize
-from .tensor import QuantizedTensor, dequantize_codes
+from ..core.tensor import QuantizedTensor, dequantize_codes
+from ..ranges.activations import fake_quantize
 
 QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedModule]] = {}
 

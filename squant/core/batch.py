@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
+from .. import kernels
 from .options import QuantOptions
 
 _BLOCK_ELEMENTS = 1 << 15  # work per parallel item: big enough to amortise its scratch

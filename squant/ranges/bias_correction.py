@@ -6,7 +6,7 @@ mean for output channel ``o`` is ``sum_c mean_c * sum_k (W - Q)[o, c, k]`` when 
 about half a step, but behind a ReLU the inputs' means are large and positive, so what is left
 still shifts every output channel, and the shifts add up layer after layer. Adding the shift to
 the bias removes it, without data: the means come from the BatchNorms before the layer
-(:func:`squant.bn_ranges.bn_input_moments`), as in Nagel et al., "Data-Free Quantization
+(:func:`squant.ranges.batchnorm.bn_input_moments`), as in Nagel et al., "Data-Free Quantization
 Through Weight Equalization and Bias Correction" (ICCV 2019). Zero padding is ignored: border
 outputs, which see fewer inputs, get the interior's correction.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nn import QuantizedModule
+from ..nn import QuantizedModule
 
 
 def expected_shift(weight: torch.Tensor, dequantized: torch.Tensor, mean: torch.Tensor,

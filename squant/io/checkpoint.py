@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import QuantizationError
+from ..core.errors import QuantizationError
+from ..core.options import QuantOptions, check_bits
+from ..core.report import layer_report
+from ..core.tensor import QuantizedTensor, quantize_with_options
 from .file_format import TORCH_DTYPES, QuantizedEntry, TensorSpec, tensor_spec
 from .file_io import SafetensorsWriter, first_line
-from .options import QuantOptions, check_bits
-from .report import layer_report
-from .tensor import QuantizedTensor, quantize_with_options
 
 CHUNK_BYTES = 64 << 20  # float32 bytes per batched kernel call: bounds the peak memory
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -235,7 +235,7 @@ def file_specs(items: list[Item]) -> list[TensorSpec]:
 
 
 def tensor_stats(name: str, weight: torch.Tensor, qweight: QuantizedTensor) -> dict[str, float]:
-    """``squant.report``'s error statistics of one tensor, computed on blocks of channels (the
+    """``squant.core.report``'s error statistics of one tensor, computed on blocks of channels (the
     report's float64 temporaries stay small) and merged: means weighted by channel count."""
     axis, channels = qweight.axis, weight.shape[qweight.axis]
     step = max(1, _STATS_ELEMENTS * channels // weight.numel())

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import QuantizationError
-from .options import QuantOptions
+from .._version import __version__
+from ..core.errors import QuantizationError
+from ..core.options import QuantOptions
+from ..core.tensor import QuantizedTensor, dequantize_codes
 from .packing import pack_codes, packed_size, unpack_codes
-from .tensor import QuantizedTensor, dequantize_codes
 
 FORMAT_VERSION = 1
 METADATA_KEY = "squant"
@@ -173,8 +174,6 @@ def _describe(error: Exception) -> str:
 def squant_metadata(entries: list[QuantizedEntry], report: Mapping[str, dict] | None = None
                     ) -> dict[str, str]:
     """The safetensors metadata of a squant file: ``squant`` (the JSON header) and ``format``."""
-    from . import __version__
-
     header = {"format_version": FORMAT_VERSION, "squant_version": __version__,
               "tensors": {e.name: e.to_json() for e in entries}}
     if report:

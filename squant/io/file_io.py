@@ -18,7 +18,8 @@ from types import TracebackType
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import QuantizationError
+from ..core.errors import QuantizationError
+from ..core.tensor import QuantizedTensor
 from .file_format import (
     FORMAT_VERSION,
     METADATA_KEY,
@@ -27,7 +28,6 @@ from .file_format import (
     QuantizedEntry,
     TensorSpec,
 )
-from .tensor import QuantizedTensor
 
 if sys.byteorder != "little":  # safetensors stores little-endian data; raw bytes are copied
     raise ImportError("squant's file I/O needs a little-endian machine")

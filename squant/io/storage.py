@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import QuantizationError
+from ..core.errors import QuantizationError
+from ..core.tensor import QuantizedTensor
+from ..nn import QUANTIZED_CLASSES, QuantizedModule
+from ..nn.module_tree import copy_replacing, swap_modules
 from .file_format import SUFFIXES, QuantizedEntry, squant_metadata, tensor_spec
 from .file_io import SafetensorsWriter, SquantReader
-from .module_tree import copy_replacing, swap_modules
-from .nn import QUANTIZED_CLASSES, QuantizedModule
-from .tensor import QuantizedTensor
 
 
 def _join(prefix: str, name: str) -> str:

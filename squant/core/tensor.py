@@ -164,7 +164,7 @@ def quantize_with_options(
 
     ``ranges``: per weight, the ``(min, max)`` a per-tensor grid uses when the weight is one part
     of a larger tensor (None: the weight's own). ``moments``: per weight, its inputs' variances
-    and means for ``range="search"`` (see :func:`squant.batch.quantize_batch`; None: the
+    and means for ``range="search"`` (see :func:`squant.core.batch.quantize_batch`; None: the
     search minimises the weight's own error).
     """
     arrays = [_as_float_array(w, n) for w, n in zip(weights, names)]

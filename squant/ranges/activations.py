@@ -4,7 +4,7 @@ The input of every quantized layer but the first is fake-quantized (quantize, th
 in float), per tensor and asymmetric. Its range is found once, without data, from one batch of
 uniform random inputs run through the weight-quantized model (see ACTIVATIONS_SPEC.md).
 
-``act_range="bn"`` (:mod:`squant.bn_ranges`) fixes some ranges from BatchNorm statistics
+``act_range="bn"`` (:mod:`squant.ranges.batchnorm`) fixes some ranges from BatchNorm statistics
 instead; the others still come from this rule.
 """
 
@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .bn_ranges import Range
-from .errors import QuantizationError
-from .options import check_bits
+from ..core.errors import QuantizationError
+from ..core.options import check_bits
+from .batchnorm import Range
 
 ACT_RANGES = ("paper", "bn")
 LAST_LAYER_BITS = 8
