@@ -14,7 +14,8 @@ from torch import nn
 from zoo import ZOO, ZooModel
 
 import squant
-from squant.ranges.activations import fake_quantize, paper_range
+from squant.core.fake_quant import fake_quantize
+from squant.ranges.activations import paper_range
 
 SHAPE = (4,)
 ACT_KEYS = ("act_lo", "act_hi", "act_bits")

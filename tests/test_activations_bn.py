@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import squant
-from squant.ranges.activations import fake_quantize
+from squant.core.fake_quant import fake_quantize
 from squant.ranges.batchnorm import ChannelGaussians, least_error_range
 
 IMAGE = (3, 8, 8)

@@ -1,21 +1,20 @@
 """Quantized modules: one class per float layer kind, registered against that class.
 
-``squant.nn.QuantizedLinear`` and the others are the public names; ``layers`` holds them,
+``squant.nn.QuantizedLinear`` and the others are the public names. ``base`` holds what they
+share and the registry, one module per layer kind holds its classes (``linear``, ``conv``), and
 ``module_tree`` swaps them into a model. Imports :mod:`squant.core` only.
 """
 
-from .layers import (
-    QUANTIZED_CLASSES,
+from .base import QUANTIZED_CLASSES, QuantizedModule, register
+from .conv import (
     QuantizedConv1d,
     QuantizedConv2d,
     QuantizedConv3d,
     QuantizedConvTranspose1d,
     QuantizedConvTranspose2d,
     QuantizedConvTranspose3d,
-    QuantizedLinear,
-    QuantizedModule,
-    register,
 )
+from .linear import QuantizedLinear
 
 __all__ = [
     "QUANTIZED_CLASSES",

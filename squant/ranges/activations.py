@@ -1,8 +1,9 @@
-"""Data-free activation quantization: the SQuant paper's range rule and fake quantizer.
+"""Data-free activation quantization: the SQuant paper's range rule and the calibration pass.
 
 The input of every quantized layer but the first is fake-quantized (quantize, then dequantize
-in float), per tensor and asymmetric. Its range is found once, without data, from one batch of
-uniform random inputs run through the weight-quantized model (see ACTIVATIONS_SPEC.md).
+in float: :mod:`squant.core.fake_quant`), per tensor and asymmetric. Its range is found once,
+without data, from one batch of uniform random inputs run through the weight-quantized model
+(see ACTIVATIONS_SPEC.md).
 
 ``act_range="bn"`` (:mod:`squant.ranges.batchnorm`) fixes some ranges from BatchNorm statistics
 instead; the others still come from this rule.
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..core.errors import QuantizationError
+from ..core.fake_quant import fake_quantize  # noqa: F401  (squant 0.1 exported it here)
 from ..core.options import check_bits
 from .batchnorm import Range
 
@@ -29,25 +31,6 @@ def default_sigma(bits: int) -> float:
     if bits <= 4:
         return 12.0
     return 14.0 if bits <= 6 else 25.0
-
-
-def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
-                  ) -> torch.Tensor:
-    """``x`` quantized to ``bits`` on the grid spanning ``[lo, hi]``, then dequantized.
-
-    ``scale = (2**b - 1) / max(hi - lo, 1e-8)``, ``zp = round(scale * lo) + (n if lo < 0)``,
-    ``q = round(scale * x - zp)`` clamped to ``[-n, n-1]`` (signed, ``lo < 0``) or ``[0, 2n-1]``,
-    output ``(q + zp) / scale``, with ``n = 2**(b-1)``; computed in float32, returned in
-    ``x``'s dtype.
-    """
-    n = 2 ** (bits - 1)
-    lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
-    signed = bool(lo < 0)
-    scale = (2**bits - 1) / torch.clamp(hi - lo, min=1e-8)
-    zero_point = torch.round(scale * lo) + (n if signed else 0)
-    low, high = (-n, n - 1) if signed else (0, 2 * n - 1)
-    q = torch.clamp(torch.round(scale * x.float() - zero_point), low, high)
-    return ((q + zero_point) / scale).to(x.dtype)
 
 
 def paper_range(x: torch.Tensor, bits: int, sigma: float | None = None

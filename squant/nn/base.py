@@ -1,6 +1,6 @@
-"""Quantized modules: one small class per layer kind, registered against the float class.
+"""What every quantized module shares, and the registry of float class -> quantized class.
 
-Each class subclasses its float class, so ``forward`` is torch's own (``F.linear``,
+Each quantized class subclasses its float class, so ``forward`` is torch's own (``F.linear``,
 ``_conv_forward``, ...) run with the dequantized weight. The int8 codes, scales and zero points
 are buffers (so ``state_dict`` holds the integers); the bias stays a float parameter.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.fake_quant import fake_quantize
 from ..core.tensor import QuantizedTensor, dequantize_codes
-from ..ranges.activations import fake_quantize
 
 QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedModule]] = {}
 
@@ -148,48 +148,3 @@ class QuantizedModule:
 def _hyper_parameters(module: nn.Module) -> list[str]:
     names = [*type(module).__constants__, *_EXTRA_ATTRIBUTES]
     return [n for n in names if n in module.__dict__]
-
-
-@register(nn.Linear)
-class QuantizedLinear(QuantizedModule, nn.Linear):
-    """``nn.Linear`` with an int weight."""
-
-
-@register(nn.Conv1d)
-class QuantizedConv1d(QuantizedModule, nn.Conv1d):
-    """``nn.Conv1d`` with an int weight."""
-
-
-@register(nn.Conv2d)
-class QuantizedConv2d(QuantizedModule, nn.Conv2d):
-    """``nn.Conv2d`` with an int weight."""
-
-
-@register(nn.Conv3d)
-class QuantizedConv3d(QuantizedModule, nn.Conv3d):
-    """``nn.Conv3d`` with an int weight."""
-
-
-class _QuantizedConvTranspose(QuantizedModule):
-    """ConvTranspose weights are ``(in, out/groups, *kernel)``: output channels on axis 1, and
-    with groups each group's block has its own ``out/groups`` channels. ``scale`` and
-    ``zero_point`` list all ``out`` channels, group by group."""
-
-    @property
-    def groups_of_codes(self) -> int:
-        return self.groups
-
-
-@register(nn.ConvTranspose1d)
-class QuantizedConvTranspose1d(_QuantizedConvTranspose, nn.ConvTranspose1d):
-    """``nn.ConvTranspose1d`` with an int weight."""
-
-
-@register(nn.ConvTranspose2d)
-class QuantizedConvTranspose2d(_QuantizedConvTranspose, nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` with an int weight."""
-
-
-@register(nn.ConvTranspose3d)
-class QuantizedConvTranspose3d(_QuantizedConvTranspose, nn.ConvTranspose3d):
-    """``nn.ConvTranspose3d`` with an int weight."""

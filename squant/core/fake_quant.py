@@ -1,0 +1,28 @@
+"""The activation fake-quantizer: quantize to an asymmetric per-tensor grid, dequantize in float.
+
+The rule is the SQuant paper's (``ACTIVATIONS_SPEC.md``); quantized layers run it on their input,
+the range finders of :mod:`squant.ranges` choose its ``[lo, hi]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
+                  ) -> torch.Tensor:
+    """``x`` quantized to ``bits`` on the grid spanning ``[lo, hi]``, then dequantized.
+
+    ``scale = (2**b - 1) / max(hi - lo, 1e-8)``, ``zp = round(scale * lo) + (n if lo < 0)``,
+    ``q = round(scale * x - zp)`` clamped to ``[-n, n-1]`` (signed, ``lo < 0``) or ``[0, 2n-1]``,
+    output ``(q + zp) / scale``, with ``n = 2**(b-1)``; computed in float32, returned in
+    ``x``'s dtype.
+    """
+    n = 2 ** (bits - 1)
+    lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+    signed = bool(lo < 0)
+    scale = (2**bits - 1) / torch.clamp(hi - lo, min=1e-8)
+    zero_point = torch.round(scale * lo) + (n if signed else 0)
+    low, high = (-n, n - 1) if signed else (0, 2 * n - 1)
+    q = torch.clamp(torch.round(scale * x.float() - zero_point), low, high)
+    return ((q + zero_point) / scale).to(x.dtype)
