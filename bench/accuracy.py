@@ -45,11 +45,10 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import squant
@@ -67,6 +66,18 @@ from accuracy_data import (  # noqa: E402
     skimage_photos,
 )
 from accuracy_plots import plot, plot_act  # noqa: E402
+from accuracy_rows import (  # noqa: E402
+    ACT_HEADER,
+    HEADER,
+    ActRow,
+    ActTask,
+    Row,
+    Task,
+    compare,
+    format_act_row,
+    format_row,
+    logits,
+)
 from mobilenet_v2 import fold_batchnorm, mobilenet_v2_imagenet  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -78,79 +89,6 @@ WEIGHT_ACT_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
 # Calibration batch per model: 64 random 224x224 images keep MobileNetV2's calibration short.
 CALIBRATION_BATCH = {"MobileNetV2": 64, "Fashion-MNIST CNN": 256}
 Quantizer = Callable[[nn.Module, int], nn.Module]
-
-
-@dataclass(frozen=True)
-class Task:
-    """A float model, its evaluation inputs, and its labels when they are known."""
-
-    name: str
-    model: nn.Module
-    inputs: torch.Tensor
-    labels: torch.Tensor | None
-    bits: tuple[int, ...]
-    ablations: dict[str, dict[str, int]]
-    batchnorms: bool = False  # the model has its BatchNorms: bias correction can run
-
-
-@dataclass(frozen=True)
-class Row:
-    """How one quantized model does against its FP32 reference."""
-
-    model: str
-    bits: int
-    method: str
-    accuracy: float | None
-    agreement: float
-    kl: float
-    seconds: float
-
-
-@dataclass(frozen=True)
-class ActTask:
-    """A task whose model also gets its activations quantized, with the calibration set-up."""
-
-    task: Task
-    variant: str
-    input_shape: tuple[int, ...]
-    calibration_batch: int
-
-
-@dataclass(frozen=True)
-class ActRow:
-    """How one model with quantized weights and activations does against FP32."""
-
-    model: str
-    variant: str
-    weight_bits: int
-    act_bits: int
-    act_range: str
-    calibration_batch: int
-    accuracy: float | None
-    agreement: float
-    kl: float
-    seconds: float
-
-
-def logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """The model's logits on all inputs, batched, channels-last, in inference mode."""
-    model = model.eval().to(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        return torch.cat([
-            model(batch.contiguous(memory_format=torch.channels_last))
-            for batch in inputs.split(batch_size)
-        ])
-
-
-def compare(task: Task, reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    """Accuracy (when labelled), top-1 agreement with FP32, mean KL(FP32 || candidate)."""
-    top1 = candidate.argmax(1)
-    kl = F.kl_div(F.log_softmax(candidate, 1), F.log_softmax(reference, 1),
-                  reduction="batchmean", log_target=True)
-    accuracy = None if task.labels is None else (top1 == task.labels).double().mean().item()
-    return {"accuracy": accuracy,
-            "agreement": (top1 == reference.argmax(1)).double().mean().item(),
-            "kl": float(kl)}
 
 
 def has_range_search() -> bool:
@@ -250,30 +188,6 @@ def ablations(model: nn.Module, first: str, classifier: str) -> dict[str, dict[s
     return {"first layer 8b": {first: 8},
             "depthwise 8b": dict.fromkeys(depthwise_layers(model), 8),
             "classifier 8b": {classifier: 8}}
-
-
-HEADER = (f"{'model':<22} {'bits':>4}  {'method':<28} {'accuracy':>8} {'agree':>8} "
-          f"{'KL':>9} {'time':>9}")
-
-
-def format_row(row: Row) -> str:
-    """One aligned table line."""
-    accuracy = "-" if row.accuracy is None else f"{row.accuracy:.2%}"
-    bits = "fp32" if row.bits == 32 else str(row.bits)
-    return (f"{row.model:<22} {bits:>4}  {row.method:<28} {accuracy:>8} {row.agreement:>8.2%} "
-            f"{row.kl:>9.5f} {row.seconds * 1e3:>7.1f}ms")
-
-
-ACT_HEADER = (f"{'model':<22} {'BN':<10} {'W/A':<5} {'range':<6} {'calib':>5} "
-              f"{'accuracy':>8} {'agree':>8} {'KL':>9} {'time':>9}")
-
-
-def format_act_row(row: ActRow) -> str:
-    """One aligned line of the activation table."""
-    accuracy = "-" if row.accuracy is None else f"{row.accuracy:.2%}"
-    return (f"{row.model:<22} {row.variant:<10} {f'W{row.weight_bits}A{row.act_bits}':<5} "
-            f"{row.act_range:<6} {row.calibration_batch:>5} {accuracy:>8} {row.agreement:>8.2%} "
-            f"{row.kl:>9.5f} {row.seconds * 1e3:>7.0f}ms")
 
 
 def score(row: Row) -> float:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from accuracy import ActRow, Row
+    from accuracy_rows import ActRow, Row
 
 # RTN wide and dashed: SQuant E gives the same values and is drawn over it.
 RTN_STYLE = {"color": "black", "linewidth": 4, "linestyle": "--", "alpha": 0.35}

@@ -36,8 +36,8 @@ from squant import kernels
 from squant.demo_model import load_demo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import HEADER, Row, Task, compare, format_row, logits  # noqa: E402
 from accuracy_data import exit_if_missing, fashion_mnist_test, photo_crops  # noqa: E402
+from accuracy_rows import HEADER, Row, Task, compare, format_row, logits  # noqa: E402
 from mobilenet_v2 import fold_batchnorm, mobilenet_v2_imagenet  # noqa: E402
 from search_oracle import LAYERS, kc_on_ranges, with_weights  # noqa: E402
 
