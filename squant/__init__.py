@@ -11,7 +11,7 @@ from . import (
 )
 from ._version import __version__
 from .core.errors import QuantizationError
-from .core.options import QuantOptions
+from .core.options import ActivationOptions, QuantOptions
 from .core.report import LayerReport, QuantizationReport
 from .core.tensor import QuantizedTensor, quantize_weight, quantize_weights
 from .io.storage import load, save
@@ -20,6 +20,7 @@ from .model import dequantize, quantize
 _compat.install()
 
 __all__ = [
+    "ActivationOptions",
     "LayerReport",
     "QuantOptions",
     "QuantizationReport",

@@ -8,8 +8,6 @@ with it, yet the weights being quantized are never copied as float.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import fnmatch
 import time
 import warnings
 from collections import Counter
@@ -21,23 +19,15 @@ import torch
 from torch import nn
 
 from .core.errors import QuantizationError
-from .core.options import QuantOptions, check_bits
+from .core.options import ActivationOptions, QuantOptions
 from .core.report import QuantizationReport, layer_report
 from .core.tensor import QuantizedTensor, quantize_with_options
 from .nn import QUANTIZED_CLASSES, QuantizedModule
 from .nn.module_tree import copy_replacing, swap_modules
-from .ranges.activations import calibrate, check_activation_options, enable_activations
+from .nn.selection import Layer, relocate, select_layers
+from .ranges.activations import calibrate, enable_activations
 from .ranges.batchnorm import Moments, bn_input_moments, bn_ranges, same_moments
 from .ranges.bias_correction import correct_bias
-
-
-@dataclass
-class _Layer:
-    """A layer to quantize: its names (all the paths it is reachable by) and its options."""
-
-    names: list[str]
-    module: nn.Module
-    options: QuantOptions
 
 
 def quantize(
@@ -54,12 +44,13 @@ def quantize(
     inplace: bool = False,
     cache_weights: bool = True,
     report: bool = False,
+    activations: ActivationOptions | None = None,
     act_bits: int | None = None,
     input_shape: Sequence[int] | None = None,
-    act_range: str = "paper",
+    act_range: str | None = None,
     sigma: float | None = None,
-    calibration_batch: int = 256,
-    seed: int = 0,
+    calibration_batch: int | None = None,
+    seed: int | None = None,
     bias_correction: bool = False,
 ) -> nn.Module:
     """Quantize every Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d weight of ``model``.
@@ -92,21 +83,14 @@ def quantize(
         cache_weights: quantized modules keep their dequantized weight after first use
             (faster forward) instead of recomputing it each time (less memory).
         report: attach a :class:`squant.QuantizationReport` as ``qmodel.squant_report``.
-        act_bits: 2..8 to also quantize activations, data-free (``None``: weights only). The
-            input of every quantized layer but the first (which stays float) is fake-quantized
-            per tensor, the last layer's with 8 bits; ranges come from ``act_range``.
-        input_shape: one input's shape without the batch dimension; required with
-            ``act_bits``, to run the calibration batch.
-        act_range: how activation ranges are found: ``"paper"`` (SQuant's rule: one batch of
-            uniform [0, 1) inputs, range ``sigma`` times the std of each layer's input), or
-            ``"bn"``: a layer whose input BatchNorms determine (through ReLU/ReLU6, Identity,
-            Dropout, flatten, residual adds) gets the range with the least expected
-            quantization error at its bits over the BNs' per-channel Gaussians
-            ``N(beta, gamma**2)`` (:mod:`squant.ranges.batchnorm`); the others, or all of them if
-            ``torch.fx`` cannot trace the model (a warning), keep the paper's rule.
-        sigma: the paper rule's multiplier; ``None``: 12 up to 4 bits, 14 for 5-6, 25 for 7-8
-            (by each layer's own activation bits).
-        calibration_batch, seed: size and seed of the calibration batch.
+        activations: quantize activations too, data-free (:class:`squant.ActivationOptions`:
+            bits, input_shape, range ``"paper"`` or ``"bn"``, sigma, calibration batch and
+            seed); ``None``: weights only. The input of every quantized layer but the first
+            (which stays float) is fake-quantized per tensor, the last layer's with 8 bits.
+        act_bits, input_shape, act_range, sigma, calibration_batch, seed: the same options as
+            keywords (``act_bits=4, input_shape=(3, 224, 224)`` is
+            ``activations=ActivationOptions(4, (3, 224, 224))``); not together with
+            ``activations``, and none of them without ``act_bits``.
         bias_correction: add to each layer's bias the mean shift its quantized weight causes
             in its output, ``sum_c mean_c * sum_k (W - Q)[o, c, k]`` per output channel, where
             BatchNorms determine the layer's input means (as for ``range="search"``; a
@@ -117,18 +101,24 @@ def quantize(
     A pattern in ``skip`` or ``layer_bits`` that matches no layer is an error (a typo would
     otherwise silently quantize everything). A weight shared by several layers is quantized
     once and the quantized layers share its codes.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``, or a bits value is not an int.
+        QuantizationError: an option out of its domain, a pattern matching no layer, nothing
+            to quantize, or a calibration batch the model does not run (named in the message).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     default = QuantOptions(bits, mode, scheme, granularity, range)
-    if act_bits is not None:
-        check_activation_options(act_bits, input_shape, act_range, sigma, calibration_batch)
+    activations = _activation_options(activations, act_bits=act_bits, input_shape=input_shape,
+                                      range=act_range, sigma=sigma,
+                                      calibration_batch=calibration_batch, seed=seed)
     skip = [skip] if isinstance(skip, str) else list(skip)
-    layers = _select_layers(model, skip, dict(layer_bits or {}), dict(layer_options or {}),
+    layers = select_layers(model, skip, dict(layer_bits or {}), dict(layer_options or {}),
                             default)
     if not inplace:
         model = copy_replacing(model, [layer.module for layer in layers])
-        layers = _relocate(model, layers)
+        layers = relocate(model, layers)
     start = time.perf_counter()
     moments = _layer_moments(model, layers, bias_correction)
     shared = _quantize_shared(layers, moments)
@@ -142,16 +132,40 @@ def quantize(
     model = swap_modules(model, replacements)
     if bias_correction:
         _correct_biases(layers, replacements, moments)
-    if act_bits is not None:
+    if activations is not None:
         quantized = [m for m in model.modules() if isinstance(m, QuantizedModule)]
-        active = enable_activations(quantized, act_bits)
-        fixed = bn_ranges(model, active) if act_range == "bn" and active else {}
-        calibrate(model, active, input_shape, sigma, calibration_batch, seed, fixed)
+        active = enable_activations(quantized, activations.bits)
+        fixed = bn_ranges(model, active) if activations.range == "bn" and active else {}
+        calibrate(model, active, activations, fixed)
         for module in quantized:  # weights cached under inference_mode cannot enter autograd
             module._cached_weight = None
     if report:
         model.squant_report = _report(model, shared, seconds)
     return model
+
+
+def _activation_options(options: ActivationOptions | None, **keywords: object
+                        ) -> ActivationOptions | None:
+    """``activations``, or the one built from the keyword form (``act_bits=...``)."""
+    given = {name: value for name, value in keywords.items() if value is not None}
+    if options is not None and not isinstance(options, ActivationOptions):
+        raise TypeError(f"activations must be a squant.ActivationOptions or None, "
+                        f"got {type(options).__name__}")
+    if options is not None and given:
+        raise QuantizationError(
+            f"give the activation options either as activations=ActivationOptions(...) or as "
+            f"keywords, not both (got activations and {', '.join(_keyword(n) for n in given)})")
+    if options is not None or not given:
+        return options
+    if "act_bits" not in given:
+        raise QuantizationError(
+            f"{', '.join(_keyword(n) for n in given)} only apply with act_bits (activation "
+            "quantization); without act_bits only the weights are quantized")
+    return ActivationOptions(given.pop("act_bits"), **given)
+
+
+def _keyword(name: str) -> str:
+    return "act_range" if name == "range" else name
 
 
 def dequantize(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -167,66 +181,6 @@ def dequantize(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
             weight = weights.setdefault(id(module.codes), module.float_weight())
             replacements[id(module)] = module.to_float(weight)
     return swap_modules(model, replacements)
-
-
-def _select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
-                   layer_options: dict[str, Mapping[str, object]],
-                   default: QuantOptions) -> list[_Layer]:
-    """The layers to quantize with their options; checks every pattern matches some layer."""
-    for pattern, bits in layer_bits.items():
-        check_bits(bits, f"layer_bits[{pattern!r}]")
-    for pattern, overrides in layer_options.items():
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(QuantOptions)}
-        if unknown:
-            raise QuantizationError(f"layer_options[{pattern!r}]: unknown option(s) "
-                                    f"{', '.join(sorted(map(str, unknown)))}; use bits, mode, "
-                                    "scheme, granularity or range")
-    by_module: dict[int, _Layer] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) not in QUANTIZED_CLASSES:
-            continue
-        if id(module) in by_module:
-            by_module[id(module)].names.append(name)
-        else:
-            by_module[id(module)] = _Layer([name], module, default)
-    if not by_module:
-        raise QuantizationError(
-            f"{type(model).__name__} has no layer to quantize (supported: "
-            f"{', '.join(c.__name__ for c in QUANTIZED_CLASSES)})")
-    _check_patterns_match(skip, "skip", by_module.values())
-    _check_patterns_match(layer_bits, "layer_bits", by_module.values())
-    _check_patterns_match(layer_options, "layer_options", by_module.values())
-    layers = []
-    for layer in by_module.values():
-        if any(_matches(pattern, layer) for pattern in skip):
-            continue
-        bits = next((b for p, b in layer_bits.items() if _matches(p, layer)), default.bits)
-        overrides = next((o for p, o in layer_options.items() if _matches(p, layer)), {})
-        layer.options = dataclasses.replace(default, **{"bits": bits, **overrides})
-        layers.append(layer)
-    if not layers:
-        raise QuantizationError("every layer is skipped: nothing to quantize")
-    return layers
-
-
-def _matches(pattern: str, layer: _Layer) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for name in layer.names)
-
-
-def _check_patterns_match(patterns: Iterable[str], what: str, layers: Iterable[_Layer]) -> None:
-    layers = list(layers)
-    for pattern in patterns:
-        if not any(_matches(pattern, layer) for layer in layers):
-            known = ", ".join(layer.names[0] or "<root>" for layer in layers[:20])
-            raise QuantizationError(
-                f"{what} pattern {pattern!r} matches no quantizable layer (layers: {known}"
-                f"{', ...' if len(layers) > 20 else ''})")
-
-
-def _relocate(model: nn.Module, layers: list[_Layer]) -> list[_Layer]:
-    """The same layers, found by name in the copied model."""
-    return [_Layer(layer.names, model.get_submodule(layer.names[0]), layer.options)
-            for layer in layers]
 
 
 def _weight_blocks(module: nn.Module) -> tuple[list[torch.Tensor], int]:
@@ -246,7 +200,7 @@ class _SharedWeight:
     """One distinct weight Parameter: the first layer using it, its blocks and their results,
     and the names of every layer using it."""
 
-    layer: _Layer
+    layer: Layer
     blocks: list[torch.Tensor]
     axis: int
     parts: list[QuantizedTensor]
@@ -258,7 +212,7 @@ class _SharedWeight:
         return _join_blocks(self.parts)
 
 
-def _quantize_shared(layers: list[_Layer], moments: dict[int, Moments]
+def _quantize_shared(layers: list[Layer], moments: dict[int, Moments]
                      ) -> dict[int, _SharedWeight]:
     """Quantize each distinct weight once, all in one batched call; keyed by ``id`` of the
     weight Parameter. ``moments``: per layer ``id``, its BN input moments (for the search)."""
@@ -301,7 +255,7 @@ def _quantize_shared(layers: list[_Layer], moments: dict[int, Moments]
     return shared
 
 
-def _layer_moments(model: nn.Module, layers: list[_Layer], bias_correction: bool
+def _layer_moments(model: nn.Module, layers: list[Layer], bias_correction: bool
                    ) -> dict[int, Moments]:
     """The BN input moments (:func:`squant.ranges.batchnorm.bn_input_moments`) of the layers that
     need them: those searched with ``range="search"``, and all with ``bias_correction``.
@@ -339,7 +293,7 @@ def _search_moments(shared: dict[int, _SharedWeight], users: dict[int, list[nn.M
     return tables
 
 
-def _correct_biases(layers: list[_Layer], replacements: dict[int, QuantizedModule],
+def _correct_biases(layers: list[Layer], replacements: dict[int, QuantizedModule],
                     moments: dict[int, Moments]) -> None:
     """``bias_correction``: correct the bias of each quantized layer with finite input means
     (a bias tied between quantized layers is left alone, so that it stays tied)."""

@@ -192,6 +192,50 @@ def test_act_bits_must_be_an_int() -> None:
         squant.quantize(mlp(), 4, act_bits=4.0, input_shape=SHAPE)
 
 
+@pytest.mark.parametrize("keywords", [
+    {"act_bits": 4, "input_shape": SHAPE},
+    {"act_bits": 3, "input_shape": [4], "act_range": "bn", "sigma": 9.0, "calibration_batch": 32,
+     "seed": 5},
+])
+def test_activation_options_object_is_the_keywords(keywords: dict) -> None:
+    """``activations=ActivationOptions(...)`` gives the same model, buffer for buffer."""
+    options = squant.ActivationOptions(
+        keywords["act_bits"], keywords["input_shape"], keywords.get("act_range", "paper"),
+        keywords.get("sigma"), keywords.get("calibration_batch", 256), keywords.get("seed", 0))
+    by_object = squant.quantize(mlp(), 4, activations=options).state_dict()
+    by_keywords = squant.quantize(mlp(), 4, **keywords).state_dict()
+    assert by_object.keys() == by_keywords.keys()
+    for key, value in by_object.items():
+        assert torch.equal(value, by_keywords[key]), key
+    assert options.input_shape == tuple(keywords["input_shape"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"activations": squant.ActivationOptions(4, SHAPE), "act_bits": 4},
+     "either as activations=ActivationOptions.* or as keywords, not both.*act_bits"),
+    ({"activations": squant.ActivationOptions(4, SHAPE), "seed": 1}, "not both.*seed"),
+    ({"input_shape": SHAPE, "act_range": "bn"}, "input_shape, act_range only apply with act_bits"),
+])
+def test_activation_options_are_given_one_way(kwargs: dict, message: str) -> None:
+    with pytest.raises(squant.QuantizationError, match=message):
+        squant.quantize(mlp(), 4, **kwargs)
+
+
+def test_activations_must_be_activation_options() -> None:
+    with pytest.raises(TypeError, match="activations must be a squant.ActivationOptions"):
+        squant.quantize(mlp(), 4, activations={"bits": 4})
+
+
+def test_activation_options_are_frozen_and_checked() -> None:
+    options = squant.ActivationOptions(8, (3, 4))
+    with pytest.raises(AttributeError):
+        options.bits = 4
+    with pytest.raises(squant.QuantizationError, match="calibration_batch must be a positive"):
+        squant.ActivationOptions(8, (3, 4), calibration_batch=0)
+    with pytest.raises(squant.QuantizationError, match="seed must be an int"):
+        squant.ActivationOptions(8, (3, 4), seed=1.5)
+
+
 def test_state_dict_round_trip_restores_the_ranges() -> None:
     """Another calibration seed gives other ranges; loading the state_dict restores outputs."""
     source = squant.quantize(mlp(), 4, act_bits=4, input_shape=SHAPE, seed=0)

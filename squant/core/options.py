@@ -1,4 +1,4 @@
-"""Quantization options as one frozen, validated value (bits, mode, grid).
+"""Quantization options as frozen, validated values: the weights' grid and the activations'.
 
 Validated once here, at the boundary, so nothing below re-checks them.
 """
@@ -6,6 +6,7 @@ Validated once here, at the boundary, so nothing below re-checks them.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import QuantizationError
@@ -14,6 +15,7 @@ MODES = ("E", "K", "C", "KC")
 SCHEMES = ("asymmetric", "symmetric")
 GRANULARITIES = ("channel", "tensor")
 RANGES = ("minmax", "search")
+ACT_RANGES = ("paper", "bn")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -72,3 +74,60 @@ class QuantOptions:
     def channel_pass(self) -> bool:
         """Whether CQ runs."""
         return "C" in self.mode
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    """How ``squant.quantize`` quantizes activations, data-free (the SQuant paper's WxAx).
+
+    The input of every quantized layer but the first (which stays float) is fake-quantized per
+    tensor, asymmetric, the last layer's with 8 bits, the others' with ``bits`` (2..8).
+
+    input_shape: one input's shape without the batch dimension (e.g. ``(3, 224, 224)``), to run
+    the calibration batch. range: ``"paper"`` (SQuant's rule: one batch of ``calibration_batch``
+    uniform [0, 1) inputs seeded by ``seed``, range ``sigma`` times the std of each layer's
+    input; ``sigma`` None: 12 up to 4 bits, 14 for 5-6, 25 for 7-8) or ``"bn"`` (the least-error
+    range of the BatchNorm Gaussians that determine a layer's input, the paper's rule elsewhere;
+    :mod:`squant.ranges.batchnorm`).
+
+    Raises:
+        TypeError: ``bits`` is not an int.
+        QuantizationError: any other value out of its domain (named in the message).
+    """
+
+    bits: int
+    input_shape: tuple[int, ...] | None = None
+    range: str = "paper"
+    sigma: float | None = None
+    calibration_batch: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", check_bits(self.bits, "act_bits"))
+        if self.input_shape is None:
+            raise QuantizationError("act_bits needs input_shape, the shape of one model input "
+                                    "without the batch dimension (e.g. (3, 224, 224)), to run "
+                                    "the calibration batch")
+        if not _positive_ints(self.input_shape):
+            raise QuantizationError(f"input_shape must be a sequence of positive ints, "
+                                    f"got {self.input_shape!r}")
+        object.__setattr__(self, "input_shape", tuple(int(n) for n in self.input_shape))
+        if self.range not in ACT_RANGES:
+            raise QuantizationError(f"unknown act_range {self.range!r}: choose one of "
+                                    f"{', '.join(ACT_RANGES)}")
+        sigma = self.sigma
+        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
+                                  or not sigma > 0):
+            raise QuantizationError(f"sigma must be a positive number or None, got {sigma!r}")
+        if isinstance(self.calibration_batch, bool) or not _positive_ints(
+                [self.calibration_batch]):
+            raise QuantizationError(f"calibration_batch must be a positive int, "
+                                    f"got {self.calibration_batch!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise QuantizationError(f"seed must be an int, got {self.seed!r}")
+
+
+def _positive_ints(values: object) -> bool:
+    return (isinstance(values, Sequence) and len(values) > 0
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+                    for v in values))

@@ -1,8 +1,9 @@
 """Quantized modules: one class per float layer kind, registered against that class.
 
 ``squant.nn.QuantizedLinear`` and the others are the public names. ``base`` holds what they
-share and the registry, one module per layer kind holds its classes (``linear``, ``conv``), and
-``module_tree`` swaps them into a model. Imports :mod:`squant.core` only.
+share and the registry, one module per layer kind holds its classes (``linear``, ``conv``),
+``selection`` picks a model's layers to quantize and ``module_tree`` swaps the quantized ones in.
+Imports :mod:`squant.core` only.
 """
 
 from .base import QUANTIZED_CLASSES, QuantizedModule, register

@@ -11,18 +11,16 @@ instead; the others still come from this rule.
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from ..core.errors import QuantizationError
 from ..core.fake_quant import fake_quantize  # noqa: F401  (squant 0.1 exported it here)
-from ..core.options import check_bits
+from ..core.options import ACT_RANGES, ActivationOptions  # noqa: F401  (ACT_RANGES: 0.1's path)
 from .batchnorm import Range
 
-ACT_RANGES = ("paper", "bn")
 LAST_LAYER_BITS = 8
 
 
@@ -53,34 +51,6 @@ def paper_range(x: torch.Tensor, bits: int, sigma: float | None = None
     return (-alpha if signed else torch.zeros_like(alpha)), alpha
 
 
-def check_activation_options(act_bits: object, input_shape: object, act_range: object,
-                             sigma: object, calibration_batch: object) -> None:
-    """Raise a clear error for any activation option ``squant.quantize`` cannot use."""
-    check_bits(act_bits, "act_bits")
-    if input_shape is None:
-        raise QuantizationError("act_bits needs input_shape, the shape of one model input "
-                                "without the batch dimension (e.g. (3, 224, 224)), to run the "
-                                "calibration batch")
-    if not _positive_ints(input_shape):
-        raise QuantizationError(f"input_shape must be a sequence of positive ints, "
-                                f"got {input_shape!r}")
-    if act_range not in ACT_RANGES:
-        raise QuantizationError(f"unknown act_range {act_range!r}: choose one of "
-                                f"{', '.join(ACT_RANGES)}")
-    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
-                              or not sigma > 0):
-        raise QuantizationError(f"sigma must be a positive number or None, got {sigma!r}")
-    if isinstance(calibration_batch, bool) or not _positive_ints([calibration_batch]):
-        raise QuantizationError(f"calibration_batch must be a positive int, "
-                                f"got {calibration_batch!r}")
-
-
-def _positive_ints(values: object) -> bool:
-    return (isinstance(values, Sequence) and len(values) > 0
-            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
-                    for v in values))
-
-
 def enable_activations(layers: list[nn.Module], act_bits: int) -> list[nn.Module]:
     """Turn on input quantization of every quantized layer of ``layers`` (in model order) but
     the first (float input); the last uses 8 bits, the others ``act_bits``. Returns the layers
@@ -91,12 +61,12 @@ def enable_activations(layers: list[nn.Module], act_bits: int) -> list[nn.Module
     return layers[1:]
 
 
-def calibrate(model: nn.Module, layers: list[nn.Module], input_shape: Sequence[int],
-              sigma: float | None, batch: int, seed: int,
+def calibrate(model: nn.Module, layers: list[nn.Module], options: ActivationOptions,
               fixed: Mapping[int, Range] | None = None) -> None:
-    """Fix each layer's range from the first input it receives when one batch of seeded
-    uniform [0, 1) inputs runs through ``model`` (in eval mode, restored afterwards), or to
-    ``fixed[id(layer)]`` where given (e.g. :func:`bn_ranges`).
+    """Fix each layer's range from the first input it receives when one batch of
+    ``options.calibration_batch`` uniform [0, 1) inputs seeded by ``options.seed`` runs through
+    ``model`` (in eval mode, restored afterwards), by the paper's rule with ``options.sigma``,
+    or to ``fixed[id(layer)]`` where given (e.g. :func:`bn_ranges`).
 
     A forward pre-hook sets the range before the layer's own forward quantizes that input, so
     every later layer sees the quantized activations of the layers before it.
@@ -104,15 +74,16 @@ def calibrate(model: nn.Module, layers: list[nn.Module], input_shape: Sequence[i
     fixed = fixed or {}
     if not layers:
         return
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.rand((batch, *input_shape), generator=generator)
+    generator = torch.Generator().manual_seed(options.seed)
+    inputs = torch.rand((options.calibration_batch, *options.input_shape), generator=generator)
     inputs = inputs.to(device=layers[0].codes.device, dtype=layers[0].weight_dtype)
     pending = set(map(id, layers))
 
     def set_range(module: nn.Module, args: tuple) -> None:
         if id(module) in pending:
             pending.discard(id(module))
-            lo, hi = fixed.get(id(module)) or paper_range(args[0], int(module.act_bits), sigma)
+            lo, hi = fixed.get(id(module)) or paper_range(args[0], int(module.act_bits),
+                                                           options.sigma)
             module.act_lo.copy_(lo)
             module.act_hi.copy_(hi)
 

@@ -1,0 +1,95 @@
+"""Which layers of a model ``squant.quantize`` quantizes, and with which options.
+
+Layers are matched by their float class in the registry (:data:`squant.nn.QUANTIZED_CLASSES`);
+``skip``, ``layer_bits`` and ``layer_options`` select and override by fnmatch patterns on the
+layers' names, and a pattern that matches nothing is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..core.errors import QuantizationError
+from ..core.options import QuantOptions, check_bits
+from .base import QUANTIZED_CLASSES
+
+
+@dataclass
+class Layer:
+    """A layer to quantize: its names (all the paths it is reachable by) and its options."""
+
+    names: list[str]
+    module: nn.Module
+    options: QuantOptions
+
+
+def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
+                  layer_options: dict[str, Mapping[str, object]],
+                  default: QuantOptions) -> list[Layer]:
+    """The layers of ``model`` to quantize with their options, in model order.
+
+    Raises:
+        QuantizationError: a pattern matches no quantizable layer, an unknown option in
+            ``layer_options``, no quantizable layer, or every layer skipped.
+        TypeError: a ``layer_bits`` value is not an int.
+    """
+    for pattern, bits in layer_bits.items():
+        check_bits(bits, f"layer_bits[{pattern!r}]")
+    for pattern, overrides in layer_options.items():
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(QuantOptions)}
+        if unknown:
+            raise QuantizationError(f"layer_options[{pattern!r}]: unknown option(s) "
+                                    f"{', '.join(sorted(map(str, unknown)))}; use bits, mode, "
+                                    "scheme, granularity or range")
+    by_module: dict[int, Layer] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) not in QUANTIZED_CLASSES:
+            continue
+        if id(module) in by_module:
+            by_module[id(module)].names.append(name)
+        else:
+            by_module[id(module)] = Layer([name], module, default)
+    if not by_module:
+        raise QuantizationError(
+            f"{type(model).__name__} has no layer to quantize (supported: "
+            f"{', '.join(c.__name__ for c in QUANTIZED_CLASSES)})")
+    _check_patterns_match(skip, "skip", by_module.values())
+    _check_patterns_match(layer_bits, "layer_bits", by_module.values())
+    _check_patterns_match(layer_options, "layer_options", by_module.values())
+    layers = []
+    for layer in by_module.values():
+        if any(matches(pattern, layer) for pattern in skip):
+            continue
+        bits = next((b for p, b in layer_bits.items() if matches(p, layer)), default.bits)
+        overrides = next((o for p, o in layer_options.items() if matches(p, layer)), {})
+        layer.options = dataclasses.replace(default, **{"bits": bits, **overrides})
+        layers.append(layer)
+    if not layers:
+        raise QuantizationError("every layer is skipped: nothing to quantize")
+    return layers
+
+
+def matches(pattern: str, layer: Layer) -> bool:
+    """Whether the fnmatch ``pattern`` matches any of the layer's names."""
+    return any(fnmatch.fnmatchcase(name, pattern) for name in layer.names)
+
+
+def _check_patterns_match(patterns: Iterable[str], what: str, layers: Iterable[Layer]) -> None:
+    layers = list(layers)
+    for pattern in patterns:
+        if not any(matches(pattern, layer) for layer in layers):
+            known = ", ".join(layer.names[0] or "<root>" for layer in layers[:20])
+            raise QuantizationError(
+                f"{what} pattern {pattern!r} matches no quantizable layer (layers: {known}"
+                f"{', ...' if len(layers) > 20 else ''})")
+
+
+def relocate(model: nn.Module, layers: list[Layer]) -> list[Layer]:
+    """The same layers, found by name in the copied model."""
+    return [Layer(layer.names, model.get_submodule(layer.names[0]), layer.options)
+            for layer in layers]
