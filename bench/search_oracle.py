@@ -80,13 +80,12 @@ def kc_on_ranges(weight: np.ndarray, bits: int, lo: np.ndarray, hi: np.ndarray) 
     scale, zero = np.empty(out, np.float32), np.empty(out, np.float32)
     finite = np.empty(out, np.bool_)
     flags = kernels.KERNEL_PASS | kernels.CHANNEL_PASS | kernels.GIVEN_RANGE
-    kernels.quantize_batch(
+    kernels.quantize_blocks(
         weight.ctypes.data + channel * 4, codes.ctypes.data + channel,
         np.full(out, inner, np.int64), np.full(out, ksize, np.int64),
         np.full(out, bits, np.int64), np.full(out, flags, np.int64),
-        lo.astype(np.float32), hi.astype(np.float32), np.empty(0, np.float64),
-        np.full(out, kernels.NO_MOMENTS, np.int64), np.array([0, out], np.int64),
-        scale, zero, finite)
+        lo.astype(np.float32), hi.astype(np.float32), np.array([0, out], np.int64),
+        scale, zero, finite, 0, 1, None, np.full(out, kernels.NO_MOMENTS, np.int64))
     codes = codes.reshape(weight.shape).astype(np.float64)
     return (codes + zero[:, None, None]) / scale.astype(np.float64)[:, None, None]
 

@@ -1,7 +1,7 @@
 """numba kernels of SQuant (SQUANT_SPEC.md): grid, EQ, the flip step, KQ and CQ.
 
 Pure functions over flat arrays; they import numba and numpy only. Installed as
-``squant.kernels``. The entry point is :func:`quantize_batch`.
+``squant.kernels``. The entry point is :func:`quantize_blocks`.
 """
 
 from .passes import (
@@ -12,7 +12,7 @@ from .passes import (
     RANGE_SEARCH,
     SHRINK_FACTORS,
     SYMMETRIC,
-    quantize_batch,
+    quantize_blocks,
 )
 
 __all__ = [
@@ -23,5 +23,5 @@ __all__ = [
     "RANGE_SEARCH",
     "SHRINK_FACTORS",
     "SYMMETRIC",
-    "quantize_batch",
+    "quantize_blocks",
 ]

@@ -14,7 +14,7 @@ from numba import njit
 from .grid import flip, has_candidate
 
 _LOW = np.int64(0xFFFFFFFF)
-_INSERTION_LIMIT = 64  # above this many: a full sort
+_INSERTION_LIMIT = 64  # above this many: a heap
 SMALLEST_KEY = np.iinfo(np.int64).min
 LARGEST_KEY = np.iinfo(np.int64).max
 
@@ -63,9 +63,40 @@ def select_top(keys, size, m, top):
             top[pos] = key
             threshold = top[m - 1]
     else:
-        ordered = np.sort(keys[:size])
-        for t in range(m):
-            top[t] = ordered[size - 1 - t]
+        _select_top_by_heap(keys, size, m, top)
+
+
+@njit(cache=True)
+def _select_top_by_heap(keys, size, m, top):
+    """``select_top`` for large ``m``: a min-heap of the ``m`` largest keys seen so far in
+    ``top[:m]``, then sorted in place (heapsort), largest first. No allocation, no np.sort
+    (whose generic code costs seconds of compile time)."""
+    for i in range(m):
+        top[i] = keys[i]
+    for start in range(m // 2 - 1, -1, -1):
+        _sift_down(top, start, m)
+    for i in range(m, size):
+        if keys[i] > top[0]:
+            top[0] = keys[i]
+            _sift_down(top, 0, m)
+    for end in range(m - 1, 0, -1):  # the smallest goes last, so top ends largest first
+        top[0], top[end] = top[end], top[0]
+        _sift_down(top, 0, end)
+
+
+@njit(cache=True, inline="always")
+def _sift_down(heap, position, length):
+    """Restore the min-heap order of ``heap[:length]`` below ``position``."""
+    while True:
+        child = 2 * position + 1
+        if child >= length:
+            return
+        if child + 1 < length and heap[child + 1] < heap[child]:
+            child += 1
+        if heap[position] <= heap[child]:
+            return
+        heap[position], heap[child] = heap[child], heap[position]
+        position = child
 
 
 @njit(cache=True, inline="always")

@@ -1,14 +1,16 @@
-"""EQ, KQ and CQ over one channel, and the parallel loop over a ragged batch of channels.
+"""EQ, KQ and CQ over one channel, and the loop over blocks of a ragged batch of channels.
 
 One channel at a time, fused: grid, EQ, KQ over its kernels, CQ, clamp, so its data stays in
-cache. The batch is described by flat per-channel tables, so one ``prange`` covers every
-channel of every weight; the caller groups channels into blocks of similar work, and a block
-allocates its scratch once. Each channel's result depends on that channel alone: the codes are
-the same for any number of threads.
+cache. The batch is described by flat per-channel tables, so one loop covers every channel of
+every weight; the caller groups channels into blocks of similar work (a block allocates its
+scratch once) and runs disjoint block ranges on its threads (the loop releases the GIL). Each
+channel's result depends on that channel alone: the codes are the same for any number of
+threads. Nothing here is ``parallel=True``: numba's parallel lowering would add seconds to the
+first-ever call's compile.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .channel_pass import channel_pass_after_kernels, channel_pass_eq
 from .grid import channel_range, grid_params
@@ -157,7 +159,8 @@ def _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, e
         error = _channel_error(w, trial, s, z, ksize, moments)
         if error < best:
             best, scale, zero = error, s, z
-            codes[:] = trial
+            for i in range(trial.shape[0]):  # a loop: slice assignment compiles shape checks
+                codes[i] = trial[i]
     return scale, zero
 
 
@@ -167,7 +170,9 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
     """Quantize one channel ``w`` (its slice; ``w_bits`` the same memory as int32) into its
     slice of ``codes``. ``moments``: its inputs' variances and means (``2 * inner`` values, see
     :func:`output_error`) for the range search, or empty. The other arrays are scratch space
-    (``trial``: candidate codes of the range search).
+    (``trial``: candidate codes of the range search). With ``trial`` and ``moments`` None the
+    range search is not compiled in (numba prunes the branch by the arguments' types);
+    otherwise ``RANGE_SEARCH`` in ``flags`` turns it on.
 
     Returns ``(S, Z, finite)``; with a NaN or Inf in the channel (``finite`` False) nothing is
     written.
@@ -180,29 +185,35 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
     scale, zero = _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value,
                                     scratch)
     # S = 0 (max - min overflows float32) is the caller's to report: no search then
-    if flags & RANGE_SEARCH != 0 and scale > 0:
-        scale, zero = _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x,
-                                    err, value, scratch, trial, moments)
+    if trial is not None:
+        if flags & RANGE_SEARCH != 0 and scale > 0:
+            scale, zero = _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x,
+                                        err, value, scratch, trial, moments)
     return scale, zero, True
 
 
-@njit(cache=True, parallel=True)
-def quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
-                   ch_hi, moments, ch_moments_start, block_start, scale, zero, finite):
-    """Quantize every channel of a ragged batch in one parallel loop.
+@njit(cache=True, nogil=True)
+def quantize_blocks(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
+                    ch_hi, block_start, scale, zero, finite, first_block, last_block,
+                    search_moments, ch_moments_start):
+    """Quantize the channels of blocks ``first_block .. last_block - 1`` of a ragged batch.
 
     Channel ``c`` is ``ch_inner[c] * ch_ksize[c]`` contiguous float32 values at address
     ``ch_address[c]`` (its weight laid out ``(O, I, K)``), quantized with ``ch_bits[c]`` and
     ``ch_flags[c]`` (``KERNEL_PASS | CHANNEL_PASS | SYMMETRIC | GIVEN_RANGE | RANGE_SEARCH``;
     with ``GIVEN_RANGE`` the range is ``[ch_lo[c], ch_hi[c]]``) into as many int8 codes at
-    ``ch_codes_address[c]``. With ``RANGE_SEARCH``, a channel whose ``ch_moments_start[c]`` is
-    not ``NO_MOMENTS`` weighs its error by the input moments
-    ``moments[start : start + 2 * ch_inner[c]]`` (float64, see :func:`output_error`). Blocks
-    ``block_start[b] .. block_start[b+1]-1`` of channels are the parallel work items. Writes
-    ``scale`` and ``zero`` (float32, one per channel) and ``finite`` (False for a channel
-    holding a NaN or Inf, whose other outputs are then junk).
+    ``ch_codes_address[c]``. Blocks ``block_start[b] .. block_start[b+1]-1`` of channels are the
+    work items; the caller runs disjoint block ranges on several threads (the GIL is released)
+    or all of them in one call. Writes ``scale`` and ``zero`` (float32, one per channel) and
+    ``finite`` (False for a channel holding a NaN or Inf, whose other outputs are then junk).
+
+    ``search_moments`` None: the range search is not compiled in (numba compiles one version
+    of this function per argument type and prunes the branch), and ``RANGE_SEARCH`` is ignored.
+    Else it is the float64 table of input moments: a channel with ``RANGE_SEARCH`` whose
+    ``ch_moments_start[c]`` is not ``NO_MOMENTS`` weighs its error by
+    ``search_moments[start : start + 2 * ch_inner[c]]`` (see :func:`output_error`).
     """
-    for b in prange(block_start.shape[0] - 1):
+    for b in range(first_block, last_block):
         first, last = block_start[b], block_start[b + 1]
         max_size = 1
         max_inner = 1
@@ -219,12 +230,18 @@ def quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch
         trial = np.empty(max_size, np.int8)  # a channel's codes on a range-search candidate
         for c in range(first, last):
             size = ch_inner[c] * ch_ksize[c]
-            start = ch_moments_start[c]
-            inputs = moments[:0]  # this channel's input moments, empty without
-            if start != NO_MOMENTS:
-                inputs = moments[start : start + 2 * ch_inner[c]]
-            scale[c], zero[c], finite[c] = quantize_channel(
-                view_at(ch_address[c], size, np.float32), view_at(ch_address[c], size, np.int32),
-                ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c], ch_hi[c],
-                view_at(ch_codes_address[c], size, np.int8), x, err, value, scratch,
-                range_scratch, trial, inputs)
+            w = view_at(ch_address[c], size, np.float32)
+            w_bits = view_at(ch_address[c], size, np.int32)
+            codes = view_at(ch_codes_address[c], size, np.int8)
+            if search_moments is None:
+                scale[c], zero[c], finite[c] = quantize_channel(
+                    w, w_bits, ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c],
+                    ch_hi[c], codes, x, err, value, scratch, range_scratch, None, None)
+            else:
+                start = ch_moments_start[c]
+                inputs = search_moments[:0]  # this channel's input moments, empty without
+                if start != NO_MOMENTS:
+                    inputs = search_moments[start : start + 2 * ch_inner[c]]
+                scale[c], zero[c], finite[c] = quantize_channel(
+                    w, w_bits, ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c],
+                    ch_hi[c], codes, x, err, value, scratch, range_scratch, trial, inputs)

@@ -1,19 +1,29 @@
 """Many weights -> per-channel tables (addresses, shapes, options) -> one kernel call -> codes.
 
-The kernels' parallel loop runs over blocks of channels of similar total size, drawn from every
-weight at once, so a model's layers are quantized in parallel rather than one after another.
+The kernels run over blocks of channels of similar total size, drawn from every weight at once,
+so a model's layers are quantized in parallel rather than one after another. The threads are
+Python threads running the GIL-free kernel on disjoint block ranges (numba's ``prange`` would
+cost seconds of compile time on first use), as many as ``numba.get_num_threads()`` allows and
+the work justifies: a small batch runs on the calling thread alone, so it pays for no parallel
+region it cannot use, and a busy machine's threads pick chunks as they come free.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from .. import kernels
 from .options import QuantOptions
 
-_BLOCK_ELEMENTS = 1 << 15  # work per parallel item: big enough to amortise its scratch
+_BLOCK_ELEMENTS = 1 << 15  # work per block: big enough to amortise its scratch
+_MIN_ELEMENTS_PER_THREAD = 1 << 17  # about half a millisecond of KC: worth a thread hand-off
+_CHUNKS_PER_THREAD = 4  # block ranges per thread, taken as threads come free
+_pool: ThreadPoolExecutor | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,42 @@ def _block_starts(sizes: np.ndarray) -> np.ndarray:
     ends = np.cumsum(sizes)
     cuts = np.searchsorted(ends, np.arange(_BLOCK_ELEMENTS, ends[-1], _BLOCK_ELEMENTS), "right")
     return np.unique(np.concatenate(([0], cuts, [sizes.shape[0]]))).astype(np.int64)
+
+
+def _thread_count(elements: int, blocks: int) -> int:
+    """Threads for a batch: numba's setting, fewer for little work, never more than blocks."""
+    return max(1, min(numba.get_num_threads(), blocks, elements // _MIN_ELEMENTS_PER_THREAD))
+
+
+def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elements: int) -> None:
+    """Run ``kernels.quantize_blocks`` over every block, on the calling thread and pool threads
+    (``args`` before the block range, ``search_args`` after it).
+
+    Blocks are cut into ranges of about equal work, ``_CHUNKS_PER_THREAD`` per thread, which the
+    threads take in turn. Each channel is quantized by exactly one call, so the codes do not
+    depend on the number of threads or on which thread ran what.
+    """
+    count = block_start.shape[0] - 1
+    threads = _thread_count(elements, count)
+    if threads == 1:
+        kernels.quantize_blocks(*args, 0, count, *search_args)
+        return
+    chunks = min(count, threads * _CHUNKS_PER_THREAD)
+    cuts = np.linspace(0, count, chunks + 1).round().astype(np.int64)
+    pending = iter(zip(cuts[:-1].tolist(), cuts[1:].tolist()))  # next() is atomic under the GIL
+
+    def work() -> None:
+        for first, last in pending:
+            kernels.quantize_blocks(*args, first, last, *search_args)
+
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                   thread_name_prefix="squant")
+    helpers = [_pool.submit(work) for _ in range(threads - 1)]
+    work()
+    for helper in helpers:
+        helper.result()
 
 
 def _moment_table(arrays: list[np.ndarray], moments: list[np.ndarray | None]
@@ -128,8 +174,10 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     zero = np.empty(channels, np.float32)
     finite = np.empty(channels, np.bool_)
     blocks = _block_starts(ch_inner * ch_ksize)
-    kernels.quantize_batch(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags,
-                           ch_lo, ch_hi, table, ch_moments_start, blocks, scale, zero, finite)
+    searched = any(opts.range == "search" for opts in options)
+    _run_blocks((ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
+                 ch_hi, blocks, scale, zero, finite),
+                (table if searched else None, ch_moments_start), blocks, int(offsets[-1]))
     results = []
     first = 0
     for array, start in zip(arrays, offsets[:-1]):
