@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``squant`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # also silences "compiling the kernels" (a WARNING)
+        logging.getLogger("squant").setLevel(logging.ERROR)
     try:
         args.run(args)
     except (QuantizationError, TypeError, OSError) as error:

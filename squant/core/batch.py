@@ -18,12 +18,15 @@ import numba
 import numpy as np
 
 from .. import kernels
+from . import compile_notice
 from .options import QuantOptions
 
 _BLOCK_ELEMENTS = 1 << 15  # work per block: big enough to amortise its scratch
 _MIN_ELEMENTS_PER_THREAD = 1 << 17  # about half a millisecond of KC: worth a thread hand-off
 _CHUNKS_PER_THREAD = 4  # block ranges per thread, taken as threads come free
 _pool: ThreadPoolExecutor | None = None
+
+compile_notice.install()
 
 
 @dataclass(frozen=True)

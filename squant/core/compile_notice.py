@@ -1,0 +1,48 @@
+"""One line on stderr when squant's numba kernels compile, so that a first call is not silent.
+
+numba compiles the kernels on the first call after installation (10-30 s on a 2-core machine)
+and stores them in its on-disk cache; later processes load them in a fraction of a second. A
+numba event listener (numba's ``numba:compile`` event fires for real compiles only, not for
+cache loads) logs a WARNING on the ``squant`` logger the first time one of squant's functions
+compiles in a process. Without logging configured Python prints it on stderr; silence it with
+``logging.getLogger("squant").setLevel(logging.ERROR)`` (the CLI's ``--quiet`` does).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from numba.core import event
+
+logger = logging.getLogger("squant")
+MESSAGE = ("squant: compiling the numba kernels for this machine, once per install "
+           "(about 10-30 s); later runs load them from numba's cache")
+
+
+class _CompileNotice(event.Listener):
+    """Logs :data:`MESSAGE` at the first compile of a squant function in this process."""
+
+    def __init__(self) -> None:
+        self.said = False
+
+    def on_start(self, ev: event.Event) -> None:
+        if self.said:
+            return
+        module = getattr(getattr(ev.data.get("dispatcher"), "py_func", None), "__module__", "")
+        if module.startswith("squant."):
+            self.said = True
+            logger.warning(MESSAGE)
+
+    def on_end(self, ev: event.Event) -> None:
+        """Nothing to do when a compile ends."""
+
+
+_notice: _CompileNotice | None = None
+
+
+def install() -> None:
+    """Listen to numba's compile events (once per process)."""
+    global _notice
+    if _notice is None:
+        _notice = _CompileNotice()
+        event.register("numba:compile", _notice)
