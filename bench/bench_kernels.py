@@ -32,6 +32,7 @@ import torch
 import squant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from busy import busy_cores  # noqa: E402
 from resnet import resnet18, resnet50, weight_shapes  # noqa: E402
 
 BITS = 4
@@ -96,9 +97,21 @@ def cold_call(cache_dir: str | None) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="time the warm table with N busy-loop processes running")
+    parser.add_argument("--warm-only", action="store_true", help="skip the cold figures")
     args = parser.parse_args()
     print(f"threads: numba {numba.get_num_threads()}, torch {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cores {os.cpu_count()}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cores {os.cpu_count()}"
+          f"{f', {args.busy} busy-loop processes running' if args.busy else ''}")
+    if not args.warm_only:
+        cold_figures()
+    with busy_cores(args.busy):
+        warm_table(args.repeats)
+
+
+def cold_figures() -> None:
+    """The first call in a fresh process, with an empty and with a warm numba cache."""
     with tempfile.TemporaryDirectory() as empty:
         imp, compile_s = cold_call(empty)
         print(f"cold, empty numba cache (compile): import {imp:.2f} s + first call "
@@ -107,6 +120,10 @@ def main() -> None:
         print(f"cold, warm numba cache (load):     import {imp:.2f} s + first call {load_s:.2f} s"
               f"  -> {imp + load_s:.2f} s in all")
     print()
+
+
+def warm_table(repeats: int) -> None:
+    """Warm medians of squant and numpy RTN on ResNet-18 and ResNet-50 shapes, interleaved."""
     header = (f"{'model':<10} {'weights':>9} {'numpy RTN':>10} {'KC batched':>11} {'ratio':>6}"
               f" {'KC per-layer':>13} {'ratio':>6} {'E batched':>10} {'ratio':>6}"
               f" {'KC search':>10} {'vs KC':>6}")
@@ -121,7 +138,7 @@ def main() -> None:
             "per_layer": lambda ws=weights: [squant.quantize_weight(w, BITS) for w in ws],
             "eq_only": lambda ws=weights: squant.quantize_weights(ws, BITS, "E"),
             "search": lambda ws=weights: squant.quantize_weights(ws, BITS, range="search"),
-        }, args.repeats)
+        }, repeats)
         rtn, batched, per_layer, eq_only = t["rtn"], t["batched"], t["per_layer"], t["eq_only"]
         search = t["search"]
         print(f"{name:<10} {count / 1e6:>8.1f}M {rtn * 1e3:>8.1f}ms {batched * 1e3:>9.1f}ms"

@@ -33,6 +33,7 @@ import squant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import median_times, numpy_rtn  # noqa: E402
+from busy import busy_cores  # noqa: E402
 from resnet import resnet18, resnet50  # noqa: E402
 
 MODELS = {"ResNet-18": resnet18, "ResNet-50": resnet50}
@@ -86,12 +87,17 @@ def main() -> None:
     parser.add_argument("--worker", choices=list(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--inplace", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="time the warm columns with N busy-loop processes running")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="skip the cold and memory columns (fresh processes)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.inplace, args.warm)))
         return
     print(f"threads: numba {numba.get_num_threads()}, torch {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cores {os.cpu_count()}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cores {os.cpu_count()}"
+          f"{f', {args.busy} busy-loop processes running' if args.busy else ''}")
     header = (f"{'model':<10} {'numpy RTN':>10} {'inplace':>9} {'ratio':>6} {'copy':>9} "
               f"{'ratio':>6} {'cold':>8} {'weights':>8} {'peak extra':>16}")
     print(header)
@@ -101,19 +107,22 @@ def main() -> None:
         model = build().eval()
         weights = layer_weights(model)
         copies = iter([copy.deepcopy(model) for _ in range(args.repeats + 1)])  # made untimed
-        t = median_times({
-            "rtn": lambda ws=weights: numpy_rtn(ws),
-            "inplace": lambda cs=copies: squant.quantize(next(cs), BITS, inplace=True),
-            "copy": lambda m=model: squant.quantize(m, BITS),
-        }, args.repeats)
+        with busy_cores(args.busy):
+            t = median_times({
+                "rtn": lambda ws=weights: numpy_rtn(ws),
+                "inplace": lambda cs=copies: squant.quantize(next(cs), BITS, inplace=True),
+                "copy": lambda m=model: squant.quantize(m, BITS),
+            }, args.repeats)
         rtn, inplace, copied = t["rtn"], t["inplace"], t["copy"]
-        cold = run_worker(name, inplace=False, warm=False)
-        memory = max(run_worker(name, inplace=False, warm=True)["extra_mib"],
-                     run_worker(name, inplace=True, warm=True)["extra_mib"])
-        print(f"{name:<10} {rtn * 1e3:>8.1f}ms {inplace * 1e3:>7.1f}ms {inplace / rtn:>5.2f}x"
-              f" {copied * 1e3:>7.1f}ms {copied / rtn:>5.2f}x {cold['seconds']:>7.2f}s"
-              f" {cold['weights_mib']:>6.0f}MB {memory:>6.0f}MB"
-              f" ({memory / cold['weights_mib']:.2f}x)")
+        line = (f"{name:<10} {rtn * 1e3:>8.1f}ms {inplace * 1e3:>7.1f}ms {inplace / rtn:>5.2f}x"
+                f" {copied * 1e3:>7.1f}ms {copied / rtn:>5.2f}x")
+        if not args.warm_only:
+            cold = run_worker(name, inplace=False, warm=False)
+            memory = max(run_worker(name, inplace=False, warm=True)["extra_mib"],
+                         run_worker(name, inplace=True, warm=True)["extra_mib"])
+            line += (f" {cold['seconds']:>7.2f}s {cold['weights_mib']:>6.0f}MB {memory:>6.0f}MB"
+                     f" ({memory / cold['weights_mib']:.2f}x)")
+        print(line)
 
 
 if __name__ == "__main__":
