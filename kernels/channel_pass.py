@@ -4,6 +4,7 @@ Only the first ``k`` of the channel's order are flipped: the channel's hand-on (
 next level and is skipped.
 """
 
+import numpy as np
 from numba import njit
 
 from .exact_sum import error_sum
@@ -35,7 +36,7 @@ def channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratc
     up, k, _ = flip_count(error_sum(err))
     if k == 0:
         return
-    count = 0
+    count = np.int64(0)  # not a literal 0: that would compile select_top's heap twice
     for i in range(inner):
         if (hand_up[i] == up) & (hand_priority[i] > 0):
             keys[count] = make_key(hand_priority[i], count)

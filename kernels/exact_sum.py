@@ -39,11 +39,11 @@ def error_sum(err):
 @njit(cache=True, inline="always")
 def complete_sum(coarse_total, magnitude, fine, err):
     """The exact sum of ``err`` from its coarse part's plain sum (see ``error_sum``)."""
-    if magnitude >= EXACT_BOUND:
-        return exact_sum(err, 0.0, False)
-    if fine == 0:
+    whole = magnitude >= EXACT_BOUND  # else only the fine errors are added to the coarse sum
+    if not whole and fine == 0:
         return coarse_total
-    return exact_sum(err, coarse_total, True)
+    # One call with a run-time flag: constant flags would compile exact_sum twice.
+    return exact_sum(err, 0.0 if whole else coarse_total, not whole)
 
 
 @njit(cache=True)
@@ -52,7 +52,7 @@ def exact_sum(err, start, fine_only):
     ``fine_only``), by non-overlapping partials (Shewchuk's method)."""
     partials = np.empty(_MAX_PARTIALS, np.float64)
     partials[0] = start
-    count = 1
+    count = np.int64(1)  # not a literal 1: that would compile _round_partials twice
     for i in range(err.shape[0]):
         value = np.float64(err[i])
         if fine_only and abs(value) >= FINE:

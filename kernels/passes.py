@@ -215,9 +215,9 @@ def quantize_blocks(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, c
     """
     for b in range(first_block, last_block):
         first, last = block_start[b], block_start[b + 1]
-        max_size = 1
-        max_inner = 1
-        max_ksize = 1
+        max_size = np.int64(1)  # not literal 1s: those would compile _allocate_scratch twice
+        max_inner = np.int64(1)
+        max_ksize = np.int64(1)
         for c in range(first, last):
             max_size = max(max_size, ch_inner[c] * ch_ksize[c])
             max_inner = max(max_inner, ch_inner[c])
