@@ -64,11 +64,12 @@ def write_checkpoint(path: Path, specs: list[TensorSpec]) -> None:
             writer.write(spec.name, torch.from_numpy(data))
 
 
-def run_child(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (bytes) of one child process; raises if it fails."""
+def run_child(command: list[str], cwd: str | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (bytes) of one child process (run in ``cwd``); raises if it
+    fails."""
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
