@@ -253,3 +253,27 @@ def test_reader_of_tied_files_refuses_bad_ties(tmp_path: Path, single: Path) -> 
     save_file(tensors, str(bad), metadata={**metadata, "squant": json.dumps(header)})
     with pytest.raises(squant.QuantizationError, match="tie 'x.weight' -> 'nowhere'"):
         SquantReader(bad)
+
+
+def test_readme_reader_reads_what_the_cli_writes(capsys, tmp_path: Path) -> None:
+    """Unsigned tensors (copied through), bfloat16 ones and ties: the README's numpy reader
+    gives what ``squant.load`` gives."""
+    from test_storage import _readme_reader
+
+    torch.manual_seed(0)
+    shared = torch.randn(6, 4)
+    state = {"a.weight": shared, "b.weight": shared, "fc.weight": torch.randn(5, 7),
+             "norm.weight": torch.randn(5).to(torch.bfloat16),
+             "ids16": torch.tensor([0, 7, 65535]).to(torch.uint16),
+             "ids32": torch.tensor([0, 7, 2**32 - 1]).to(torch.uint32),
+             "ids64": torch.tensor([0, 7, 2**40]).to(torch.uint64)}
+    source, out = tmp_path / "model.pt", tmp_path / "q.safetensors"
+    torch.save(state, source)
+    assert _run(capsys, "quantize", source, out, "--quiet")[0] == 0
+    arrays = _readme_reader()(out)
+    loaded = squant.load(out)
+    assert sorted(arrays) == sorted(loaded) == sorted(state)
+    for name, tensor in loaded.items():
+        want = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+        assert arrays[name].dtype == want.numpy().dtype, name
+        assert (arrays[name] == want.numpy()).all(), name
