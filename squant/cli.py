@@ -239,12 +239,14 @@ def _pattern_bits(text: str) -> tuple[str, int]:
 
 def _add_quantize(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "quantize", help="quantize a checkpoint (state_dict .pt/.pth/.bin or .safetensors) to "
-        "a squant .safetensors file",
+        "quantize", help="quantize a checkpoint (state_dict .pt/.pth/.bin/.ckpt, .safetensors, "
+        "or a sharded one) to a squant .safetensors file",
         description="Quantize every floating tensor whose name ends in 'weight' and that has "
-        ">= 2 dims (output channels on axis 0, or 1 with --transposed); copy the others. "
+        ">= 2 dims (output channels on axis 0, or 1 with --transposed), but embedding tables "
+        "(*embed*, wte, wpe); copy the others. "
         "Patterns (fnmatch) match a tensor's name or its layer's ('fc' for 'fc.weight').")
-    parser.add_argument("input", metavar="IN", help="checkpoint: .pt, .pth, .bin or .safetensors")
+    parser.add_argument("input", metavar="IN", help="checkpoint: .pt, .pth, .bin, .ckpt, "
+                        ".safetensors, an *.index.json of shards, or a folder of shards")
     parser.add_argument("output", metavar="OUT", help="the squant file to write (.safetensors)")
     parser.add_argument("--bits", type=int, default=4, help="2..8 (default 4)")
     parser.add_argument("--mode", choices=MODES, default="KC",
