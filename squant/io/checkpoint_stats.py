@@ -95,26 +95,29 @@ def _add_block(totals: _Totals, work: _Workspace, w: torch.Tensor, q: QuantizedT
     torch.round(x, out=rounded).clamp_(-(n - 1) if q.scheme == "symmetric" else -n, n - 1)
     if w.shape[2] == 1:  # one-element kernels: the sums are the elements
         # round(x) - x is exact in float32 (|round(x) - x| <= |x|, on x's ulp grid)
-        wide = wide.view(w.shape[:2])
-        kernel_eq = wide.copy_(rounded.sub_(x).view(wide.shape))
-        totals.add("channel_sum_eq", kernel_eq.sum(1))
+        kernel_eq = rounded.sub_(x).view(w.shape[:2])
+        totals.add("channel_sum_eq", kernel_eq.sum(1, dtype=torch.float64))
         totals.add("kernel_sum_eq", kernel_eq)
-        kernel_squant = wide.copy_(codes.view(wide.shape)).sub_(x.view(wide.shape))
+        kernel_squant = wide.view(w.shape[:2]).copy_(codes.view(w.shape[:2]))
+        kernel_squant.sub_(x.view(w.shape[:2]))
+        totals.add("channel_sum_squant", kernel_squant.sum(1))
+        totals.add("kernel_sum_squant", kernel_squant)  # now |codes - x|, exact
+        largest = kernel_squant.amax(1)
     else:  # codes and round(x) are integers: sum(codes - x) = sum(codes) - sum(x)
         sum_x = _kernel_sums(wide.copy_(x))
         kernel_eq = _kernel_sums(rounded).double().sub_(sum_x)
         kernel_squant = _kernel_sums(rounded.copy_(codes)).double().sub_(sum_x)
-        totals.add("channel_sum_eq", kernel_eq.sum(1))
-        totals.add("kernel_sum_eq", kernel_eq)
-    totals.add("channel_sum_squant", kernel_squant.sum(1))
-    totals.add("kernel_sum_squant", kernel_squant)
-    totals.kernels += kernel_eq.numel()
+        for what, sums in (("eq", kernel_eq), ("squant", kernel_squant)):
+            totals.add(f"channel_sum_{what}", sums.sum(1))
+            totals.add(f"kernel_sum_{what}", sums)
+        largest = rounded.sub_(x).abs_().amax(dim=(1, 2)).double()  # rounded holds the codes
+    totals.kernels += w.shape[0] * w.shape[1]
     totals.channels += w.shape[0]
-    # Each channel's largest |codes - x| on the grid, in float32, is within `margin` of the
-    # exact one (x's rounding: a few float32 ulps of |x| <= n + the error, and |zero_point|);
-    # the weight error (|codes - x| / scale) is then evaluated exactly, in float64, on the
-    # channels whose upper bound reaches the largest lower bound.
-    largest = rounded.copy_(codes).sub_(x).abs_().amax(dim=(1, 2)).double()
+    # Each channel's largest |codes - x| on the grid, in float32 for kernels of several
+    # elements, is within `margin` of the exact one (x's rounding: a few float32 ulps of
+    # |x| <= n + the error, and |zero_point|); the weight error (|codes - x| / scale) is then
+    # evaluated exactly, in float64, on the channels whose upper bound reaches the largest
+    # lower bound.
     margin = 2.0 ** -20 * (3 * n + float(largest.max()) + float(zero.abs().max()))
     scale64 = scale.view(-1).double()
     lower, upper = (largest - margin) / scale64, (largest + margin) / scale64
