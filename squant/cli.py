@@ -95,8 +95,6 @@ def _quantize(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     source = open_source(source_path)
     _check_output(out, (SAFETENSORS_SUFFIX,), *source.files)
-    if source.note and not args.quiet:
-        print(f"squant: {source.note}", file=sys.stderr)
     items = plan(source, QuantOptions(args.bits, args.mode, args.scheme, args.granularity,
                                        args.range),
                  args.skip, dict(args.layer_bits), args.transposed)
@@ -115,7 +113,9 @@ def _quantize(args: argparse.Namespace) -> None:
             seconds = time.perf_counter() - start
             if report_file:
                 report_file.write_text(_report_json(source_path, out, entries, report, seconds))
-    if not args.quiet:
+    if not args.quiet:  # the note only on success: an error stays one line
+        if source.note:
+            print(f"squant: {source.note}", file=sys.stderr)
         print(f"{out}: {len(entries)} of {len(items)} tensors quantized{_left_float(items)}, "
               f"{_size(total)} -> {_size(out.stat().st_size)} in {seconds:.1f} s")
 

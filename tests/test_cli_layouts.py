@@ -277,3 +277,10 @@ def test_readme_reader_reads_what_the_cli_writes(capsys, tmp_path: Path) -> None
         want = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
         assert arrays[name].dtype == want.numpy().dtype, name
         assert (arrays[name] == want.numpy()).all(), name
+
+
+def test_an_error_on_a_trainer_checkpoint_is_still_one_line(capsys, tmp_path: Path) -> None:
+    source, out = tmp_path / "model.ckpt", tmp_path / "q.safetensors"
+    torch.save({"state_dict": _state_dict(), "epoch": 1}, source)
+    _assert_refused(_run(capsys, "quantize", source, out, "--skip", "nothing"), out,
+                    "--skip pattern 'nothing' matches no quantizable tensor")
