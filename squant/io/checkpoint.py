@@ -217,14 +217,18 @@ def quantize_chunk(source: Source, chunk: list[Piece], writer: SafetensorsWriter
                                     [p.item.options for p, _ in quantized],
                                     [p.item.spec.name for p, _ in quantized])
     for (piece, tensor), qweight in zip(quantized, results):
-        start = piece.rows[0] if piece.rows else 0
-        for name, (part, offset) in piece.item.entry.file_parts(qweight, start).items():
-            writer.write(name, part, offset)
+        if piece.rows is None:
+            for name, part in piece.item.entry.file_tensors(qweight).items():
+                writer.write(name, part)
+        else:
+            for name, (part, offset) in piece.item.entry.file_parts(qweight,
+                                                                   piece.rows[0]).items():
+                writer.write(name, part, offset)
         if stats is not None:
             stats.add(piece.item.spec.name, tensor, qweight)
     for piece, tensor in zip(chunk, tensors):
-        if piece.item.entry is None:
-            spec = piece.item.spec
-            start = piece.rows[0] if piece.rows else 0
-            writer.write(spec.name, tensor, start * (spec.nbytes // max(1, spec.shape[0]))
-                         if start else 0)
+        spec = piece.item.spec
+        if piece.item.entry is None and piece.rows is None:
+            writer.write(spec.name, tensor)
+        elif piece.item.entry is None:
+            writer.write(spec.name, tensor, piece.rows[0] * (spec.nbytes // spec.shape[0]))

@@ -137,11 +137,7 @@ class QuantizedEntry:
         if tuple(qweight.codes.shape) != self.shape:
             raise QuantizationError(f"{self.name}: codes of shape {tuple(qweight.codes.shape)} "
                                     f"do not match the entry's shape {self.shape}")
-        codes = pack_codes(qweight.codes.detach().cpu().numpy(), self.bits)
-        scale = qweight.scale.detach().cpu().to(torch.float32).reshape(-1)
-        zero_point = qweight.zero_point.detach().cpu().to(torch.float32).reshape(-1)
-        return dict(zip((s.name for s in self.specs()),
-                        (torch.from_numpy(codes), scale, zero_point)))
+        return {name: part for name, (part, _) in self.file_parts(qweight).items()}
 
     def file_parts(self, qweight: QuantizedTensor, start: int = 0
                    ) -> dict[str, tuple[torch.Tensor, int]]:
