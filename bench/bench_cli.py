@@ -6,11 +6,13 @@ as a child process, ``--runs`` times, and prints for each run:
 - throughput: input bytes / wall time of the child, and the same without the child's start-up
   (interpreter, torch and numba imports, timed alone in a child that only imports squant.cli);
 - peak RSS of the child (``os.wait4``'s rusage) against the input file size;
-and, measured in this process, a baseline: the same checkpoint read with ``safe_open`` and
-quantized with per-channel numpy round-to-nearest (no packing, no writing).
+then the same runs with ``--report`` and their time against the runs without it (best of
+``--runs`` each); and, measured in this process, a baseline: the same checkpoint read with
+``safe_open`` and quantized with per-channel numpy round-to-nearest (no packing, no writing).
 
 The input file is in the page cache after being written (the machine has the memory), so the
-figures measure squant, not the disk. Targets: >= 200 MB/s and peak RSS <= 0.5x the file.
+figures measure squant, not the disk. Targets: >= 200 MB/s, peak RSS <= 0.5x the file, and
+``--report`` costing at most 1.3x the run without it.
 
 Run: ``python bench/bench_cli.py [--gigabytes 2] [--runs 2]``.
 """
@@ -38,7 +40,7 @@ from bench_kernels import numpy_rtn  # noqa: E402
 # One "block" of layer shapes (about 67 MB of float32), repeated to reach the size asked for.
 BLOCK = [(256, 256, 3, 3), (512, 256, 3, 3), (512, 512, 3, 3), (512, 512, 3, 3), (256, 64, 1, 1),
          (1024, 1024), (4096, 1024), (1024, 4096), (1000, 2048), (128, 3, 7, 7)]
-TARGET_MB_S, TARGET_RSS = 200.0, 0.5
+TARGET_MB_S, TARGET_RSS, TARGET_REPORT = 200.0, 0.5, 1.3
 
 
 def checkpoint_specs(gigabytes: float) -> list[TensorSpec]:
@@ -62,11 +64,12 @@ def write_checkpoint(path: Path, specs: list[TensorSpec]) -> None:
             writer.write(spec.name, torch.from_numpy(data))
 
 
-def run_child(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (bytes) of one child process; raises if it fails."""
+def run_child(command: list[str], cwd: str | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (bytes) of one child process (run in ``cwd``); raises if it
+    fails."""
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -103,9 +106,12 @@ def main() -> None:
               f"(written in {time.perf_counter() - start:.1f} s)")
         startup, startup_rss = run_child([sys.executable, "-c", "import squant.cli"])
         print(f"child start-up alone: {startup:.2f} s, {startup_rss / 1e6:.0f} MB RSS")
+        command = [sys.executable, "-m", "squant", "quantize", str(source), str(out), "--bits",
+                   str(args.bits), "--quiet"]
+        plain = []
         for run in range(1, args.runs + 1):
-            seconds, rss = run_child([sys.executable, "-m", "squant", "quantize", str(source),
-                                      str(out), "--bits", str(args.bits), "--quiet"])
+            seconds, rss = run_child(command)
+            plain.append(seconds)
             rate = size / 1e6 / seconds
             print(f"run {run}: {seconds:.2f} s, {rate:.0f} MB/s "
                   f"({size / 1e6 / (seconds - startup):.0f} MB/s without start-up), "
@@ -113,6 +119,12 @@ def main() -> None:
                   f"output {out.stat().st_size / size:.3f}x the input  "
                   f"[targets: >= {TARGET_MB_S:.0f} MB/s {'ok' if rate >= TARGET_MB_S else 'MISSED'}"
                   f", <= {TARGET_RSS}x {'ok' if rss <= TARGET_RSS * size else 'MISSED'}]")
+        report = [run_child([*command, "--report", str(Path(folder) / "r.json")])[0]
+                  for _ in range(args.runs)]
+        ratio = min(report) / min(plain)
+        print(f"with --report: {min(report):.2f} s (best of {args.runs}) = {ratio:.2f}x the run "
+              f"without it ({min(plain):.2f} s)  [target: <= {TARGET_REPORT}x "
+              f"{'ok' if ratio <= TARGET_REPORT else 'MISSED'}]")
         baseline = numpy_baseline(source, [spec.name for spec in specs])
         print(f"numpy round-to-nearest baseline (this process, read + round, no packing or "
               f"writing): {size / 1e6 / baseline:.0f} MB/s")

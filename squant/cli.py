@@ -7,9 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -19,11 +22,15 @@ from .core.errors import QuantizationError
 from .core.options import GRANULARITIES, MODES, RANGES, SCHEMES, QuantOptions
 from .io.checkpoint import (
     CHUNK_BYTES,
+    INDEX_SUFFIX,
     SAFETENSORS_SUFFIX,
     STAT_FIELDS,
     TORCH_SUFFIXES,
+    Item,
+    Statistics,
     chunks,
     file_specs,
+    is_embedding,
     open_source,
     plan,
     quantize_chunk,
@@ -35,11 +42,17 @@ from .io.file_io import SafetensorsWriter, SquantReader, atomic_path
 # Paths.
 
 
-def _check_input(path: Path, suffixes: Sequence[str]) -> None:
-    """``path`` is an existing, non-empty file with one of ``suffixes``."""
+def _check_input(path: Path, suffixes: Sequence[str], sharded: bool = False) -> None:
+    """``path`` is an existing, non-empty file with one of ``suffixes`` (or, if ``sharded``, a
+    folder or an ``*.index.json``)."""
+    if sharded and (path.is_dir() or path.name.lower().endswith(INDEX_SUFFIX)):
+        if not path.exists():
+            raise QuantizationError(f"{path}: no such file")
+        return
     if path.suffix.lower() not in suffixes:
         raise QuantizationError(f"{path}: unknown extension {path.suffix!r} (expected "
-                                f"{', '.join(suffixes)})")
+                                f"{', '.join(suffixes)}"
+                                + (f", {INDEX_SUFFIX} or a folder of shards)" if sharded else ")"))
     if not path.is_file():
         raise QuantizationError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -47,14 +60,18 @@ def _check_input(path: Path, suffixes: Sequence[str]) -> None:
 
 
 def _check_output(path: Path, suffixes: Sequence[str], *inputs: Path) -> None:
-    """``path`` has one of ``suffixes``, its folder exists, and it is none of ``inputs``."""
+    """``path`` has one of ``suffixes``, its folder exists, it is not a folder, and it is none
+    of ``inputs``."""
     if path.suffix.lower() not in suffixes:
         raise QuantizationError(f"{path}: unknown output extension {path.suffix!r} (expected "
                                 f"{', '.join(suffixes)})")
     if not path.parent.is_dir():
         raise QuantizationError(f"{path}: the output folder {path.parent} does not exist")
+    if path.is_dir():
+        raise QuantizationError(f"{path}: is a folder; choose a file path for the output")
     for other in inputs:
-        if path.resolve() == other.resolve() or (path.exists() and path.samefile(other)):
+        if path.resolve() == other.resolve() or (path.exists() and other.exists()
+                                                 and path.samefile(other)):
             raise QuantizationError(f"{path}: the output is the same file as the input {other}; "
                                     "choose another output path")
 
@@ -72,42 +89,58 @@ def _progress(total: int, quiet: bool, what: str) -> tqdm:
 def _quantize(args: argparse.Namespace) -> None:
     source_path, out = Path(args.input), Path(args.output)
     report_path = Path(args.report) if args.report else None
-    _check_input(source_path, (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX))
+    _check_input(source_path, (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX), sharded=True)
     _check_output(out, (SAFETENSORS_SUFFIX,), source_path)
     if report_path:
         _check_output(report_path, (".json",), source_path, out)
     start = time.perf_counter()
     source = open_source(source_path)
+    _check_output(out, (SAFETENSORS_SUFFIX,), *source.files)
     items = plan(source, QuantOptions(args.bits, args.mode, args.scheme, args.granularity,
                                        args.range),
                  args.skip, dict(args.layer_bits), args.transposed)
-    stats: dict[str, dict] | None = {} if report_path else None
+    stats = Statistics() if report_path else None
     total = sum(item.spec.nbytes for item in items)
-    with SafetensorsWriter(out, file_specs(items)) as writer, \
-            _progress(total, args.quiet, "quantize") as bar:
-        for chunk in chunks(items, CHUNK_BYTES):
-            quantize_chunk(source, chunk, writer, stats)
-            bar.update(sum(item.spec.nbytes for item in chunk))
-        entries = [item.entry for item in items if item.entry]
-        writer.metadata = squant_metadata(entries, stats)
-    seconds = time.perf_counter() - start
-    if report_path:
-        _write_report(report_path, source_path, out, entries, stats, seconds)
-    if not args.quiet:
-        print(f"{out}: {len(entries)} of {len(items)} tensors quantized, {_size(total)} -> "
-              f"{_size(out.stat().st_size)} in {seconds:.1f} s")
+    entries = [item.entry for item in items if item.entry]
+    with ExitStack() as stack:  # the report's temporary first: it must not fail after OUT
+        report_file = stack.enter_context(atomic_path(report_path)) if report_path else None
+        with SafetensorsWriter(out, file_specs(items)) as writer, \
+                _progress(total, args.quiet, "quantize") as bar:
+            for chunk in chunks(items, CHUNK_BYTES):
+                quantize_chunk(source, chunk, writer, stats)
+                bar.update(sum(piece.nbytes for piece in chunk))
+            report = stats.merged() if stats else None
+            writer.metadata = squant_metadata(entries, report, source.ties, source.metadata)
+            seconds = time.perf_counter() - start
+            if report_file:
+                report_file.write_text(_report_json(source_path, out, entries, report, seconds))
+    if not args.quiet:  # the note only on success: an error stays one line
+        if source.note:
+            print(f"squant: {source.note}", file=sys.stderr)
+        print(f"{out}: {len(entries)} of {len(items)} tensors quantized{_left_float(items)}, "
+              f"{_size(total)} -> {_size(out.stat().st_size)} in {seconds:.1f} s")
 
 
-def _write_report(path: Path, source: Path, out: Path, entries: list[QuantizedEntry],
-                  stats: dict[str, dict], seconds: float) -> None:
+def _left_float(items: list[Item]) -> str:
+    """``" (2 embedding tables left float, 1 tied tensor stored once)"`` or ``""``."""
+    embeddings = sum(1 for item in items if item.entry is None
+                     and any(is_embedding(n) for n in (item.spec.name, *item.tied))
+                     and item.spec.dtype.is_floating_point and len(item.spec.shape) >= 2)
+    tied = sum(len(item.tied) for item in items)
+    notes = [f"{embeddings} embedding table{'s' * (embeddings > 1)} left float"] * bool(embeddings)
+    notes += [f"{tied} tied tensor{'s' * (tied > 1)} stored once"] * bool(tied)
+    return f" ({', '.join(notes)})" if notes else ""
+
+
+def _report_json(source: Path, out: Path, entries: list[QuantizedEntry],
+                 stats: dict[str, dict], seconds: float) -> str:
     """The per-tensor statistics as JSON (the same ones the file's metadata holds)."""
     tensors = {e.name: {"bits": e.bits, "mode": e.mode, "axis": e.axis, "shape": list(e.shape),
                         "scheme": e.scheme, "granularity": e.granularity, "range": e.range,
                         **stats[e.name]}
                for e in entries}
     report = {"input": str(source), "output": str(out), "seconds": seconds, "tensors": tensors}
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(report, indent=2) + "\n")
+    return json.dumps(report, indent=2) + "\n"
 
 
 def _dequantize(args: argparse.Namespace) -> None:
@@ -124,11 +157,20 @@ def _dequantize(args: argparse.Namespace) -> None:
                     bar.update()
                 writer.metadata = {"format": "pt"}
         else:
-            state = {name: reader.read_dequantized(name) for name in names}
-            with atomic_path(out) as temporary:
-                torch.save(state, temporary)
+            _save_torch(reader.read_state_dict(), out)
     if not args.quiet:
         print(f"{out}: {len(names)} float tensors")
+
+
+def _save_torch(state: dict[str, torch.Tensor], out: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk is an ``OSError`` (torch's own
+    writer turns it into a many-line ``RuntimeError``); tied tensors are saved once."""
+    try:
+        with atomic_path(out) as temporary, open(temporary, "wb") as file:
+            torch.save(state, file)
+    except OSError as error:
+        raise QuantizationError(f"{out}: cannot write the output ({error.strerror or error}); "
+                                "nothing was written") from None
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -144,19 +186,23 @@ def _inspect_table(reader: SquantReader) -> str:
               "channel |sum| EQ -> SQuant")
     rows = [header]
     for name in reader.names:
-        spec, entry, stats = reader.spec(name), reader.entries.get(name), reader.report.get(name)
+        stored_name = reader.canonical(name)
+        spec, entry = reader.spec(name), reader.entries.get(stored_name)
+        stats = reader.report.get(stored_name)
         has_stats = isinstance(stats, dict) and all(isinstance(stats.get(f), (int, float))
                                                     for f in STAT_FIELDS)
+        stored = (f"tied: {reader.ties[name]}" if name in reader.ties
+                  else _size(reader.stored_bytes(name)))
         rows.append((name, str(spec.dtype).removeprefix("torch."),
                      str(entry.bits) if entry else "-", entry.mode if entry else "-",
-                     "x".join(map(str, spec.shape)), _size(reader.stored_bytes(name)),
+                     "x".join(map(str, spec.shape)), stored,
                      f"{stats['max_abs_weight_error']:.3g}" if has_stats else "-",
                      f"{stats['channel_sum_eq_mean']:.3g} -> "
                      f"{stats['channel_sum_squant_mean']:.3g}" if has_stats else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    original = sum(reader.spec(name).nbytes for name in reader.names)
+    original = sum(reader.spec(name).nbytes for name in reader.names if name not in reader.ties)
     lines.append(f"{len(reader.entries)} quantized and {len(reader.float_names)} float tensors; "
                  f"{_size(reader.path.stat().st_size)} on disk, {_size(original)} unquantized; "
                  f"squant format {FORMAT_VERSION}, written by squant "
@@ -194,12 +240,14 @@ def _pattern_bits(text: str) -> tuple[str, int]:
 
 def _add_quantize(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "quantize", help="quantize a checkpoint (state_dict .pt/.pth/.bin or .safetensors) to "
-        "a squant .safetensors file",
+        "quantize", help="quantize a checkpoint (state_dict .pt/.pth/.bin/.ckpt, .safetensors, "
+        "or a sharded one) to a squant .safetensors file",
         description="Quantize every floating tensor whose name ends in 'weight' and that has "
-        ">= 2 dims (output channels on axis 0, or 1 with --transposed); copy the others. "
+        ">= 2 dims (output channels on axis 0, or 1 with --transposed), but embedding tables "
+        "(*embed*, wte, wpe); copy the others. "
         "Patterns (fnmatch) match a tensor's name or its layer's ('fc' for 'fc.weight').")
-    parser.add_argument("input", metavar="IN", help="checkpoint: .pt, .pth, .bin or .safetensors")
+    parser.add_argument("input", metavar="IN", help="checkpoint: .pt, .pth, .bin, .ckpt, "
+                        ".safetensors, an *.index.json of shards, or a folder of shards")
     parser.add_argument("output", metavar="OUT", help="the squant file to write (.safetensors)")
     parser.add_argument("--bits", type=int, default=4, help="2..8 (default 4)")
     parser.add_argument("--mode", choices=MODES, default="KC",
@@ -243,15 +291,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stopped(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP, raised like Ctrl-C so that partial outputs are removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: object) -> None:
+    for each in _SIGNALS:  # a second signal must not interrupt the clean-up
+        signal.signal(each, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                 if hasattr(signal, name))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``squant`` console script; returns the exit code."""
+    """Entry point of the ``squant`` console script; returns the exit code: 0, 1 for an error
+    (one line on stderr), 2 for bad usage, 128 + N when stopped by signal N (SIGINT, SIGTERM,
+    SIGHUP; the partial output is removed)."""
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("squant")
+    level = logger.level
     if getattr(args, "quiet", False):  # also silences "compiling the kernels" (a WARNING)
-        logging.getLogger("squant").setLevel(logging.ERROR)
+        logger.setLevel(logging.ERROR)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {each: signal.signal(each, _stop) for each in _SIGNALS}
     try:
         args.run(args)
     except (QuantizationError, TypeError, OSError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"squant: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as error:
+        signum = getattr(error, "signum", signal.SIGINT)
+        print(f"squant: stopped by {signal.Signals(signum).name}; no output left behind",
+              file=sys.stderr)
+        return 128 + signum
+    finally:
+        for each, handler in handlers.items():
+            signal.signal(each, handler)
+        logger.setLevel(level)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numba
 import pytest
@@ -58,15 +59,25 @@ def test_a_process_that_loads_the_cache_says_nothing():
     assert "compiling" not in result.stderr
 
 
-def test_the_cli_quiet_flag_silences_it(tmp_path):
+def test_the_cli_quiet_flag_silences_it_while_it_runs(tmp_path, monkeypatch):
     from squant import cli
 
     logger = logging.getLogger("squant")
     level = logger.level
-    try:
-        cli.main(["quantize", str(tmp_path / "missing.safetensors"), str(tmp_path / "out"),
-                  "--quiet"])
-        assert not logger.isEnabledFor(logging.WARNING)
-    finally:
-        logger.setLevel(level)
-    assert logger.isEnabledFor(logging.WARNING)
+    seen = {}
+    parser = cli.build_parser()
+
+    def record(args):
+        seen[args.quiet] = logger.isEnabledFor(logging.WARNING)
+
+    def parse(argv):
+        args = parser.parse_args(argv)
+        args.run = record
+        return args
+
+    monkeypatch.setattr(cli, "build_parser", lambda: SimpleNamespace(parse_args=parse))
+    for quiet in (True, False):
+        source, out = str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")
+        assert cli.main(["quantize", source, out, *(["--quiet"] if quiet else [])]) == 0
+        assert logger.level == level  # restored: main leaves the process's logging as it was
+    assert seen == {True: False, False: logger.isEnabledFor(logging.WARNING)}

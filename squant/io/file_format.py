@@ -38,7 +38,8 @@ SAFETENSORS_DTYPES = {
 TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 # The dtypes a quantized tensor may have had, by the name the header gives them.
 _FLOAT_DTYPES = {str(d).removeprefix("torch."): d
-                 for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+                 for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                           torch.float8_e4m3fn, torch.float8_e5m2)}
 
 
 @dataclass(frozen=True)
@@ -136,11 +137,27 @@ class QuantizedEntry:
         if tuple(qweight.codes.shape) != self.shape:
             raise QuantizationError(f"{self.name}: codes of shape {tuple(qweight.codes.shape)} "
                                     f"do not match the entry's shape {self.shape}")
+        return {name: part for name, (part, _) in self.file_parts(qweight).items()}
+
+    def file_parts(self, qweight: QuantizedTensor, start: int = 0
+                   ) -> dict[str, tuple[torch.Tensor, int]]:
+        """The file's tensors for ``qweight``, which holds the whole tensor or (axis 0, groups
+        1) its rows from ``start`` on: each with its byte offset in the file's tensor. A block
+        must start at a byte of the packed codes."""
+        rows, row = qweight.codes.shape[0], math.prod(self.shape[1:])
+        whole = start == 0 and tuple(qweight.codes.shape) == self.shape
+        if not whole and (self.axis != 0 or self.groups != 1
+                          or tuple(qweight.codes.shape[1:]) != self.shape[1:]
+                          or start + rows > self.shape[0] or start * row * self.bits % 8):
+            raise QuantizationError(f"{self.name}: codes of shape {tuple(qweight.codes.shape)} "
+                                    f"from row {start} do not fit the entry's shape "
+                                    f"{self.shape}")
         codes = pack_codes(qweight.codes.detach().cpu().numpy(), self.bits)
         scale = qweight.scale.detach().cpu().to(torch.float32).reshape(-1)
         zero_point = qweight.zero_point.detach().cpu().to(torch.float32).reshape(-1)
+        offsets = (start * row * self.bits // 8, 4 * start, 4 * start)
         return dict(zip((s.name for s in self.specs()),
-                        (torch.from_numpy(codes), scale, zero_point)))
+                        zip((torch.from_numpy(codes), scale, zero_point), offsets)))
 
     def quantized_tensor(self, packed: torch.Tensor, scale: torch.Tensor,
                          zero_point: torch.Tensor) -> QuantizedTensor:
@@ -171,14 +188,20 @@ def _describe(error: Exception) -> str:
     return str(error)
 
 
-def squant_metadata(entries: list[QuantizedEntry], report: Mapping[str, dict] | None = None
-                    ) -> dict[str, str]:
-    """The safetensors metadata of a squant file: ``squant`` (the JSON header) and ``format``."""
+def squant_metadata(entries: list[QuantizedEntry], report: Mapping[str, dict] | None = None,
+                    ties: Mapping[str, str] | None = None,
+                    user: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The safetensors metadata of a squant file: ``squant`` (the JSON header: entries, the
+    optional ``report`` and ``ties``, tied name -> stored name) and ``format``, beside the
+    ``user`` metadata of the input (whose ``format`` and ``squant`` keys squant's replace)."""
     header = {"format_version": FORMAT_VERSION, "squant_version": __version__,
               "tensors": {e.name: e.to_json() for e in entries}}
     if report:
         header["report"] = dict(report)
-    return {"format": "pt", METADATA_KEY: json.dumps(header, separators=(",", ":"))}
+    if ties:
+        header["ties"] = dict(ties)
+    return {**(user or {}), "format": "pt",
+            METADATA_KEY: json.dumps(header, separators=(",", ":"))}
 
 
 def tensor_spec(name: str, tensor: torch.Tensor) -> TensorSpec:

@@ -5,6 +5,7 @@ temporary file in the target folder that replaces the target only when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -88,20 +89,30 @@ class SafetensorsWriter:
         self.metadata: dict[str, str] = {}
         self._specs = {s.name: s for s in specs}
         self._ranges = _layout(specs)
-        self._pending = set(names)
+        self._missing = {s.name: s.nbytes for s in specs}  # bytes not written yet
         self._spool = tempfile.TemporaryFile(dir=self.path.parent)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor's data; its dtype and shape must be those of its spec."""
+    def write(self, name: str, tensor: torch.Tensor, offset: int | None = None) -> None:
+        """Write one tensor's data; its dtype and shape must be those of its spec. With
+        ``offset``: a part of it (its rows from a byte ``offset`` on), of the spec's dtype."""
         spec = self._specs[name]
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise QuantizationError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, "
-                                    f"expected {spec.dtype} {spec.shape}")
-        _pwrite_all(self._spool.fileno(), _tensor_bytes(tensor), self._ranges[name][0])
-        self._pending.discard(name)
+        data = _tensor_bytes(tensor)
+        if offset is None:
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise QuantizationError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, "
+                                        f"expected {spec.dtype} {spec.shape}")
+            offset = 0
+        elif tensor.dtype != spec.dtype or not 0 <= offset <= spec.nbytes - len(data):
+            raise QuantizationError(f"{name}: a part of {tensor.dtype} {len(data)} bytes at "
+                                    f"{offset} does not fit {spec.dtype} {spec.shape}")
+        try:
+            _pwrite_all(self._spool.fileno(), data, self._ranges[name][0] + offset)
+        except OSError as error:
+            raise self._write_error(error) from None
+        self._missing[name] -= len(data)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
@@ -121,17 +132,32 @@ class SafetensorsWriter:
         text += b" " * (-len(text) % 8)  # data starts 8-aligned, as safetensors pads it
         return len(text).to_bytes(8, "little") + text
 
-    def _commit(self) -> None:
-        if self._pending:
-            raise QuantizationError(f"tensors never written: {', '.join(sorted(self._pending))}")
+    def _write_error(self, error: OSError) -> QuantizationError:
+        """One line for a failed write; a full disk says how much room the write needs."""
         size = sum(spec.nbytes for spec in self._specs.values())
-        with atomic_path(self.path) as temporary, open(temporary, "wb") as out:
-            out.write(self._header())
-            self._spool.seek(0)
-            while size:
-                block = self._spool.read(min(size, 1 << 24))
-                out.write(block)
-                size -= len(block)
+        need = ""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = (f"; writing it needs about {2 * size / 1e6:.0f} MB free in "
+                    f"{self.path.parent} (twice the output's {size / 1e6:.0f} MB: the data, "
+                    "then the file)")
+        return QuantizationError(f"{self.path}: cannot write the output "
+                                 f"({error.strerror or error}){need}; nothing was written")
+
+    def _commit(self) -> None:
+        pending = sorted(name for name, missing in self._missing.items() if missing)
+        if pending:
+            raise QuantizationError(f"tensors never written: {', '.join(pending)}")
+        size = sum(spec.nbytes for spec in self._specs.values())
+        try:
+            with atomic_path(self.path) as temporary, open(temporary, "wb") as out:
+                out.write(self._header())
+                self._spool.seek(0)
+                while size:
+                    block = self._spool.read(min(size, 1 << 24))
+                    out.write(block)
+                    size -= len(block)
+        except OSError as error:
+            raise self._write_error(error) from None
 
 
 class SquantReader:
@@ -172,6 +198,14 @@ class SquantReader:
             if self._dtypes[name] not in TORCH_DTYPES:
                 raise QuantizationError(f"{self.path}: tensor {name!r} has dtype "
                                         f"{self._dtypes[name]}, which squant does not read")
+        self.ties: dict[str, str] = _object_field(header, "ties", self.path, {})
+        for alias, stored in self.ties.items():
+            if (not isinstance(stored, str) or alias in names or alias in self.entries
+                    or (stored not in self.entries and stored not in self.float_names)):
+                raise QuantizationError(f"{self.path}: corrupt squant header (tie {alias!r} -> "
+                                        f"{stored!r} does not name a stored tensor)")
+        for entry in self.entries.values():
+            self._check_grid(entry)
 
     def __enter__(self) -> SquantReader:
         return self
@@ -191,6 +225,9 @@ class SquantReader:
             header = json.loads(self._header[METADATA_KEY])
         except json.JSONDecodeError as error:
             raise QuantizationError(f"{self.path}: corrupt squant header ({error})") from None
+        except RecursionError:
+            raise QuantizationError(f"{self.path}: corrupt squant header (JSON nested too "
+                                    "deeply)") from None
         if not isinstance(header, dict):
             raise QuantizationError(f"{self.path}: corrupt squant header (not a JSON object)")
         version = header.get("format_version")
@@ -211,16 +248,40 @@ class SquantReader:
                     + (", it is missing" if found[0] is None else
                        f", got {found[0]} of shape {found[1]}"))
 
+    def _check_grid(self, entry: QuantizedEntry) -> None:
+        """Every scale is finite and positive, every zero point finite: anything else would
+        dequantize to Inf or NaN weights."""
+        _, scale_spec, zero_point_spec = entry.specs()
+        scale = self.read_tensor(scale_spec.name)
+        if not bool((scale > 0).all() and scale.isfinite().all()):
+            raise QuantizationError(f"{self.path}: tensor {entry.name!r} has a scale that is "
+                                    "zero, negative, NaN or Inf; the file is corrupt")
+        if not bool(self.read_tensor(zero_point_spec.name).isfinite().all()):
+            raise QuantizationError(f"{self.path}: tensor {entry.name!r} has a zero point that "
+                                    "is NaN or Inf; the file is corrupt")
+
+    def canonical(self, name: str) -> str:
+        """The stored tensor a name stands for (itself, or the one it is tied to)."""
+        return self.ties.get(name, name)
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether ``name`` (a tensor of the state_dict, tied or not) is stored quantized."""
+        return self.canonical(name) in self.entries
+
     def spec(self, name: str) -> TensorSpec:
         """Dtype and shape of tensor ``name`` of the state_dict the file stands for (a quantized
         one: the original tensor's)."""
-        if name in self.entries:
-            entry = self.entries[name]
+        stored = self.canonical(name)
+        if stored in self.entries:
+            entry = self.entries[stored]
             return TensorSpec(name, entry.dtype, entry.shape)
-        return TensorSpec(name, TORCH_DTYPES[self._dtypes[name]], self._shapes[name])
+        return TensorSpec(name, TORCH_DTYPES[self._dtypes[stored]], self._shapes[stored])
 
     def stored_bytes(self, name: str) -> int:
-        """Bytes the file spends on tensor ``name`` (a quantized one: its three tensors)."""
+        """Bytes the file spends on tensor ``name`` (a quantized one: its three tensors; a tied
+        one: none)."""
+        if name in self.ties:
+            return 0
         if name in self.entries:
             return sum(spec.nbytes for spec in self.entries[name].specs())
         return self.spec(name).nbytes
@@ -228,26 +289,35 @@ class SquantReader:
     def read_tensor(self, name: str) -> torch.Tensor:
         """A tensor of the file as stored (a float tensor, or a quantized tensor's part)."""
         try:
-            return self._file.get_tensor(name)
+            return self._file.get_tensor(self.canonical(name))
         except SafetensorError as error:
             raise QuantizationError(f"{self.path}: cannot read tensor {name!r} "
                                     f"({first_line(error)})") from None
 
     def read_quantized(self, name: str) -> QuantizedTensor:
         """A quantized tensor's codes (unpacked, int8, original shape), scale and zero point."""
-        entry = self.entries[name]
+        entry = self.entries[self.canonical(name)]
         return entry.quantized_tensor(*(self.read_tensor(spec.name) for spec in entry.specs()))
 
     def read_dequantized(self, name: str) -> torch.Tensor:
         """Any tensor as a float tensor: quantized ones dequantized to their original dtype."""
-        if name in self.entries:
-            return self.entries[name].dequantize(self.read_quantized(name))
+        if self.is_quantized(name):
+            return self.entries[self.canonical(name)].dequantize(self.read_quantized(name))
         return self.read_tensor(name)
+
+    def read_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a float tensor (:meth:`read_dequantized`); tied names share one."""
+        state: dict[str, torch.Tensor] = {}
+        for name in sorted(self.names, key=lambda n: n in self.ties):
+            stored = self.canonical(name)
+            state[name] = state[stored] if stored in state else self.read_dequantized(name)
+        return {name: state[name] for name in self.names}
 
     @property
     def names(self) -> list[str]:
-        """Every tensor of the state_dict the file stands for (quantized ones by their name)."""
-        return sorted([*self.entries, *self.float_names])
+        """Every tensor of the state_dict the file stands for (quantized ones by their name,
+        tied ones too)."""
+        return sorted([*self.entries, *self.float_names, *self.ties])
 
 
 def first_line(error: BaseException) -> str:

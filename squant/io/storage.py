@@ -6,6 +6,7 @@ The file format is described in ``file_format.py`` and README.md ("File format")
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,19 +82,37 @@ def load(path: str | os.PathLike, model: nn.Module | None = None
     """
     with SquantReader(path) as reader:
         if model is None:
-            return {name: reader.read_dequantized(name) for name in reader.names}
+            return reader.read_state_dict()
         if not isinstance(model, nn.Module):
             raise TypeError(f"load expects a torch.nn.Module, got {type(model).__name__}")
         return _load_into(reader, model)
 
 
-def _target_modules(reader: SquantReader, model: nn.Module) -> dict[str, nn.Module]:
-    """The model's module for each quantized tensor of the file; checks that they match."""
+def _is_float_layer(module: nn.Module | None, entry: QuantizedEntry) -> bool:
+    """A layer squant cannot quantize (an ``nn.Embedding``) whose weight the entry fits."""
+    weight = getattr(module, "weight", None)
+    return (module is not None and type(module) not in QUANTIZED_CLASSES
+            and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            and tuple(weight.shape) == entry.shape and (entry.axis, entry.groups) == (0, 1))
+
+
+def _target_modules(reader: SquantReader, model: nn.Module
+                    ) -> tuple[dict[str, nn.Module], list[str]]:
+    """The model's module for each quantized tensor of the file (tied names included), and the
+    quantized tensors of float layers squant cannot quantize (loaded dequantized, with a
+    warning); checks that they match."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    targets = {}
-    for name, entry in reader.entries.items():
+    targets, dequantized = {}, []
+    for name in filter(reader.is_quantized, reader.names):
+        entry = reader.entries[reader.canonical(name)]
         prefix = _layer_name(name)
         module = None if prefix is None else modules.get(prefix)
+        if _is_float_layer(module, entry):
+            warnings.warn(f"{reader.path}: {name!r} is stored quantized, but squant has no "
+                          f"quantized {type(module).__name__}: it is loaded dequantized into "
+                          "that layer's float weight", stacklevel=4)
+            dequantized.append(name)
+            continue
         if module is None or type(module) not in QUANTIZED_CLASSES:
             raise QuantizationError(f"{reader.path}: quantized tensor {name!r} has no "
                                     f"quantizable layer {prefix!r} in {type(model).__name__}")
@@ -106,7 +125,7 @@ def _target_modules(reader: SquantReader, model: nn.Module) -> dict[str, nn.Modu
                 f"groups {entry.groups}) does not fit layer {prefix!r} of the model (shape "
                 f"{expected[0]}, axis {expected[1]}, groups {expected[2]})")
         targets[prefix] = module
-    return targets
+    return targets, dequantized
 
 
 def _layer_name(name: str) -> str | None:
@@ -135,16 +154,21 @@ def _add_stored_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
-    targets = _target_modules(reader, model)
+    targets, dequantized = _target_modules(reader, model)
     model = copy_replacing(model, targets.values())
-    replacements = {}
+    replacements, qweights = {}, {}  # tied names get the same codes
     for prefix in targets:
         module = model.get_submodule(prefix)
+        stored = reader.canonical(_join(prefix, "weight"))
+        if stored not in qweights:
+            qweights[stored] = reader.read_quantized(stored)
         if id(module) not in replacements:
-            qweight = reader.read_quantized(_join(prefix, "weight"))
-            replacements[id(module)] = QUANTIZED_CLASSES[type(module)].from_float(module, qweight)
+            replacements[id(module)] = QUANTIZED_CLASSES[type(module)].from_float(
+                module, qweights[stored])
     model = swap_modules(model, replacements)
-    state = {name: reader.read_tensor(name) for name in reader.float_names}
+    state = {name: reader.read_dequantized(name) if name in dequantized
+             else reader.read_tensor(name)
+             for name in reader.names if not reader.is_quantized(name) or name in dequantized}
     _enable_stored_activations(model, state)
     _add_stored_biases(model, state)
     try:
