@@ -4,4 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels() -> None:
+    """Compile (or load) every numba function once, in this process, before any test: the
+    subprocesses that tests start then load them from numba's cache, and their stderr holds
+    only what the test is about, not the one-time "compiling the kernels" notice."""
+    import squant
+    from squant.io.packing import pack_codes, unpack_codes
+
+    codes = squant.quantize_weight(np.ones((2, 3, 3), np.float32), bits=4).codes.numpy()
+    squant.quantize_weights([np.ones((2, 3), np.float32)], bits=4, range="search")
+    unpack_codes(pack_codes(codes.reshape(-1), 4), 4, codes.size)
