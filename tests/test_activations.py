@@ -131,6 +131,23 @@ def test_fake_quantize_is_the_spec_formula(bits: int, lo: float, hi: float) -> N
     assert len(torch.unique(got)) <= 2**bits
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.5), (-0.7, 0.7), (-0.3, 1.1)])
+def test_fake_quantize_gives_the_same_bits_with_and_without_autograd(
+        bits: int, dtype: torch.dtype, lo: float, hi: float) -> None:
+    """Inference runs the operations in place, autograd out of place: the same bits; the
+    input is never modified."""
+    x = torch.randn(3, 257, generator=torch.Generator().manual_seed(bits)).to(dtype) * 1.3
+    before = x.clone()
+    inference = fake_quantize(x, torch.tensor(lo), torch.tensor(hi), bits)
+    assert torch.equal(x, before)
+    with_grad = fake_quantize(x.clone().requires_grad_(), torch.tensor(lo), torch.tensor(hi),
+                              bits)
+    assert with_grad.requires_grad and with_grad.dtype == inference.dtype == dtype
+    assert torch.equal(with_grad.detach(), inference)
+
+
 @pytest.mark.parametrize("act_bits", [2, 4])
 def test_a_layer_computes_on_its_quantized_input(act_bits: int) -> None:
     """The layer's output is the float layer on an input with at most 2**bits values."""

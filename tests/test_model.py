@@ -582,3 +582,19 @@ def test_low_and_double_precision_models_quantize(entry: ZooModel, dtype: torch.
         out, exact = qmodel(x), model(x)
     assert out.dtype == dtype
     assert relative_error(out, exact) < 0.03
+
+
+def test_the_cached_weight_follows_the_codes_memory_layout() -> None:
+    """After ``.to(memory_format=torch.channels_last)`` the dequantized weight is channels-last
+    too (a conv then converts no activations), with the same values."""
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2),
+                         nn.Conv2d(8, 8, 3, groups=8))  # (O, 1, k, k): an ambiguous layout
+    plain = squant.quantize(conv, 4)
+    last = squant.quantize(conv, 4).to(memory_format=torch.channels_last)
+    for a, b in zip(plain, last):
+        assert b.codes.is_contiguous(memory_format=torch.channels_last)
+        assert b.weight.stride() == b.codes.stride()  # the very strides, not just "contiguous"
+        assert torch.equal(a.weight, b.weight)
+    x = torch.randn(2, 3, 11, 11)
+    assert torch.allclose(plain(x), last(x.contiguous(memory_format=torch.channels_last)),
+                          atol=1e-5)

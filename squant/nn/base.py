@@ -65,11 +65,15 @@ class QuantizedModule:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight, in the float layer's dtype."""
+        """The dequantized weight, in the float layer's dtype and the codes' memory layout (e.g.
+        channels-last after ``.to(memory_format=torch.channels_last)``, so that convolutions
+        do not convert their activations at every call)."""
         cached = self._cached_weight
         if cached is not None:
             return cached
         weight = self.dequantize_weight().to(self.weight_dtype)
+        if weight.stride() != self.codes.stride():  # exact strides: (O, 1, k, k) is ambiguous
+            weight = torch.empty_like(self.codes, dtype=self.weight_dtype).copy_(weight)
         if self.cache_weight:
             self._cached_weight = weight
         return weight
