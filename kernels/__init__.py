@@ -4,6 +4,7 @@ Pure functions over flat arrays; they import numba and numpy only. Installed as
 ``squant.kernels``. The entry point is :func:`quantize_blocks`.
 """
 
+from .grid import RANGE_FLOOR
 from .passes import (
     CHANNEL_PASS,
     GIVEN_RANGE,
@@ -20,6 +21,7 @@ __all__ = [
     "GIVEN_RANGE",
     "KERNEL_PASS",
     "NO_MOMENTS",
+    "RANGE_FLOOR",
     "RANGE_SEARCH",
     "SHRINK_FACTORS",
     "SYMMETRIC",

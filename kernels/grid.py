@@ -5,7 +5,7 @@ point', 'Other grids' and 'EQ'). Everything is float32, exactly as the spec stat
 import numpy as np
 from numba import njit
 
-_EPS = np.float32(1e-8)
+RANGE_FLOOR = np.float32(1e-8)  # the spec's floor on a channel's range: max(hi - lo, 1e-8)
 
 
 _MAGNITUDE = np.int32(0x7FFFFFFF)
@@ -52,9 +52,9 @@ def grid_params(lo, hi, bits, symmetric):
     one = np.float32(1.0)
     if symmetric:
         amax = max(abs(lo), abs(hi))
-        scale = (n - one) / max(amax, _EPS)
+        scale = (n - one) / max(amax, RANGE_FLOOR)
         return scale, np.float32(0.0), one - n, n - one
-    scale = np.float32(2**bits - 1) / max(hi - lo, _EPS)
+    scale = np.float32(2**bits - 1) / max(hi - lo, RANGE_FLOOR)
     zero = np.rint(scale * lo) + n
     return scale, zero, -n, n - one
 

@@ -137,8 +137,6 @@ def quantize(
         active = enable_activations(quantized, activations.bits)
         fixed = bn_ranges(model, active) if activations.range == "bn" and active else {}
         calibrate(model, active, activations, fixed)
-        for module in quantized:  # weights cached under inference_mode cannot enter autograd
-            module._cached_weight = None
     if report:
         model.squant_report = _report(model, shared, seconds)
     return model

@@ -3,6 +3,8 @@ wrong value) with a message that names the problem."""
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -174,3 +176,25 @@ def test_numpy_matrix_is_quantized_as_a_plain_array() -> None:
     plain = squant.quantize_weight(WEIGHT)
     matrix = squant.quantize_weight(np.asmatrix(WEIGHT))
     assert np.array_equal(matrix.codes.numpy(), plain.codes.numpy())
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric"])
+def test_channels_below_the_range_floor_are_warned_about(scheme: str) -> None:
+    """A channel of tiny non-zero values comes back as about 0 (the paper's grid): a warning
+    names the weight and counts such channels; constant and all-zero channels say nothing."""
+    weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    weight[1] *= 1e-12
+    weight[4] *= 3e-11
+    weight[2] = 0.5  # constant: its range is 0, it dequantizes exactly
+    weight[3] = 0.0
+    with pytest.warns(UserWarning, match=r"^layer 'fc' \(Linear\) weight: 2 of 6 channel"):
+        layer = torch.nn.Linear(5, 6)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        qmodel = squant.quantize(torch.nn.Sequential(OrderedDict(fc=layer)), 4, scheme=scheme)
+    dequantized = qmodel.fc.weight
+    assert torch.all(dequantized[1].abs() < 1e-9) and torch.all(dequantized[4].abs() < 1e-9)
+    assert torch.equal(dequantized[2], weight[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        squant.quantize_weight(weight[[0, 2, 3, 5]], 4, scheme=scheme)

@@ -598,3 +598,38 @@ def test_the_cached_weight_follows_the_codes_memory_layout() -> None:
     x = torch.randn(2, 3, 11, 11)
     assert torch.allclose(plain(x), last(x.contiguous(memory_format=torch.channels_last)),
                           atol=1e-5)
+
+
+def test_a_forward_under_inference_mode_then_one_with_autograd() -> None:
+    """The weight cached by a forward under ``torch.inference_mode()`` is no inference tensor:
+    a later forward that autograd records (and its backward) works, with the same output."""
+    qmodel = squant.quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                                           nn.Linear(4 * 6 * 6, 2)), 4)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        first = qmodel(x)
+    leaf = x.clone().requires_grad_()
+    again = qmodel(leaf)
+    again.sum().backward()
+    assert leaf.grad is not None and torch.equal(again.detach(), first)
+
+
+def test_quantizing_a_quantized_model_says_so() -> None:
+    qmodel = squant.quantize(nn.Sequential(nn.Linear(4, 3)), 4)
+    with pytest.raises(squant.QuantizationError, match="is already quantized"):
+        squant.quantize(qmodel, 4)
+    squant.quantize(squant.dequantize(qmodel), 4)  # the way the message points to
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+def test_scripting_says_what_works_instead() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    qmodel = squant.quantize(model, 4)
+    before = [type(m) for m in qmodel.modules()]
+    with pytest.raises(squant.QuantizationError, match=r"torch.jit.trace\(qmodel"):
+        torch.jit.script(qmodel)
+    assert [type(m) for m in qmodel.modules()] == before
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(torch.jit.trace(qmodel, x)(x), qmodel(x))  # what the message offers
+    scripted = torch.jit.script(squant.dequantize(qmodel))
+    assert torch.allclose(scripted(x), qmodel(x), atol=1e-6)

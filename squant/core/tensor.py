@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .. import kernels
 from .batch import quantize_batch
 from .errors import QuantizationError
 from .options import QuantOptions, check_bits
@@ -182,6 +184,8 @@ def quantize_with_options(
             raise QuantizationError(
                 f"{name}: its values span more than float32 arithmetic can hold (max - min "
                 f"overflows); rescale the weight or use scheme='symmetric'")
+    for result, view, opts, name in zip(results, views, options, names):
+        _warn_below_floor(result.scale, view, opts, name)
     out = []
     for result, m, ax, opts in zip(results, moved, axes, options):
         codes = np.moveaxis(result.codes.reshape(m.shape), 0, ax)
@@ -192,6 +196,33 @@ def quantize_with_options(
             bits=opts.bits, mode=opts.mode, axis=ax, scheme=opts.scheme,
             granularity=opts.granularity, range=opts.range))
     return out
+
+
+def _warn_below_floor(scale: np.ndarray, view: np.ndarray, options: QuantOptions,
+                      name: str) -> None:
+    """Warn if channels have a range that is not 0 but below the grid's floor ``1e-8`` (the
+    spec's ``max(hi - lo, 1e-8)``, ``max(|lo|, |hi|)`` when symmetric): their scale is the
+    floor's, so their codes dequantize to about 0. Checked on the kernel's scales, so that only
+    the rare flagged channels are read again."""
+    symmetric = options.scheme == "symmetric"
+    steps = 2 ** (options.bits - 1) - 1 if symmetric else 2**options.bits - 1
+    flagged = np.flatnonzero(scale == np.float32(steps) / kernels.RANGE_FLOOR)
+    if flagged.size == 0:
+        return
+    values = view[flagged].reshape(flagged.size, -1)
+    if options.granularity == "tensor":
+        values = view.reshape(1, -1)
+    if symmetric:
+        spans = np.abs(values).max(axis=1)
+    else:
+        spans = values.max(axis=1).astype(np.float64) - values.min(axis=1)
+    tiny = int(np.count_nonzero(spans > 0)) * (1 if options.granularity == "channel"
+                                               else flagged.size)
+    if tiny:
+        warnings.warn(
+            f"{name}: {tiny} of {scale.shape[0]} channel(s) span less than 1e-8 (the grid's "
+            f"floor), so their codes dequantize to about 0, as on the paper's grid; rescale "
+            f"the weight if such small values matter", UserWarning, stacklevel=4)
 
 
 def _per_weight(value: object, count: int, what: str) -> list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.errors import QuantizationError
 from ..core.fake_quant import fake_quantize
 from ..core.tensor import QuantizedTensor, dequantize_codes
 
@@ -71,9 +72,12 @@ class QuantizedModule:
         cached = self._cached_weight
         if cached is not None:
             return cached
-        weight = self.dequantize_weight().to(self.weight_dtype)
-        if weight.stride() != self.codes.stride():  # exact strides: (O, 1, k, k) is ambiguous
-            weight = torch.empty_like(self.codes, dtype=self.weight_dtype).copy_(weight)
+        # Not an inference tensor, even when first used under torch.inference_mode(): the
+        # cached weight must serve later forwards that autograd records too.
+        with torch.inference_mode(False):
+            weight = self.dequantize_weight().to(self.weight_dtype)
+            if weight.stride() != self.codes.stride():  # exact strides: (O, 1, k, k) is ambiguous
+                weight = torch.empty_like(self.codes, dtype=self.weight_dtype).copy_(weight)
         if self.cache_weight:
             self._cached_weight = weight
         return weight
@@ -127,6 +131,14 @@ class QuantizedModule:
         module.weight = self.float_weight() if weight is None else weight
         module.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
         return module
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` before it compiles: squant's modules are not
+        scriptable (the dequantized ``weight`` is a Python property), so say what works."""
+        raise QuantizationError(
+            f"torch.jit.script cannot compile squant's {type(self).__name__}; use "
+            "torch.jit.trace(qmodel, example_inputs) or torch.compile(qmodel), or script the "
+            "float model squant.dequantize(qmodel)")
 
     def _apply(self, fn, recurse=True):
         """Follow ``.to()``/``.half()``/``.cuda()``: the weight's dtype follows, while scale and

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.errors import QuantizationError
 from ..core.options import QuantOptions, check_bits
-from .base import QUANTIZED_CLASSES
+from .base import QUANTIZED_CLASSES, QuantizedModule
 
 
 @dataclass
@@ -54,6 +54,10 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
             by_module[id(module)].names.append(name)
         else:
             by_module[id(module)] = Layer([name], module, default)
+    if not by_module and any(isinstance(m, QuantizedModule) for m in model.modules()):
+        raise QuantizationError(
+            f"{type(model).__name__} is already quantized (its layers are squant.nn modules); "
+            "to quantize it again, start from the float model or squant.dequantize(qmodel)")
     if not by_module:
         raise QuantizationError(
             f"{type(model).__name__} has no layer to quantize (supported: "
