@@ -22,7 +22,8 @@ from .core.errors import QuantizationError
 from .core.options import ActivationOptions, QuantOptions
 from .core.report import QuantizationReport, layer_report
 from .core.tensor import QuantizedTensor, quantize_with_options
-from .nn import QUANTIZED_CLASSES, QuantizedModule
+from .nn import QuantizedModule
+from .nn.base import quantized_class
 from .nn.module_tree import copy_replacing, swap_modules
 from .nn.selection import Layer, relocate, select_layers
 from .ranges.activations import calibrate, enable_activations
@@ -126,7 +127,7 @@ def quantize(
     joined = {key: entry.joined for key, entry in shared.items()}
     replacements = {}
     for layer in layers:
-        cls = QUANTIZED_CLASSES[type(layer.module)]
+        cls = quantized_class(layer.module)
         replacements[id(layer.module)] = cls.from_float(
             layer.module, joined[id(layer.module.weight)], cache_weights)
     model = swap_modules(model, replacements)

@@ -633,3 +633,38 @@ def test_scripting_says_what_works_instead() -> None:
     assert torch.equal(torch.jit.trace(qmodel, x)(x), qmodel(x))  # what the message offers
     scripted = torch.jit.script(squant.dequantize(qmodel))
     assert torch.allclose(scripted(x), qmodel(x), atol=1e-6)
+
+
+class _PlainSubclass(nn.Linear):
+    """A Linear subclass that keeps Linear's forward: quantized as a Linear."""
+
+
+class _OwnForward(nn.Linear):
+    """A Linear subclass with a forward of its own: left float, with a warning."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def test_subclasses_are_matched_by_their_registered_base() -> None:
+    model = nn.Sequential(_PlainSubclass(6, 5), nn.ReLU(), _OwnForward(5, 4), nn.Linear(4, 3))
+    x = torch.randn(7, 6)
+    with pytest.warns(UserWarning, match=r"left in float: '2' \(_OwnForward, a Linear subclass"):
+        qmodel = squant.quantize(model, 8)
+    assert isinstance(qmodel[0], squant.nn.QuantizedLinear)
+    assert type(qmodel[2]) is _OwnForward and isinstance(qmodel[3], squant.nn.QuantizedLinear)
+    assert torch.allclose(qmodel(x), model(x), rtol=0.05, atol=0.02)
+    assert type(squant.dequantize(qmodel)[0]) is _PlainSubclass
+
+
+def test_attention_output_projections_are_quantized() -> None:
+    """``nn.MultiheadAttention.out_proj`` is a Linear subclass with Linear's forward."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0,
+                                       batch_first=True).eval()
+    qlayer = squant.quantize(layer, 8)
+    assert isinstance(qlayer.self_attn.out_proj, squant.nn.QuantizedLinear)
+    assert isinstance(qlayer.linear1, squant.nn.QuantizedLinear)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.allclose(qlayer(x), layer(x), atol=0.05)

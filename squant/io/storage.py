@@ -14,7 +14,8 @@ from torch import nn
 
 from ..core.errors import QuantizationError
 from ..core.tensor import QuantizedTensor
-from ..nn import QUANTIZED_CLASSES, QuantizedModule
+from ..nn import QuantizedModule
+from ..nn.base import quantized_class
 from ..nn.module_tree import copy_replacing, swap_modules
 from .file_format import SUFFIXES, QuantizedEntry, squant_metadata, tensor_spec
 from .file_io import SafetensorsWriter, SquantReader
@@ -91,7 +92,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None
 def _is_float_layer(module: nn.Module | None, entry: QuantizedEntry) -> bool:
     """A layer squant cannot quantize (an ``nn.Embedding``) whose weight the entry fits."""
     weight = getattr(module, "weight", None)
-    return (module is not None and type(module) not in QUANTIZED_CLASSES
+    return (module is not None and quantized_class(module) is None
             and isinstance(weight, torch.Tensor) and weight.is_floating_point()
             and tuple(weight.shape) == entry.shape and (entry.axis, entry.groups) == (0, 1))
 
@@ -113,7 +114,7 @@ def _target_modules(reader: SquantReader, model: nn.Module
                           "that layer's float weight", stacklevel=4)
             dequantized.append(name)
             continue
-        if module is None or type(module) not in QUANTIZED_CLASSES:
+        if module is None or quantized_class(module) is None:
             raise QuantizationError(f"{reader.path}: quantized tensor {name!r} has no "
                                     f"quantizable layer {prefix!r} in {type(model).__name__}")
         transposed = getattr(module, "transposed", False)
@@ -163,7 +164,7 @@ def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
         if stored not in qweights:
             qweights[stored] = reader.read_quantized(stored)
         if id(module) not in replacements:
-            replacements[id(module)] = QUANTIZED_CLASSES[type(module)].from_float(
+            replacements[id(module)] = quantized_class(module).from_float(
                 module, qweights[stored])
     model = swap_modules(model, replacements)
     state = {name: reader.read_dequantized(name) if name in dequantized

@@ -31,6 +31,27 @@ def register(float_class: type[nn.Module]):
     return decorate
 
 
+def quantized_class(module: nn.Module) -> type[QuantizedModule] | None:
+    """The quantized class for ``module``: the one registered for its class or, for a subclass
+    of a registered float class, for the nearest such base, provided the subclass keeps that
+    base's ``forward`` and parameters (``weight``, ``bias``) and adds no buffers: e.g.
+    ``nn.MultiheadAttention``'s ``out_proj``. None for anything else, quantized modules too."""
+    if isinstance(module, QuantizedModule):
+        return None
+    base = registered_base(type(module))
+    if base is None:
+        return None
+    if base is type(module) or (type(module).forward is base.forward and not module._buffers
+                                and set(module._parameters) <= {"weight", "bias"}):
+        return QUANTIZED_CLASSES[base]
+    return None
+
+
+def registered_base(cls: type) -> type[nn.Module] | None:
+    """The nearest class in ``cls``'s MRO that has a quantized counterpart, or None."""
+    return next((base for base in cls.__mro__ if base in QUANTIZED_CLASSES), None)
+
+
 class QuantizedModule:
     """What every quantized layer shares: code buffers, dequantization, conversions.
 
@@ -61,6 +82,7 @@ class QuantizedModule:
         qmodule.range = qweight.range
         qmodule.cache_weight = cache_weight
         qmodule.weight_dtype = module.weight.dtype
+        qmodule.original_class = type(module)  # a subclass of float_class: dequantize gives it
         qmodule._cached_weight = None
         return qmodule
 
@@ -124,7 +146,8 @@ class QuantizedModule:
     def to_float(self, weight: nn.Parameter | None = None) -> nn.Module:
         """A plain float layer of the original class holding the dequantized weight (or
         ``weight``, e.g. to keep tied layers tied) and a copy of the bias."""
-        module = self.float_class.__new__(self.float_class)
+        original = getattr(self, "original_class", self.float_class)
+        module = original.__new__(original)
         nn.Module.__init__(module)
         for name in _hyper_parameters(self):
             setattr(module, name, getattr(self, name))

@@ -1,6 +1,7 @@
 """Which layers of a model ``squant.quantize`` quantizes, and with which options.
 
-Layers are matched by their float class in the registry (:data:`squant.nn.QUANTIZED_CLASSES`);
+Layers are matched by their float class in the registry (:data:`squant.nn.QUANTIZED_CLASSES`),
+subclasses by their nearest registered base when they keep its forward (else a warning);
 ``skip``, ``layer_bits`` and ``layer_options`` select and override by fnmatch patterns on the
 layers' names, and a pattern that matches nothing is an error.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -16,7 +18,7 @@ from torch import nn
 
 from ..core.errors import QuantizationError
 from ..core.options import QuantOptions, check_bits
-from .base import QUANTIZED_CLASSES, QuantizedModule
+from .base import QUANTIZED_CLASSES, QuantizedModule, quantized_class, registered_base
 
 
 @dataclass
@@ -47,8 +49,13 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
                                     f"{', '.join(sorted(map(str, unknown)))}; use bits, mode, "
                                     "scheme, granularity or range")
     by_module: dict[int, Layer] = {}
+    own_forward: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) not in QUANTIZED_CLASSES:
+        if quantized_class(module) is None:
+            base = registered_base(type(module))
+            if base is not None and not isinstance(module, QuantizedModule):
+                own_forward.setdefault(id(module), f"{name!r} ({type(module).__name__}, a "
+                                                   f"{base.__name__} subclass)")
             continue
         if id(module) in by_module:
             by_module[id(module)].names.append(name)
@@ -62,6 +69,11 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
         raise QuantizationError(
             f"{type(model).__name__} has no layer to quantize (supported: "
             f"{', '.join(c.__name__ for c in QUANTIZED_CLASSES)})")
+    if own_forward:
+        warnings.warn(
+            f"left in float: {', '.join(own_forward.values())}: a subclass that changes its "
+            "base's forward, parameters or buffers, which squant's quantized module of that "
+            "base would not reproduce", UserWarning, stacklevel=3)
     _check_patterns_match(skip, "skip", by_module.values())
     _check_patterns_match(layer_bits, "layer_bits", by_module.values())
     _check_patterns_match(layer_options, "layer_options", by_module.values())
