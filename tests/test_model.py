@@ -668,3 +668,19 @@ def test_attention_output_projections_are_quantized() -> None:
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         assert torch.allclose(qlayer(x), layer(x), atol=0.05)
+
+
+def test_a_state_dict_with_codes_outside_the_layers_bits_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    eight = squant.quantize(model, 8).state_dict()
+    four = squant.quantize(model, 4)
+    before = {k: v.clone() for k, v in four.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"0\.codes hold values in -?\d+\.\.\d+, outside the "
+                                           r"4-bit asymmetric range -8\.\.7"):
+        four.load_state_dict(eight)
+    assert torch.equal(four[0].codes, before["0.codes"])  # the refused layer is as it was
+    squant.quantize(model, 8).load_state_dict(eight)
+    symmetric = squant.quantize(model, 4, scheme="symmetric")
+    with pytest.raises(RuntimeError, match="4-bit symmetric range -7..7"):
+        symmetric.load_state_dict(four.state_dict() | {"0.codes": torch.full((8, 16), -8,
+                                                                            dtype=torch.int8)})

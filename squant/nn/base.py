@@ -174,9 +174,26 @@ class QuantizedModule:
                 self._buffers[name] = self._buffers[name].float()
         return result
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """torch's loading, refusing codes outside this layer's ``bits`` (e.g. an 8-bit
+        state_dict loaded into a 4-bit model, which ``squant.save`` would then pack into 4 bits
+        and corrupt): the layer is left as it was and ``load_state_dict`` raises."""
         self._cached_weight = None
-        return super()._load_from_state_dict(*args, **kwargs)
+        codes = state_dict.get(prefix + "codes")
+        if isinstance(codes, torch.Tensor) and codes.numel():
+            high = 2 ** (self.bits - 1) - 1
+            low = -high if self.scheme == "symmetric" else -high - 1
+            found = (int(codes.min()), int(codes.max()))
+            if found[0] < low or found[1] > high:
+                error_msgs.append(
+                    f"{prefix}codes hold values in {found[0]}..{found[1]}, outside the "
+                    f"{self.bits}-bit {self.scheme} range {low}..{high} of this "
+                    f"{type(self).__name__}: the state_dict was quantized with other bits or "
+                    "another scheme; quantize the model with those first")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         act = f", act_bits={int(self.act_bits)}" if self.act_enabled else ""
