@@ -25,7 +25,7 @@ from .core.tensor import QuantizedTensor, quantize_with_options
 from .nn import QuantizedModule
 from .nn.base import quantized_class
 from .nn.module_tree import copy_replacing, swap_modules
-from .nn.selection import Layer, relocate, select_layers
+from .nn.selection import Layer, left_in_float, relocate, select_layers
 from .ranges.activations import calibrate, enable_activations
 from .ranges.batchnorm import Moments, bn_input_moments, bn_ranges, same_moments
 from .ranges.bias_correction import correct_bias
@@ -131,6 +131,7 @@ def quantize(
         replacements[id(layer.module)] = cls.from_float(
             layer.module, joined[id(layer.module.weight)], cache_weights)
     model = swap_modules(model, replacements)
+    left_float = left_in_float(model, skip)
     if bias_correction:
         _correct_biases(layers, replacements, moments)
     if activations is not None:
@@ -139,7 +140,7 @@ def quantize(
         fixed = bn_ranges(model, active) if activations.range == "bn" and active else {}
         calibrate(model, active, activations, fixed)
     if report:
-        model.squant_report = _report(model, shared, seconds)
+        model.squant_report = _report(model, shared, seconds, left_float)
     return model
 
 
@@ -330,8 +331,8 @@ def _join_blocks(parts: list[QuantizedTensor]) -> QuantizedTensor:
         granularity=first.granularity, range=first.range)
 
 
-def _report(model: nn.Module, shared: dict[int, _SharedWeight], seconds: float
-            ) -> QuantizationReport:
+def _report(model: nn.Module, shared: dict[int, _SharedWeight], seconds: float,
+            left_float: list[tuple[str, str]]) -> QuantizationReport:
     """Error statistics per distinct weight; each layer is also timed alone for its row. The
     activation range and bits are those of the row's first layer (None: float input)."""
     rows = []
@@ -345,4 +346,4 @@ def _report(model: nn.Module, shared: dict[int, _SharedWeight], seconds: float
         rows.append(layer_report(", ".join(entry.names), type(layer.module).__name__,
                                  layer.module.weight.shape, entry.blocks, entry.parts, alone,
                                  model.get_submodule(layer.names[0])))
-    return QuantizationReport(rows, seconds)
+    return QuantizationReport(rows, seconds, left_float)

@@ -684,3 +684,34 @@ def test_a_state_dict_with_codes_outside_the_layers_bits_is_refused() -> None:
     with pytest.raises(RuntimeError, match="4-bit symmetric range -7..7"):
         symmetric.load_state_dict(four.state_dict() | {"0.codes": torch.full((8, 16), -8,
                                                                             dtype=torch.int8)})
+
+
+class _Mixed(nn.Module):
+    """Layers squant quantizes, and weights it cannot: each left one must be named."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(30, 8)
+        self.rnn = nn.GRU(8, 8)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 30)
+        self.raw = nn.Parameter(torch.randn(3, 8))
+        self.register_buffer("table", torch.randn(2, 2))
+        self.register_buffer("steps", torch.zeros(4, 4, dtype=torch.int64))  # not floating
+
+
+def test_every_float_matrix_left_is_listed_once_with_its_reason() -> None:
+    with pytest.warns(UserWarning, match="left in float") as caught:
+        qmodel = squant.quantize(_Mixed(), 4, skip="head", report=True)
+    left = dict(qmodel.squant_report.left_float)
+    state = qmodel.state_dict()
+    quantized = {k[: -len("codes")] + "weight" for k in state if k.endswith("codes")}
+    expected = {k for k, v in state.items() if v.is_floating_point() and v.dim() >= 2}
+    assert set(left) == expected - quantized  # every float matrix: quantized or listed
+    assert left["head.weight"] == "skipped" and left["raw"].startswith("_Mixed")
+    assert left["wte.weight"].startswith("Embedding") and "rnn.weight_hh_l0" in left
+    messages = [str(w.message) for w in caught if "left in float" in str(w.message)]
+    assert len(messages) == 1 and "head.weight" not in messages[0]  # asked for: no warning
+    assert "left in float: wte.weight (Embedding" in qmodel.squant_report.table()
+    assert {"name": "table", "reason": left["table"]} in qmodel.squant_report.to_dict()[
+        "left_float"]

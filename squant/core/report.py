@@ -7,7 +7,7 @@ zero with plain rounding (EQ) and after SQuant's flips, and the largest weight e
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -78,15 +78,19 @@ class QuantizationReport:
     """The per-layer statistics of one ``squant.quantize`` call and its total time.
 
     ``seconds`` is the batched quantization of all layers together; each layer's ``seconds``
-    is that layer quantized alone (measured again for the report).
+    is that layer quantized alone (measured again for the report). ``left_float``: the
+    floating tensors of 2 or more dims that stay float, as ``(name, reason)`` pairs.
     """
 
     layers: list[LayerReport]
     seconds: float
+    left_float: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain data, ready for ``json.dump``."""
-        return {"seconds": self.seconds, "layers": [asdict(layer) for layer in self.layers]}
+        return {"seconds": self.seconds, "layers": [asdict(layer) for layer in self.layers],
+                "left_float": [{"name": name, "reason": reason}
+                               for name, reason in self.left_float]}
 
     def to_json(self, indent: int | None = 2) -> str:
         """The report as a JSON string."""
@@ -111,6 +115,7 @@ class QuantizationReport:
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"{len(self.layers)} layers quantized in {self.seconds * 1e3:.1f} ms "
                      "(one batched call)")
+        lines += [f"left in float: {name} ({reason})" for name, reason in self.left_float]
         return "\n".join(lines)
 
     def __str__(self) -> str:

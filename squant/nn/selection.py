@@ -109,3 +109,30 @@ def relocate(model: nn.Module, layers: list[Layer]) -> list[Layer]:
     """The same layers, found by name in the copied model."""
     return [Layer(layer.names, model.get_submodule(layer.names[0]), layer.options)
             for layer in layers]
+
+
+def left_in_float(model: nn.Module, skip: list[str]) -> list[tuple[str, str]]:
+    """The floating tensors of 2+ dims that stay float in the quantized ``model``, as
+    ``(name, reason)``; one warning lists those that ``skip`` did not ask for, so that nothing
+    is left in float without a word."""
+    found, unasked = [], []
+    for prefix, module in model.named_modules():
+        if isinstance(module, QuantizedModule):
+            continue
+        tensors = [*module._parameters.items(), *module._buffers.items()]
+        for name, tensor in tensors:
+            if tensor is None or not tensor.is_floating_point() or tensor.dim() < 2:
+                continue
+            full = f"{prefix}.{name}" if prefix else name
+            skipped = any(fnmatch.fnmatchcase(prefix, pattern) for pattern in skip)
+            base = registered_base(type(module))
+            reason = ("skipped" if skipped else
+                      f"{type(module).__name__}, a {base.__name__} subclass of its own"
+                      if base is not None else
+                      f"{type(module).__name__}: squant has no quantized module for it")
+            found.append((full, reason))
+            if not skipped:
+                unasked.append(f"{full} ({reason})")
+    if unasked:
+        warnings.warn(f"left in float: {', '.join(unasked)}", UserWarning, stacklevel=3)
+    return found
