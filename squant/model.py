@@ -124,7 +124,10 @@ def quantize(
     moments = _layer_moments(model, layers, bias_correction)
     shared = _quantize_shared(layers, moments)
     seconds = time.perf_counter() - start
-    joined = {key: entry.joined for key, entry in shared.items()}
+    # The kernels ran on CPU copies; the codes go to the layer's device (once per weight, so
+    # that tied layers keep sharing them).
+    joined = {key: entry.joined.to(entry.layer.module.weight.device)
+              for key, entry in shared.items()}
     replacements = {}
     for layer in layers:
         cls = quantized_class(layer.module)

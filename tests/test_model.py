@@ -715,3 +715,25 @@ def test_every_float_matrix_left_is_listed_once_with_its_reason() -> None:
     assert "left in float: wte.weight (Embedding" in qmodel.squant_report.table()
     assert {"name": "table", "reason": left["table"]} in qmodel.squant_report.to_dict()[
         "left_float"]
+
+
+def test_quantized_tensor_to_a_device() -> None:
+    qtensor = squant.quantize_weight(torch.randn(4, 3), 4)
+    assert qtensor.to("cpu") is qtensor
+    meta = qtensor.to("meta")
+    assert meta.codes.is_meta and meta.scale.is_meta and meta.zero_point.is_meta
+    assert (meta.bits, meta.axis, meta.scheme) == (qtensor.bits, qtensor.axis, qtensor.scheme)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_cuda_stays_there_with_the_cpu_codes() -> None:
+    entry = BY_NAME["tied_mlp"]
+    model = entry.build()
+    on_cpu = squant.quantize(model, 4)
+    on_cuda = squant.quantize(model.cuda(), 4)
+    for (name, a), (_, b) in zip(on_cpu.named_buffers(), on_cuda.named_buffers()):
+        assert b.is_cuda and torch.equal(a, b.cpu()), name
+    x = entry.example()
+    assert torch.allclose(on_cuda(x.cuda()).cpu(), on_cpu(x), atol=1e-5)
+    codes = [m.codes for m in on_cuda.modules() if isinstance(m, squant.nn.QuantizedModule)]
+    assert len({c.data_ptr() for c in codes}) < len(codes)  # tied layers still share codes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,6 +42,14 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the codes stand for: ``(codes + zero_point) / scale``."""
         return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis)
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        """The same codes, scale and zero point on ``device`` (itself if already there)."""
+        if self.codes.device == torch.device(device):
+            return self
+        return replace(self, codes=self.codes.to(device),
+                       scale=self.scale.to(device),
+                       zero_point=self.zero_point.to(device))
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={tuple(self.shape)}, bits={self.bits}, mode={self.mode!r}, "
