@@ -63,8 +63,9 @@ def quantize(
     Args:
         bits: 2..8, for every layer not in ``layer_bits``.
         mode: ``"KC"`` (the paper's SQuant), ``"K"``, ``"C"`` or ``"E"`` (round to nearest).
-        skip: a module name or fnmatch pattern (``"features.0"``, ``"*.fc"``), or several, left
-            in float.
+        skip: a module name or fnmatch pattern (``"fc"``, ``"*.downsample.0"``), or several,
+            left in float; a pattern that names a container (``"features.0"``, ``"layer4"``)
+            covers every layer inside it, in ``layer_bits`` and ``layer_options`` too.
         layer_bits: ``{pattern: bits}``; the first pattern matching a layer's name wins.
         layer_options: ``{pattern: {option: value}}`` with options among ``bits``, ``mode``,
             ``scheme``, ``granularity``, ``range`` (e.g. ``{"fc": {"scheme": "symmetric"}}``); the

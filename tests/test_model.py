@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import chain
 
@@ -737,3 +738,19 @@ def test_a_model_on_cuda_stays_there_with_the_cpu_codes() -> None:
     assert torch.allclose(on_cuda(x.cuda()).cpu(), on_cpu(x), atol=1e-5)
     codes = [m.codes for m in on_cuda.modules() if isinstance(m, squant.nn.QuantizedModule)]
     assert len({c.data_ptr() for c in codes}) < len(codes)  # tied layers still share codes
+
+
+def test_patterns_that_name_a_container_cover_the_layers_inside() -> None:
+    """torchvision-style names: ``"features.0"`` is a container, ``"fc"`` a top-level layer."""
+    model = nn.Sequential(OrderedDict(
+        features=nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
+                               nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1))),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(4, 2)))
+    qmodel = squant.quantize(model, 4, skip=["features.0", "fc"], layer_bits={"features.1": 8},
+                             report=True)
+    assert type(qmodel.features[0][0]) is nn.Conv2d and type(qmodel.fc) is nn.Linear
+    assert [m.bits for m in qmodel.features[1]] == [8, 8]
+    assert dict(qmodel.squant_report.left_float)["features.0.0.weight"] == "skipped"
+    with pytest.raises(squant.QuantizationError, match="'features.9' matches no"):
+        squant.quantize(model, 4, skip="features.9")
+    assert squant.quantize(model, 4, skip="feat*").fc.bits == 4  # fnmatch on ancestors too

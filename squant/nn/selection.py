@@ -91,8 +91,16 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
 
 
 def matches(pattern: str, layer: Layer) -> bool:
-    """Whether the fnmatch ``pattern`` matches any of the layer's names."""
-    return any(fnmatch.fnmatchcase(name, pattern) for name in layer.names)
+    """Whether the fnmatch ``pattern`` matches one of the layer's names or a container above it
+    (``"features.0"`` matches ``features.0.conv``, ``"layer4"`` every layer inside it)."""
+    return any(name_matches(pattern, name) for name in layer.names)
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether ``pattern`` matches the module name ``name`` or one of its ancestors' names."""
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:end]), pattern)
+               for end in range(len(parts), 0, -1))
 
 
 def _check_patterns_match(patterns: Iterable[str], what: str, layers: Iterable[Layer]) -> None:
@@ -124,7 +132,7 @@ def left_in_float(model: nn.Module, skip: list[str]) -> list[tuple[str, str]]:
             if tensor is None or not tensor.is_floating_point() or tensor.dim() < 2:
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            skipped = any(fnmatch.fnmatchcase(prefix, pattern) for pattern in skip)
+            skipped = any(name_matches(pattern, prefix) for pattern in skip)
             base = registered_base(type(module))
             reason = ("skipped" if skipped else
                       f"{type(module).__name__}, a {base.__name__} subclass of its own"
