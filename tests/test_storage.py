@@ -304,3 +304,43 @@ def test_failed_save_keeps_the_previous_file(saved: Path) -> None:
         squant.save(qmodel, saved)
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
+
+
+def _small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 5))
+
+
+def test_load_into_a_meta_skeleton_gives_a_working_model(tmp_path: Path) -> None:
+    """``with torch.device("meta"): model = Net()`` allocates nothing; load fills it all."""
+    torch.manual_seed(0)
+    source = _small_net().eval()
+    path = tmp_path / "q.safetensors"
+    squant.save(squant.quantize(source, 4), path)
+    with torch.device("meta"):
+        skeleton = _small_net()
+    loaded = squant.load(path, skeleton).eval()
+    reference = squant.load(path, _small_net()).eval()
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    assert all(t.is_meta for t in skeleton.parameters())  # the skeleton itself is untouched
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(loaded(x), reference(x))
+
+
+class _Masked(nn.Module):
+    """A layer with a buffer no state_dict holds (not persistent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("mask", torch.ones(3), persistent=False)
+
+
+def test_a_meta_skeleton_the_file_does_not_fill_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.safetensors"
+    squant.save(squant.quantize(_Masked(), 4), path)
+    with torch.device("meta"):
+        skeleton = _Masked()
+    with pytest.raises(squant.QuantizationError, match=r"meta device .* does not hold mask"):
+        squant.load(path, skeleton)
+    squant.load(path, _Masked())  # built for real, the same file loads

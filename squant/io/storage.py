@@ -79,6 +79,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None
     module and every other tensor loaded as it is. Without: the file as a float state_dict,
     quantized tensors dequantized to their original dtype.
 
+    ``model`` may be a skeleton built on the meta device (``with torch.device("meta"):
+    model = Net()``): the file's tensors then become the model's, nothing is allocated twice.
+
     Raises ``QuantizationError`` for a corrupt or foreign file, or a model that does not match.
     """
     with SquantReader(path) as reader:
@@ -172,8 +175,9 @@ def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
              for name in reader.names if not reader.is_quantized(name) or name in dequantized}
     _enable_stored_activations(model, state)
     _add_stored_biases(model, state)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    try:  # a skeleton built on the meta device takes the file's tensors themselves
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=on_meta)
     except RuntimeError as error:  # shape mismatches
         raise QuantizationError(f"{reader.path} does not match {type(model).__name__}: "
                                 f"{' '.join(str(error).split())}") from None
@@ -185,4 +189,11 @@ def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
             + "; ".join(f"{what}: {', '.join(keys[:10])}{', ...' if len(keys) > 10 else ''}"
                         for what, keys in (("missing in the file", missing),
                                            ("not in the model", unexpected)) if keys))
+    still_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+                  if t.is_meta]
+    if still_meta:
+        raise QuantizationError(
+            f"{reader.path}: the model was built on the meta device and the file does not hold "
+            f"{', '.join(still_meta[:10])}{', ...' if len(still_meta) > 10 else ''}; build those "
+            "tensors first")
     return model
