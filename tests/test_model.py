@@ -650,7 +650,7 @@ class _OwnForward(nn.Linear):
 def test_subclasses_are_matched_by_their_registered_base() -> None:
     model = nn.Sequential(_PlainSubclass(6, 5), nn.ReLU(), _OwnForward(5, 4), nn.Linear(4, 3))
     x = torch.randn(7, 6)
-    with pytest.warns(UserWarning, match=r"left in float: '2' \(_OwnForward, a Linear subclass"):
+    with pytest.warns(UserWarning, match=r"left in float: 2.weight \(_OwnForward, a Linear sub"):
         qmodel = squant.quantize(model, 8)
     assert isinstance(qmodel[0], squant.nn.QuantizedLinear)
     assert type(qmodel[2]) is _OwnForward and isinstance(qmodel[3], squant.nn.QuantizedLinear)
@@ -754,3 +754,26 @@ def test_patterns_that_name_a_container_cover_the_layers_inside() -> None:
     with pytest.raises(squant.QuantizationError, match="'features.9' matches no"):
         squant.quantize(model, 4, skip="features.9")
     assert squant.quantize(model, 4, skip="feat*").fc.bits == 4  # fnmatch on ancestors too
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.* is deprecated:FutureWarning")
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "hook_weight_norm"])
+def test_norm_wrapped_layers_stay_float_and_are_named(wrap: str) -> None:
+    """A layer whose weight is computed (parametrizations, the old weight_norm hook) is left
+    float and named, never a crash; the rest of the model is quantized."""
+    from torch.nn.utils import parametrizations, weight_norm
+
+    wrapped = {"weight_norm": parametrizations.weight_norm,
+               "spectral_norm": parametrizations.spectral_norm,
+               "hook_weight_norm": weight_norm}[wrap](nn.Linear(6, 5))
+    model = nn.Sequential(wrapped, nn.ReLU(), nn.Linear(5, 3)).eval()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match=r"left in float: 0\..*a computed weight"):
+        qmodel = squant.quantize(model, 8)
+    assert isinstance(qmodel[2], squant.nn.QuantizedLinear)
+    assert not isinstance(qmodel[0], squant.nn.QuantizedModule)
+    with torch.no_grad():
+        assert torch.allclose(qmodel(x), expected, atol=0.02)
+        assert torch.equal(model(x), expected)  # the input model is unchanged

@@ -36,7 +36,7 @@ def quantized_class(module: nn.Module) -> type[QuantizedModule] | None:
     of a registered float class, for the nearest such base, provided the subclass keeps that
     base's ``forward`` and parameters (``weight``, ``bias``) and adds no buffers: e.g.
     ``nn.MultiheadAttention``'s ``out_proj``. None for anything else, quantized modules too."""
-    if isinstance(module, QuantizedModule):
+    if isinstance(module, QuantizedModule) or computed_weight(module):
         return None
     base = registered_base(type(module))
     if base is None:
@@ -45,6 +45,12 @@ def quantized_class(module: nn.Module) -> type[QuantizedModule] | None:
                                 and set(module._parameters) <= {"weight", "bias"}):
         return QUANTIZED_CLASSES[base]
     return None
+
+
+def computed_weight(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is computed rather than held (``weight_norm``,
+    ``spectral_norm`` or another parametrization or hook): such layers stay float."""
+    return "weight" not in module._parameters and registered_base(type(module)) is not None
 
 
 def registered_base(cls: type) -> type[nn.Module] | None:

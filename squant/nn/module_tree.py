@@ -88,6 +88,11 @@ def _copy_value(value: object, memo: dict) -> object:
         return value
     if type(value) in _EMPTY_CONTAINERS and not value:
         return type(value)()
+    if isinstance(value, torch.Tensor) and not value.is_leaf:
+        # A weight computed by a hook (the old torch.nn.utils.weight_norm): recomputed before
+        # each forward, so its value is all there is to copy (deepcopy refuses non-leaves).
+        memo[id(value)] = value.detach().clone()
+        return memo[id(value)]
     return copy.deepcopy(value, memo)
 
 

@@ -15,10 +15,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..core.errors import QuantizationError
 from ..core.options import QuantOptions, check_bits
-from .base import QUANTIZED_CLASSES, QuantizedModule, quantized_class, registered_base
+from .base import (
+    QUANTIZED_CLASSES,
+    QuantizedModule,
+    computed_weight,
+    quantized_class,
+    registered_base,
+)
 
 
 @dataclass
@@ -49,13 +56,8 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
                                     f"{', '.join(sorted(map(str, unknown)))}; use bits, mode, "
                                     "scheme, granularity or range")
     by_module: dict[int, Layer] = {}
-    own_forward: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if quantized_class(module) is None:
-            base = registered_base(type(module))
-            if base is not None and not isinstance(module, QuantizedModule):
-                own_forward.setdefault(id(module), f"{name!r} ({type(module).__name__}, a "
-                                                   f"{base.__name__} subclass)")
+        if quantized_class(module) is None:  # left_in_float() names it, with the reason
             continue
         if id(module) in by_module:
             by_module[id(module)].names.append(name)
@@ -69,11 +71,6 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
         raise QuantizationError(
             f"{type(model).__name__} has no layer to quantize (supported: "
             f"{', '.join(c.__name__ for c in QUANTIZED_CLASSES)})")
-    if own_forward:
-        warnings.warn(
-            f"left in float: {', '.join(own_forward.values())}: a subclass that changes its "
-            "base's forward, parameters or buffers, which squant's quantized module of that "
-            "base would not reproduce", UserWarning, stacklevel=3)
     _check_patterns_match(skip, "skip", by_module.values())
     _check_patterns_match(layer_bits, "layer_bits", by_module.values())
     _check_patterns_match(layer_options, "layer_options", by_module.values())
@@ -133,14 +130,22 @@ def left_in_float(model: nn.Module, skip: list[str]) -> list[tuple[str, str]]:
                 continue
             full = f"{prefix}.{name}" if prefix else name
             skipped = any(name_matches(pattern, prefix) for pattern in skip)
-            base = registered_base(type(module))
-            reason = ("skipped" if skipped else
-                      f"{type(module).__name__}, a {base.__name__} subclass of its own"
-                      if base is not None else
-                      f"{type(module).__name__}: squant has no quantized module for it")
+            reason = "skipped" if skipped else _float_reason(module)
             found.append((full, reason))
             if not skipped:
                 unasked.append(f"{full} ({reason})")
     if unasked:
         warnings.warn(f"left in float: {', '.join(unasked)}", UserWarning, stacklevel=3)
     return found
+
+
+def _float_reason(module: nn.Module) -> str:
+    """Why a module's weights stay float, in a few words."""
+    kind = type(module).__name__
+    if computed_weight(module) or isinstance(module, ParametrizationList):
+        return (f"{kind}: a computed weight (weight_norm, spectral_norm, a parametrization): "
+                "remove it first to quantize the layer")
+    base = registered_base(type(module))
+    if base is not None:
+        return f"{kind}, a {base.__name__} subclass with its own forward, parameters or buffers"
+    return f"{kind}: squant has no quantized module for it"
