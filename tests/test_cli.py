@@ -58,6 +58,13 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def _quantize_safetensors(capsys, source: Path, out: Path) -> Path:
+    """``out``: ``_state_dict()`` saved as safetensors at ``source`` and quantized quietly."""
+    save_file(_state_dict(), str(source))
+    assert _run(capsys, "quantize", source, out, "--quiet")[0] == 0
+    return out
+
+
 def _quantized(path: Path) -> dict[str, squant.QuantizedTensor]:
     with SquantReader(path) as reader:
         return {name: reader.read_quantized(name) for name in reader.entries}

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_cli import _assert_refused, _run, _state_dict
+from test_cli import _assert_refused, _quantize_safetensors, _run, _state_dict
 
 import squant
 from squant.io import file_io
@@ -27,10 +27,8 @@ from squant.io import file_io
 
 @pytest.fixture
 def quantized(capsys, tmp_path: Path) -> Path:
-    source, out = tmp_path / "model.safetensors", tmp_path / "q.safetensors"
-    save_file(_state_dict(), str(source))
-    assert _run(capsys, "quantize", source, out, "--quiet")[0] == 0
-    return out
+    return _quantize_safetensors(capsys, tmp_path / "model.safetensors",
+                                 tmp_path / "q.safetensors")
 
 
 def _rewrite(path: Path, out: Path, tensors: dict | None = None, squant_header=None) -> Path:

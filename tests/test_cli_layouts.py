@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_cli import _assert_refused, _quantized, _run, _state_dict
+from test_cli import _assert_refused, _quantize_safetensors, _quantized, _run, _state_dict
 from torch import nn
 
 import squant
@@ -47,12 +47,10 @@ def _write_sharded(folder: Path, kind: str, index: bool = True) -> Path:
 
 
 @pytest.fixture
-def single(capsys, tmp_path: Path) -> bytes:
+def single(capsys, tmp_path: Path) -> Path:
     """The squant file of ``_state_dict()`` quantized from one safetensors file."""
-    source, out = tmp_path / "single.safetensors", tmp_path / "single-q.safetensors"
-    save_file(_state_dict(), str(source))
-    assert _run(capsys, "quantize", source, out, "--quiet")[0] == 0
-    return out
+    return _quantize_safetensors(capsys, tmp_path / "single.safetensors",
+                                 tmp_path / "single-q.safetensors")
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -112,15 +112,12 @@ class ActivationOptions:
             raise QuantizationError(f"input_shape must be a sequence of positive ints, "
                                     f"got {self.input_shape!r}")
         object.__setattr__(self, "input_shape", tuple(int(n) for n in self.input_shape))
-        if self.range not in ACT_RANGES:
-            raise QuantizationError(f"unknown act_range {self.range!r}: choose one of "
-                                    f"{', '.join(ACT_RANGES)}")
+        _check_choice(self.range, "act_range", ACT_RANGES)
         sigma = self.sigma
         if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
                                   or not sigma > 0):
             raise QuantizationError(f"sigma must be a positive number or None, got {sigma!r}")
-        if isinstance(self.calibration_batch, bool) or not _positive_ints(
-                [self.calibration_batch]):
+        if not _positive_ints([self.calibration_batch]):  # bools are refused there too
             raise QuantizationError(f"calibration_batch must be a positive int, "
                                     f"got {self.calibration_batch!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):

@@ -217,15 +217,13 @@ def _warn_below_floor(scale: np.ndarray, view: np.ndarray, options: QuantOptions
     flagged = np.flatnonzero(scale == np.float32(steps) / kernels.RANGE_FLOOR)
     if flagged.size == 0:
         return
-    values = view[flagged].reshape(flagged.size, -1)
-    if options.granularity == "tensor":
-        values = view.reshape(1, -1)
+    per_tensor = options.granularity == "tensor"  # then every channel has the tensor's range
+    values = view.reshape(1, -1) if per_tensor else view[flagged].reshape(flagged.size, -1)
     if symmetric:
         spans = np.abs(values).max(axis=1)
     else:
         spans = values.max(axis=1).astype(np.float64) - values.min(axis=1)
-    tiny = int(np.count_nonzero(spans > 0)) * (1 if options.granularity == "channel"
-                                               else flagged.size)
+    tiny = flagged.size if per_tensor and spans[0] > 0 else int(np.count_nonzero(spans > 0))
     if tiny:
         warnings.warn(
             f"{name}: {tiny} of {scale.shape[0]} channel(s) span less than 1e-8 (the grid's "

@@ -36,8 +36,8 @@ def quantized_class(module: nn.Module) -> type[QuantizedModule] | None:
     of a registered float class, for the nearest such base, provided the subclass keeps that
     base's ``forward`` and parameters (``weight``, ``bias``) and adds no buffers: e.g.
     ``nn.MultiheadAttention``'s ``out_proj``. None for anything else, quantized modules too."""
-    if isinstance(module, QuantizedModule) or computed_weight(module):
-        return None
+    if isinstance(module, QuantizedModule) or "weight" not in module._parameters:
+        return None  # ``weight`` computed (computed_weight) or no layer of ours at all
     base = registered_base(type(module))
     if base is None:
         return None

@@ -21,8 +21,8 @@ def copy_replacing(model: nn.Module, replaced: Iterable[nn.Module]) -> nn.Module
     so the copy never exposes them, and copying them as float would only cost memory.
 
     The copy is :func:`copy.deepcopy`'s, made faster for modules: a module whose class copies
-    and pickles as ``nn.Module`` does is rebuilt from its ``__dict__`` directly (tensors through
-    their own ``__deepcopy__``, immutable values shared, empty hook dicts made anew); any other
+    and pickles as ``nn.Module`` does is rebuilt from its ``__dict__`` directly (plain tensors
+    cloned, immutable values shared, empty hook dicts made anew); any other
     module (e.g. RNNs, parametrized modules) goes through ``copy.deepcopy``. Objects reachable
     several times (a module under two names, a tied parameter) stay shared in the copy.
     """
