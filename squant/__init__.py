@@ -14,6 +14,7 @@ from .core.errors import QuantizationError
 from .core.options import ActivationOptions, QuantOptions
 from .core.report import LayerReport, QuantizationReport
 from .core.tensor import QuantizedTensor, quantize_weight, quantize_weights
+from .export import ExportReport, export_onnx, onnx_session_options
 from .io.storage import load, save
 from .model import dequantize, quantize
 
@@ -21,6 +22,7 @@ _compat.install()
 
 __all__ = [
     "ActivationOptions",
+    "ExportReport",
     "LayerReport",
     "QuantOptions",
     "QuantizationReport",
@@ -28,8 +30,10 @@ __all__ = [
     "QuantizedTensor",
     "__version__",
     "dequantize",
+    "export_onnx",
     "load",
     "nn",
+    "onnx_session_options",
     "quantize",
     "quantize_weight",
     "quantize_weights",

@@ -1,0 +1,12 @@
+"""ONNX export: squant's codes as an ONNX model onnxruntime runs with integer kernels.
+
+Needs the ``onnx`` extra (``pip install "squant[onnx]"``); nothing here imports onnx until
+called.
+"""
+
+from .onnx_export import export_onnx, optimized_ops
+from .report import ExportReport, LayerExport
+from .session import onnx_session_options
+
+__all__ = ["ExportReport", "LayerExport", "export_onnx", "onnx_session_options",
+           "optimized_ops"]

@@ -1,0 +1,177 @@
+"""Graph surgery on an ONNX model: find each quantized layer's weight, swap it for its codes.
+
+The float model is exported by torch (``squant.dequantize`` then ``torch.onnx.export``), so
+each quantized layer's weight appears as a float initializer equal to squant's dequantized
+weight, or to its transpose (a Linear on 3-D inputs becomes ``MatMul`` with the weight folded to
+``(in, out)``). Initializers are found by value, not by name, because the exporter renames folded
+constants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..core.errors import QuantizationError
+from .weights import WeightCodes
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class LayerSite:
+    """Where a quantized layer's weight sits in the graph.
+
+    ``initializer``: the float initializer's name; ``transposed``: it holds the weight's
+    transpose (``(in, out)``); ``nodes``: the nodes reading it (usually one).
+    """
+
+    initializer: str
+    transposed: bool
+    nodes: list[onnx.NodeProto]
+
+
+def _digest(array: np.ndarray) -> str:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return hashlib.sha1(array.tobytes() + str(array.shape).encode()).hexdigest()
+
+
+def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, LayerSite]:
+    """``{layer name: site}`` for each float weight of ``weights`` found in ``model``.
+
+    Raises:
+        QuantizationError: a layer's weight is not an initializer of the graph, naming it.
+    """
+    by_digest: dict[str, str] = {}
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT and len(init.dims) >= 2:
+            by_digest.setdefault(_digest(numpy_helper.to_array(init)), init.name)
+    consumers = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    sites = {}
+    for layer, weight in weights.items():
+        name, transposed = by_digest.get(_digest(weight)), False
+        if name is None and weight.ndim == 2:
+            name, transposed = by_digest.get(_digest(weight.T)), True
+        if name is None or not consumers[name]:
+            raise QuantizationError(
+                f"layer '{layer}': its weight is not a constant of the exported graph (the "
+                "exporter computed it), so its codes cannot be stored")
+        sites[layer] = LayerSite(name, transposed, consumers[name])
+    return sites
+
+
+def codes_axis(codes: WeightCodes, site: LayerSite) -> tuple[np.ndarray, int]:
+    """The codes in the initializer's layout and their channel axis there."""
+    if site.transposed:
+        return codes.codes.T.copy(), 1 - codes.axis
+    return codes.codes, codes.axis
+
+
+def replace_with_dequantize(model: onnx.ModelProto, layer: str, site: LayerSite,
+                            codes: WeightCodes) -> None:
+    """Store ``codes`` (int8), ``scale`` and ``zero_point`` and let a ``DequantizeLinear`` give
+    the readers of the float initializer their weight; the float initializer is dropped."""
+    array, axis = codes_axis(codes, site)
+    prefix = f"{layer}.weight"
+    graph = model.graph
+    graph.initializer.extend([
+        numpy_helper.from_array(array, f"{prefix}_quantized"),
+        numpy_helper.from_array(codes.scale, f"{prefix}_scale"),
+        # One zero-point initializer per layer: onnxruntime's x64quantprecision sessions fail
+        # on zero points shared between DequantizeLinear nodes (DEPLOY_NOTES.md, B6).
+        numpy_helper.from_array(codes.zero_point, f"{prefix}_zero_point"),
+    ])
+    output = f"{prefix}_dequantized"
+    node = helper.make_node("DequantizeLinear",
+                            [f"{prefix}_quantized", f"{prefix}_scale", f"{prefix}_zero_point"],
+                            [output], name=f"{prefix}_DequantizeLinear", axis=axis)
+    _rewire(graph, site.initializer, output)
+    _insert_before(graph, site.nodes[0], node)
+    drop_initializer(graph, site.initializer)
+
+
+def replace_with_matmul_nbits(model: onnx.ModelProto, layer: str, site: LayerSite,
+                              packed: tuple, accuracy_level: int) -> bool:
+    """Turn the one ``Gemm``/``MatMul`` reading a Linear's weight into ``com.microsoft.MatMulNBits``
+    (+ ``Add`` of the bias). False, changing nothing, when the node is not a plain ``x @ W.T``
+    (``Gemm`` with ``transA``, ``alpha``/``beta`` != 1, or several readers)."""
+    if len(site.nodes) != 1:
+        return False
+    node = site.nodes[0]
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm":
+        if (attributes.get("transA", 0) or not attributes.get("transB", 0)
+                or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0):
+            return False
+    elif node.op_type != "MatMul" or node.input[1] != site.initializer or not site.transposed:
+        return False
+    weight, scale, zero, block, bits = packed
+    n = weight.shape[0]
+    k = int(next(i for i in model.graph.initializer if i.name == site.initializer).dims[
+        0 if site.transposed else 1])
+    prefix = f"{layer}.weight"
+    model.graph.initializer.extend([
+        numpy_helper.from_array(weight, f"{prefix}_packed"),
+        numpy_helper.from_array(scale, f"{prefix}_scale"),
+        numpy_helper.from_array(zero, f"{prefix}_zero_point"),
+    ])
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+    product = f"{prefix}_matmul" if bias else node.output[0]
+    new_nodes = [helper.make_node(
+        "MatMulNBits", [node.input[0], f"{prefix}_packed", f"{prefix}_scale",
+                        f"{prefix}_zero_point"],
+        [product], name=f"{prefix}_MatMulNBits", domain="com.microsoft",
+        K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)]
+    if bias:
+        new_nodes.append(helper.make_node("Add", [product, bias], [node.output[0]],
+                                          name=f"{prefix}_bias_Add"))
+    graph = model.graph
+    index = list(graph.node).index(node)
+    del graph.node[index]
+    for offset, new in enumerate(new_nodes):
+        graph.node.insert(index + offset, new)
+    drop_initializer(graph, site.initializer)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return True
+
+
+def set_weight(model: onnx.ModelProto, site: LayerSite, codes: WeightCodes) -> None:
+    """Make the float initializer at ``site`` hold the weight ``codes`` dequantize to (for
+    channels re-quantized on export)."""
+    weight = codes.dequantize()
+    array = weight.T.copy() if site.transposed else weight
+    for index, init in enumerate(model.graph.initializer):
+        if init.name == site.initializer:
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, init.name))
+            return
+
+
+def drop_initializer(graph: onnx.GraphProto, name: str) -> None:
+    """Remove the initializer ``name`` once no node reads it."""
+    if any(name in node.input for node in graph.node):
+        return
+    for index, init in enumerate(graph.initializer):
+        if init.name == name:
+            del graph.initializer[index]
+            return
+
+
+def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == old:
+                node.input[index] = new
+
+
+def _insert_before(graph: onnx.GraphProto, anchor: onnx.NodeProto,
+                   node: onnx.NodeProto) -> None:
+    graph.node.insert(list(graph.node).index(anchor), node)

@@ -1,0 +1,306 @@
+"""``squant.export_onnx``: a quantized model as an ONNX file that onnxruntime runs with integer
+kernels, holding squant's codes, scales and zero points exactly.
+
+The float model (``squant.dequantize``) is exported by torch's dynamo exporter, then each
+quantized layer's float weight is swapped for its codes (:mod:`.graph`):
+
+* models quantized with ``act_bits``: QDQ (:mod:`.qdq`), fused by onnxruntime into
+  ``QLinearConv``, ``QGemm``, ``QLinearAdd``...; the first layer, whose input squant keeps
+  float, stores its codes behind a ``DequantizeLinear`` and runs float;
+* weight-only models: a Linear of at most 4 bits becomes ``com.microsoft.MatMulNBits``; other
+  layers store their codes behind a ``DequantizeLinear`` (small file; onnxruntime computes
+  them in float, or for ``MatMul`` rewrites them to its own integer kernel).
+
+Runtime conventions and measured speeds: DEPLOY_NOTES.md (onnxruntime 1.32 on x86 AVX2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.errors import QuantizationError
+from ..model import dequantize
+from ..nn import QuantizedModule
+from .report import ExportReport, LayerExport
+
+EXTRA_HINT = 'pip install "squant[onnx]"'
+CONFIG_KEY = "squant.session_config"
+_MATMUL_NBITS_MAX_BITS = 4
+
+
+def require_onnx() -> None:
+    """Raise ImportError naming the extra when onnx, onnxscript or onnxruntime is missing."""
+    for package in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(package)
+        except ImportError:
+            raise ImportError(f"ONNX export needs {package}: {EXTRA_HINT}") from None
+
+
+def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
+                example_inputs: torch.Tensor | Sequence[torch.Tensor], *, opset: int = 21,
+                dynamic_batch: bool = True, accuracy_level: int = 4,
+                calibration_batch: int = 32, seed: int = 0) -> ExportReport:
+    """Write ``qmodel`` (from :func:`squant.quantize`) to ``path`` as ONNX with squant's codes.
+
+    Args:
+        qmodel: a model holding squant's quantized layers (on any device; exported from CPU).
+        path: the ``.onnx`` file to write (replaced atomically: a failed export leaves none).
+        example_inputs: one input tensor or a tuple of them, as ``qmodel(*example_inputs)``
+            takes them; their shapes (dim 0 = batch) define the graph's inputs.
+        opset: the ONNX opset (>= 21: int4 types and blocked quantization).
+        dynamic_batch: make dim 0 of every input dynamic.
+        accuracy_level: ``MatMulNBits``' ``accuracy_level`` for weight-only Linears of <= 4 bits:
+            4 (default) quantizes their activations to int8 on the fly (fastest, measured 0.21x
+            float latency at batch 1 in DEPLOY_NOTES.md), 0 computes in float32 (exact).
+        calibration_batch, seed: the data-free batch (uniform [0, 1) float inputs of the example
+            inputs' shapes) whose activations give the 8-bit ranges of tensors squant does not
+            range itself (layer outputs, residual adds), by the SQuant paper's rule.
+
+    Returns:
+        An :class:`ExportReport`: per layer the ONNX ops it became, integer or float, and why;
+        the op histogram of onnxruntime's optimized graph; the session config the file needs.
+
+    Raises:
+        ImportError: onnx, onnxscript or onnxruntime missing (``pip install "squant[onnx]"``).
+        TypeError: ``qmodel`` not a module, or ``example_inputs`` not tensors.
+        QuantizationError: no quantized layer, a layer the runtimes cannot hold exactly (named:
+            e.g. a > 6-bit channel whose range excludes 0), or an export torch refuses.
+    """
+    require_onnx()
+    import onnx
+
+    from . import graph, qdq, weights
+
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"export_onnx expects a torch.nn.Module, got {type(qmodel).__name__}")
+    inputs = _as_inputs(example_inputs)
+    if opset < 21:
+        raise QuantizationError(f"opset must be >= 21 (int4 types, blocked quantization), "
+                                f"got {opset}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QuantizationError(f"accuracy_level must be 0..4, got {accuracy_level}")
+    layers = {name: module for name, module in qmodel.named_modules()
+              if isinstance(module, QuantizedModule)}
+    if not layers:
+        raise QuantizationError("the model holds no squant quantized layer: quantize it with "
+                                "squant.quantize first")
+    codes = {name: weights.weight_codes(name, module) for name, module in layers.items()}
+    model = _export_float(qmodel, inputs, opset, dynamic_batch)
+    float_weights = {name: module.dequantize_weight().detach().cpu().to(
+        module.weight_dtype).float().numpy() for name, module in layers.items()}
+    sites = graph.find_sites(model, float_weights)
+    for name in layers:
+        if codes[name].widened:
+            graph.set_weight(model, sites[name], codes[name])
+    feeds = _calibration_feeds(model, inputs, calibration_batch, seed)
+    active = {name for name, module in layers.items() if module.act_enabled}
+    results: dict[str, LayerExport] = {}
+    if active:
+        ranges = qdq.float_tensor_ranges(model, feeds)
+        layer_nodes = {node.name for site in sites.values() for node in site.nodes}
+        quantized_nodes = {sites[name].nodes[0].name: name for name in active
+                           if len(sites[name].nodes) == 1}
+        exclude = [node.name for node in model.graph.node
+                   if (node.name in layer_nodes or node.op_type in graph.WEIGHT_OPS)
+                   and node.name not in quantized_nodes]
+        act_inputs = {}
+        for name in quantized_nodes.values():
+            module, node = layers[name], sites[name].nodes[0]
+            act_inputs[node.input[0]] = (float(module.act_lo), float(module.act_hi),
+                                         int(module.act_bits))
+        weights_by_init = {sites[name].initializer: _in_layout(codes[name], sites[name])
+                           for name in quantized_nodes.values()}
+        with _quiet():
+            model = qdq.quantize_qdq(model, weights_by_init, act_inputs, ranges, exclude, feeds)
+        for node_name, name in quantized_nodes.items():
+            results[name] = _fused_layer(model, node_name, name, layers[name], codes[name],
+                                         sites[name])
+    remaining = {name: float_weights[name] for name in layers if name not in results}
+    if active:  # onnxruntime's quantizer wrote a new graph
+        sites = graph.find_sites(model, remaining)
+    for name in remaining:
+        module = layers[name]
+        results[name] = _weight_only_layer(model, name, module, codes[name], sites[name],
+                                           accuracy_level, name in active)
+    for name, result in results.items():
+        if codes[name].widened:
+            results[name] = replace(result, reason=f"{result.reason}; {codes[name].widened} "
+                                    "channel(s) re-quantized on ranges widened to include 0")
+    session_config = {"session.x64quantprecision": "1"} if any(
+        layers[name].bits > 7 for name in active) else {}
+    onnx.helper.set_model_props(model, {CONFIG_KEY: json.dumps(session_config),
+                                        "squant.producer": "squant.export_onnx"})
+    report = ExportReport(str(path), [results[name] for name in layers],
+                          session_config=session_config)
+    _save_atomically(model, Path(path))
+    report.file_bytes = Path(path).stat().st_size
+    report.optimized_ops = optimized_ops(path, session_config)
+    return report
+
+
+def _as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
+        example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError("example_inputs must be a tensor or a sequence of tensors")
+    return tuple(x.detach().cpu() for x in inputs)
+
+
+def _export_float(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int,
+                  dynamic_batch: bool):
+    """The float model (dequantized weights) exported by torch's dynamo exporter."""
+    import onnx
+
+    float_model = dequantize(qmodel).cpu().float().eval()
+    # torch.export specializes a dim of size 1: export with two samples when given one.
+    sample = tuple(x.expand(2, *x.shape[1:]).contiguous() if dynamic_batch and x.dim()
+                   and x.shape[0] == 1 else x for x in inputs)
+    shapes = tuple({0: torch.export.Dim("batch")} if x.dim() else None for x in sample) \
+        if dynamic_batch else None
+    with tempfile.TemporaryDirectory() as folder, _quiet():
+        target = Path(folder, "float.onnx")
+        try:
+            torch.onnx.export(float_model, sample, str(target), dynamo=True,
+                              opset_version=opset, dynamic_shapes=shapes,
+                              external_data=False, verbose=False)
+        except Exception as error:  # torch raises many kinds; say which step failed
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise QuantizationError(f"torch.onnx.export could not export "
+                                    f"{type(qmodel).__name__}: {first}") from error
+        return onnx.load(str(target))
+
+
+def _calibration_feeds(model, inputs: tuple[torch.Tensor, ...], batch: int,
+                       seed: int) -> dict[str, np.ndarray]:
+    """The graph inputs' calibration batch: uniform [0, 1) floats (squant's data-free
+    convention) of each float input's shape with ``batch`` samples; other inputs as given."""
+    generator = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for info, x in zip(model.graph.input, inputs):
+        if x.is_floating_point():
+            feeds[info.name] = torch.rand((batch, *x.shape[1:]), generator=generator).numpy()
+        else:
+            feeds[info.name] = x.numpy()
+    return feeds
+
+
+def _in_layout(codes, site):
+    """``codes`` with the channel axis of the initializer (transposed Linear weights)."""
+    from .graph import codes_axis
+
+    array, axis = codes_axis(codes, site)
+    return replace(codes, codes=array, axis=axis)
+
+
+def _fused_layer(model, node_name: str, name: str, module, codes, site) -> LayerExport:
+    """Check the codes onnxruntime's quantizer wrote are squant's; say what the layer became."""
+    from onnx import numpy_helper
+
+    nodes = {node.name: node for node in model.graph.node}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {init.name: init for init in model.graph.initializer}
+    node = nodes[node_name]
+    weight_dq = producers.get(node.input[1])
+    stored = None
+    if weight_dq is not None and weight_dq.input[0] in initializers:
+        stored = numpy_helper.to_array(initializers[weight_dq.input[0]])
+    if stored is None or not np.array_equal(stored, _in_layout(codes, site).codes):
+        raise QuantizationError(f"layer '{name}': onnxruntime's quantizer did not store "
+                                "squant's codes (please report this)")
+    input_dq = producers.get(node.input[0])
+    consumers = [n for n in model.graph.node if node.output[0] in n.input]
+    input_quantized = input_dq is not None and input_dq.op_type == "DequantizeLinear"
+    output_quantized = bool(consumers) and all(n.op_type == "QuantizeLinear" for n in consumers)
+    fused = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat",
+             "ConvTranspose": "QLinearConvTranspose"}.get(node.op_type, node.op_type)
+    integer = input_quantized and (output_quantized or node.op_type in ("Gemm", "MatMul"))
+    ops = f"Q/DQ → {node.op_type}" + (" → Q/DQ" if output_quantized else "")
+    reason = (f"fused by onnxruntime into {fused}" if integer else
+              "its output is not quantized, so onnxruntime runs it in float")
+    return LayerExport(name, module.bits, ops, integer, reason)
+
+
+def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: int,
+                       active: bool) -> LayerExport:
+    from . import graph, weights
+
+    is_linear = isinstance(module, nn.Linear)
+    if is_linear and not active and module.bits <= _MATMUL_NBITS_MAX_BITS:
+        packed = weights.matmul_nbits_weight(module)
+        if packed is not None and graph.replace_with_matmul_nbits(model, name, site, packed,
+                                                                  accuracy_level):
+            how = ("int8 activations on the fly (accuracy_level 4)" if accuracy_level == 4
+                   else f"accuracy_level {accuracy_level}")
+            return LayerExport(name, module.bits, "MatMulNBits", accuracy_level > 0,
+                               f"{packed[4]}-bit weights, {how}")
+    graph.replace_with_dequantize(model, name, site, codes)
+    op = site.nodes[0].op_type
+    if active or module.act_enabled:
+        reason = "squant keeps this layer's input float"
+    elif is_linear and module.bits <= _MATMUL_NBITS_MAX_BITS:
+        reason = "a zero point outside the 4-bit range, or not a plain x @ W.T"
+    else:
+        reason = "weight-only: onnxruntime folds the DequantizeLinear into a float weight"
+    return LayerExport(name, module.bits, f"DequantizeLinear → {op}", False, reason)
+
+
+def optimized_ops(path: str | os.PathLike, config: dict[str, str] | None = None) -> Counter:
+    """How many nodes of each op type onnxruntime's CPU provider runs for the file at
+    ``path`` (extended optimizations, which hold the QDQ fusions)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = str(Path(folder, "optimized.onnx"))
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    return Counter(node.op_type for node in optimized.graph.node)
+
+
+def _save_atomically(model, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        onnx.save(model, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's and quantizer's progress lines and advice (stdout, warnings,
+    the root logger), which say nothing about the user's model."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)

@@ -1,0 +1,182 @@
+"""squant.export_onnx: the file holds squant's codes, onnxruntime runs them as integer kernels,
+and its outputs agree with the PyTorch quantized model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import squant
+from squant.export.qdq import activation_grid
+from squant.export.weights import matmul_nbits_weight, weight_codes
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+from onnx import numpy_helper  # noqa: E402
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.conv3 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        y = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(y) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int = 48) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, 4 * dim)
+        self.down = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def run(path, *inputs: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), squant.onnx_session_options(path),
+                                   providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0]
+
+
+def stored_codes(path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN().eval()
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_weight_only_cnn_is_the_dequantized_model(cnn, tmp_path, bits):
+    qmodel = squant.quantize(cnn, bits)
+    x = torch.rand(5, 3, 12, 12)
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2], accuracy_level=0)
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", x), expected, rtol=1e-4, atol=1e-5)
+    assert [layer.name for layer in report.layers] == ["conv1", "conv2", "conv3", "fc"]
+    initializers = stored_codes(tmp_path / "m.onnx")
+    for name, module in qmodel.named_modules():
+        if isinstance(module, squant.nn.QuantizedConv2d):
+            codes = weight_codes(name, module)
+            assert np.array_equal(initializers[f"{name}.weight_quantized"], codes.codes)
+            # the runtime's weight is squant's to float32 rounding of 1/S
+            np.testing.assert_allclose(codes.dequantize(), module.dequantize_weight().numpy(),
+                                       rtol=2e-7, atol=1e-9)
+
+
+def test_file_is_smaller_and_batch_is_dynamic(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3)).eval()
+    qmodel = squant.quantize(model, 4)
+    squant.export_onnx(qmodel, tmp_path / "q.onnx", torch.rand(1, 3, 12, 12))
+    for batch in (1, 3):
+        assert run(tmp_path / "q.onnx", torch.rand(batch, 3, 12, 12)).shape[0] == batch
+    torch.onnx.export(model, (torch.rand(2, 3, 12, 12),), str(tmp_path / "f.onnx"),
+                      dynamo=True, external_data=False, verbose=False)
+    # int8 containers for the codes: a quarter of float32, plus per-channel scales
+    assert (tmp_path / "q.onnx").stat().st_size < 0.3 * (tmp_path / "f.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_low_bit_linear_becomes_matmul_nbits(tmp_path, bits):
+    torch.manual_seed(1)
+    model = MLP().eval()
+    qmodel = squant.quantize(model, bits)
+    x = torch.randn(3, 7, 48)
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x, accuracy_level=0)
+    assert [layer.ops for layer in report.layers] == ["MatMulNBits", "MatMulNBits"]
+    assert report.optimized_ops["MatMulNBits"] == 2
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_nbits_packing_reads_back_squants_weight():
+    torch.manual_seed(2)
+    qmodel = squant.quantize(nn.Sequential(nn.Linear(40, 8)), 4)
+    module = qmodel[0]
+    packed, scale, zero, block, bits = matmul_nbits_weight(module)
+    low, high = packed & 0x0F, packed >> 4
+    unsigned = np.stack([low, high], -1).reshape(8, block)[:, :40].astype(np.float32)
+    weight = (unsigned - (zero & 0x0F)[:, None]) * scale[:, None]
+    np.testing.assert_allclose(weight, module.dequantize_weight().numpy(), rtol=2e-7,
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_quantized_cnn_runs_integer_kernels(cnn, tmp_path, bits):
+    qmodel = squant.quantize(cnn, bits, act_bits=8, input_shape=(3, 12, 12))
+    x = torch.rand(64, 3, 12, 12)
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2])
+    by_name = {layer.name: layer for layer in report.layers}
+    assert not by_name["conv1"].integer  # squant keeps the first layer's input float
+    assert all(by_name[n].integer for n in ("conv2", "conv3", "fc"))
+    assert report.optimized_ops["QLinearConv"] == 2 and report.optimized_ops["QGemm"] == 1
+    assert report.session_config == ({"session.x64quantprecision": "1"} if bits == 8 else {})
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    # Beyond squant's own fake-quantization, the file quantizes layer outputs and residual adds
+    # to 8 bits (what lets onnxruntime fuse them): a small error next to the weights' own.
+    error = np.linalg.norm(run(tmp_path / "m.onnx", x) - expected) / np.linalg.norm(expected)
+    assert error < 0.05
+
+
+def test_activation_grid_is_squants_fake_quantizer():
+    torch.manual_seed(3)
+    x = torch.randn(10_000) * 3
+    for lo, hi, bits in ((-4.0, 5.0, 8), (0.0, 6.5, 8), (-1.0, 1.0, 8)):
+        scale, zero = activation_grid(lo, hi, bits)
+        q = np.clip(np.rint(x.numpy() / scale) + int(zero), 0, 255)
+        onnx_values = (q - int(zero)) * scale
+        fake = squant.core.fake_quant.fake_quantize(x, torch.tensor(lo), torch.tensor(hi), bits)
+        step = (hi - lo) / (2**bits - 1)
+        assert np.abs(onnx_values - fake.numpy()).max() <= step * 1.001
+
+
+def test_zero_excluding_channels_are_widened_with_a_warning(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[1] = torch.linspace(0.5, 1.0, 6)  # all positive: range excludes 0
+    qmodel = squant.quantize(model, 8)
+    before = qmodel[0].codes.clone()
+    with pytest.warns(UserWarning, match=r"layer '0': 1 channel\(s\) \(1\)"):
+        report = squant.export_onnx(qmodel, tmp_path / "m.onnx", torch.rand(2, 6))
+    assert "widened" in report.layers[0].reason
+    assert torch.equal(qmodel[0].codes, before)  # the model is not changed
+    x = torch.rand(8, 6)
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", x), expected, rtol=0.02, atol=0.02)
+
+
+def test_bad_input_is_refused_and_leaves_no_file(cnn, tmp_path):
+    with pytest.raises(squant.QuantizationError, match="no squant quantized layer"):
+        squant.export_onnx(cnn, tmp_path / "m.onnx", torch.rand(1, 3, 12, 12))
+    with pytest.raises(TypeError, match="example_inputs"):
+        squant.export_onnx(squant.quantize(cnn, 4), tmp_path / "m.onnx", [np.zeros(3)])
+    with pytest.raises(squant.QuantizationError, match="could not export"):
+        squant.export_onnx(squant.quantize(cnn, 4), tmp_path / "m.onnx", torch.rand(1, 5, 12))
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_prints_a_table(cnn, tmp_path):
+    report = squant.export_onnx(squant.quantize(cnn, 4), tmp_path / "m.onnx",
+                                torch.rand(2, 3, 12, 12))
+    text = str(report)
+    assert "m.onnx" in text and "fc" in text and "MatMulNBits" in text
+    assert report.file_bytes == (tmp_path / "m.onnx").stat().st_size
