@@ -180,3 +180,45 @@ def test_report_prints_a_table(cnn, tmp_path):
     text = str(report)
     assert "m.onnx" in text and "fc" in text and "MatMulNBits" in text
     assert report.file_bytes == (tmp_path / "m.onnx").stat().st_size
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_batchnorms_fold_into_the_scales(tmp_path, bits):
+    torch.manual_seed(4)
+    model = ConvBN().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.weight.data = torch.randn(16)  # negative gammas too: codes get negated
+        bn.bias.data = torch.randn(16) * 0.1
+        bn.running_mean = torch.randn(16) * 0.1
+        bn.running_var = torch.rand(16) + 0.5
+    qmodel = squant.quantize(model, bits, act_bits=8, input_shape=(3, 10, 10))
+    x = torch.rand(16, 3, 10, 10)
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2])
+    assert "BatchNormalization" not in report.optimized_ops
+    assert report.optimized_ops["QLinearConv"] == 1  # conv2 (conv1's input stays float)
+    assert "BatchNorm folded" in {layer.name: layer for layer in report.layers}["conv2"].reason
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    error = np.linalg.norm(run(tmp_path / "m.onnx", x) - expected) / np.linalg.norm(expected)
+    assert error < 0.05
+    weight_only = squant.export_onnx(squant.quantize(model, bits), tmp_path / "w.onnx", x[:2],
+                                     accuracy_level=0)
+    assert "BatchNormalization" not in weight_only.optimized_ops
+    with torch.no_grad():
+        expected = squant.quantize(model, bits)(x).numpy()
+    np.testing.assert_allclose(run(tmp_path / "w.onnx", x), expected, rtol=1e-4, atol=1e-4)

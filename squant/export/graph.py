@@ -41,12 +41,15 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha1(array.tobytes() + str(array.shape).encode()).hexdigest()
 
 
-def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, LayerSite]:
-    """``{layer name: site}`` for each float weight of ``weights`` found in ``model``.
+def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray],
+               renamed: dict[str, str] | None = None) -> dict[str, LayerSite]:
+    """``{layer name: site}`` for each float weight of ``weights`` found in ``model`` (or, for
+    the layers of ``renamed``, at the initializer it names).
 
     Raises:
         QuantizationError: a layer's weight is not an initializer of the graph, naming it.
     """
+    renamed = renamed or {}
     by_digest: dict[str, str] = {}
     for init in model.graph.initializer:
         if init.data_type == TensorProto.FLOAT and len(init.dims) >= 2:
@@ -57,7 +60,7 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
             consumers[name].append(node)
     sites = {}
     for layer, weight in weights.items():
-        name, transposed = by_digest.get(_digest(weight)), False
+        name, transposed = renamed.get(layer) or by_digest.get(_digest(weight)), False
         if name is None and weight.ndim == 2:
             name, transposed = by_digest.get(_digest(weight.T)), True
         if name is None or not consumers[name]:
@@ -66,6 +69,16 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
                 "exporter computed it), so its codes cannot be stored")
         sites[layer] = LayerSite(name, transposed, consumers[name])
     return sites
+
+
+def missing_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+    """The layers of ``weights`` whose float weight is no initializer of ``model`` as is."""
+    digests = {_digest(numpy_helper.to_array(init)) for init in model.graph.initializer
+               if init.data_type == TensorProto.FLOAT and len(init.dims) >= 2}
+    return {layer: weight for layer, weight in weights.items()
+            if _digest(weight) not in digests
+            and not (weight.ndim == 2 and _digest(weight.T) in digests)}
 
 
 def codes_axis(codes: WeightCodes, site: LayerSite) -> tuple[np.ndarray, int]:

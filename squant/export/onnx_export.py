@@ -84,7 +84,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     require_onnx()
     import onnx
 
-    from . import graph, qdq, weights
+    from . import fold, graph, qdq, weights
 
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"export_onnx expects a torch.nn.Module, got {type(qmodel).__name__}")
@@ -103,10 +103,15 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     model = _export_float(qmodel, inputs, opset, dynamic_batch)
     float_weights = {name: module.dequantize_weight().detach().cpu().to(
         module.weight_dtype).float().numpy() for name, module in layers.items()}
-    sites = graph.find_sites(model, float_weights)
+    # A BatchNorm after a conv is folded into its weight by the exporter: same codes, new scales.
+    folded = fold.find_folded(model, graph.missing_weights(model, float_weights), codes)
+    sites = graph.find_sites(model, float_weights, folded)
     for name in layers:
-        if codes[name].widened:
+        if codes[name].widened and name not in folded:
             graph.set_weight(model, sites[name], codes[name])
+    for name in layers:  # the weights the graph now holds, to find them again
+        if name in folded or codes[name].widened:
+            float_weights[name] = codes[name].dequantize()
     feeds = _calibration_feeds(model, inputs, calibration_batch, seed)
     active = {name for name, module in layers.items() if module.act_enabled}
     results: dict[str, LayerExport] = {}
@@ -138,6 +143,9 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
         results[name] = _weight_only_layer(model, name, module, codes[name], sites[name],
                                            accuracy_level, name in active)
     for name, result in results.items():
+        if name in folded:
+            results[name] = replace(result, reason=f"{result.reason}; its BatchNorm folded "
+                                    "into the scales")
         if codes[name].widened:
             results[name] = replace(result, reason=f"{result.reason}; {codes[name].widened} "
                                     "channel(s) re-quantized on ranges widened to include 0")
