@@ -54,11 +54,12 @@ def quantize(
     seed: int | None = None,
     bias_correction: bool = False,
 ) -> nn.Module:
-    """Quantize every Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d weight of ``model``.
+    """Quantize every Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding and EmbeddingBag
+    weight of ``model`` (and of their subclasses that keep the base's forward).
 
     All selected weights go through one batched SQuant kernel call; each layer is replaced by
     its quantized module (``squant.nn``), which holds int8 codes, per-channel scale and zero
-    point, and the float bias.
+    point (per row, i.e. per token, for an embedding table), and the float bias.
 
     Args:
         bits: 2..8, for every layer not in ``layer_bits``.
@@ -102,7 +103,8 @@ def quantize(
 
     A pattern in ``skip`` or ``layer_bits`` that matches no layer is an error (a typo would
     otherwise silently quantize everything). A weight shared by several layers is quantized
-    once and the quantized layers share its codes.
+    once and the quantized layers share its codes, also across kinds when they read its
+    channels alike (a GPT's ``lm_head`` Linear tied to its ``wte`` Embedding).
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``, or a bits value is not an int.
@@ -139,7 +141,8 @@ def quantize(
     if bias_correction:
         _correct_biases(layers, replacements, moments)
     if activations is not None:
-        quantized = [m for m in model.modules() if isinstance(m, QuantizedModule)]
+        quantized = [m for m in model.modules()
+                     if isinstance(m, QuantizedModule) and m.float_input]
         active = enable_activations(quantized, activations.bits)
         fixed = bn_ranges(model, active) if activations.range == "bn" and active else {}
         calibrate(model, active, activations, fixed)
@@ -231,10 +234,17 @@ def _quantize_shared(layers: list[Layer], moments: dict[int, Moments]
             continue
         shared[key].names.extend(layer.names)
         first = shared[key].layer
-        if first.options != layer.options or type(first.module) is not type(layer.module):
+        if first.options != layer.options:
             raise QuantizationError(
                 f"layers {first.names[0]!r} and {layer.names[0]!r} share one weight but are "
                 f"asked for different quantization ({first.options} vs {layer.options})")
+        blocks, axis = _weight_blocks(layer.module)
+        if (len(blocks), axis) != (len(shared[key].blocks), shared[key].axis):
+            raise QuantizationError(
+                f"layers {first.names[0]!r} ({type(first.module).__name__}) and "
+                f"{layer.names[0]!r} ({type(layer.module).__name__}) share one weight but read "
+                "its output channels differently (axis or groups), so one set of codes cannot "
+                "serve both; untie them or skip one")
     search_tables = _search_moments(shared, users, moments)
     if not search_tables and any(e.layer.options.range == "search" for e in shared.values()):
         warnings.warn('range="search": no searched layer has an input that BatchNorms determine '
@@ -263,8 +273,10 @@ def _layer_moments(model: nn.Module, layers: list[Layer], bias_correction: bool
                    ) -> dict[int, Moments]:
     """The BN input moments (:func:`squant.ranges.batchnorm.bn_input_moments`) of the layers that
     need them: those searched with ``range="search"``, and all with ``bias_correction``.
-    ConvTranspose layers (input channels on the output-channel axis) get none."""
-    plain = [layer for layer in layers if not getattr(layer.module, "transposed", False)]
+    ConvTranspose layers (input channels on the output-channel axis) and embeddings (token
+    ids in) get none."""
+    plain = [layer for layer in layers if not getattr(layer.module, "transposed", False)
+             and quantized_class(layer.module).float_input]
     searched = [layer.module for layer in plain if layer.options.range == "search"]
     wanted = [layer.module for layer in plain] if bias_correction else searched
     if not wanted:
@@ -301,7 +313,8 @@ def _correct_biases(layers: list[Layer], replacements: dict[int, QuantizedModule
                     moments: dict[int, Moments]) -> None:
     """``bias_correction``: correct the bias of each quantized layer with finite input means
     (a bias tied between quantized layers is left alone, so that it stays tied)."""
-    biases = Counter(id(layer.module.bias) for layer in layers if layer.module.bias is not None)
+    biases = Counter(id(layer.module.bias) for layer in layers
+                     if getattr(layer.module, "bias", None) is not None)
     any_inputs = False
     for layer in layers:
         found = moments.get(id(layer.module))

@@ -31,6 +31,8 @@ FLOAT_TO_QUANTIZED = {
     nn.ConvTranspose1d: qnn.QuantizedConvTranspose1d,
     nn.ConvTranspose2d: qnn.QuantizedConvTranspose2d,
     nn.ConvTranspose3d: qnn.QuantizedConvTranspose3d,
+    nn.Embedding: qnn.QuantizedEmbedding,
+    nn.EmbeddingBag: qnn.QuantizedEmbeddingBag,
 }
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 QUANTIZED_TYPES = tuple(FLOAT_TO_QUANTIZED.values())
@@ -330,8 +332,9 @@ def test_skip_leaves_named_and_matching_layers_float(
         layer, qlayer = model.get_submodule(name), qmodel.get_submodule(name)
         assert type(qlayer) is type(layer), name
         assert torch.equal(qlayer.weight, layer.weight), name
-        assert (qlayer.bias is None) == (layer.bias is None), name
-        assert qlayer.bias is None or torch.equal(qlayer.bias, layer.bias), name
+        bias, qbias = getattr(layer, "bias", None), getattr(qlayer, "bias", None)
+        assert (qbias is None) == (bias is None), name
+        assert qbias is None or torch.equal(qbias, bias), name
     kept = {name: layer for name, layer in quantizable_layers(model).items()
             if name not in skipped}
     assert kept
@@ -416,8 +419,9 @@ def test_dequantize_gives_plain_float_model_of_original_classes(entry: ZooModel)
         layer, qlayer = plain.get_submodule(name), qmodel.get_submodule(name)
         assert isinstance(qlayer, QUANTIZED_TYPES), name
         assert torch.equal(layer.weight, qlayer.weight), name
-        assert (layer.bias is None) == (qlayer.bias is None), name
-        assert layer.bias is None or torch.equal(layer.bias, qlayer.bias), name
+        bias, qbias = getattr(layer, "bias", None), getattr(qlayer, "bias", None)
+        assert (bias is None) == (qbias is None), name
+        assert bias is None or torch.equal(bias, qbias), name
     with torch.no_grad():
         assert torch.equal(plain(x), qmodel(x))
 
@@ -577,7 +581,8 @@ def test_low_and_double_precision_models_quantize(entry: ZooModel, dtype: torch.
     for name, layer in quantizable_layers(model).items():
         qlayer = qmodel.get_submodule(name)
         assert qlayer.weight.dtype == dtype, name
-        assert qlayer.bias is None or qlayer.bias.dtype == dtype, name
+        qbias = getattr(qlayer, "bias", None)
+        assert qbias is None or qbias.dtype == dtype, name
         assert_quantized_as(qlayer, expected_quantization(layer, 8), name)
     with torch.no_grad():
         out, exact = qmodel(x), model(x)
@@ -694,6 +699,7 @@ class _Mixed(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(30, 8)
         self.rnn = nn.GRU(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2)
         self.fc = nn.Linear(8, 8)
         self.head = nn.Linear(8, 30)
         self.raw = nn.Parameter(torch.randn(3, 8))
@@ -710,10 +716,12 @@ def test_every_float_matrix_left_is_listed_once_with_its_reason() -> None:
     expected = {k for k, v in state.items() if v.is_floating_point() and v.dim() >= 2}
     assert set(left) == expected - quantized  # every float matrix: quantized or listed
     assert left["head.weight"] == "skipped" and left["raw"].startswith("_Mixed")
-    assert left["wte.weight"].startswith("Embedding") and "rnn.weight_hh_l0" in left
+    assert "wte.weight" not in left and isinstance(qmodel.wte, squant.nn.QuantizedEmbedding)
+    assert left["attn.in_proj_weight"].startswith("MultiheadAttention")
+    assert left["rnn.weight_hh_l0"].startswith("GRU")
     messages = [str(w.message) for w in caught if "left in float" in str(w.message)]
     assert len(messages) == 1 and "head.weight" not in messages[0]  # asked for: no warning
-    assert "left in float: wte.weight (Embedding" in qmodel.squant_report.table()
+    assert "left in float: rnn.weight_hh_l0 (GRU" in qmodel.squant_report.table()
     assert {"name": "table", "reason": left["table"]} in qmodel.squant_report.to_dict()[
         "left_float"]
 

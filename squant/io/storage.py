@@ -42,7 +42,10 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
 
     Each quantized layer's weight is stored under ``<layer>.weight`` as packed codes with its
     scale and zero point; every other tensor of the state_dict (biases, norms, skipped layers)
-    as it is. :func:`squant.load` reads it back, with or without the model.
+    as it is. Layers sharing one set of codes (tied weights, a module under several names) are
+    stored once, under the first name, the others recorded as ties to it (the header's
+    ``ties``), which :func:`squant.load` ties again. :func:`squant.load` reads it back, with or
+    without the model.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(qmodel).__name__}")
@@ -50,7 +53,14 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
     if not modules:
         raise QuantizationError(f"{type(qmodel).__name__} has no quantized layer: quantize it "
                                 "with squant.quantize first")
-    entries = {prefix: _module_entry(prefix, m) for prefix, m in modules.items()}
+    first: dict[int, str] = {}  # id of a codes tensor -> the first layer holding it
+    ties = {}
+    for prefix, module in modules.items():
+        owner = first.setdefault(id(module.codes), prefix)
+        if owner != prefix:
+            ties[_join(prefix, "weight")] = _join(owner, "weight")
+    entries = {prefix: _module_entry(prefix, m) for prefix, m in modules.items()
+               if _join(prefix, "weight") not in ties}
     state = qmodel.state_dict()
     for prefix in modules:
         for suffix in SUFFIXES:
@@ -67,7 +77,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
                 writer.write(name, tensor)
         for name, tensor in state.items():
             writer.write(name, tensor)
-        writer.metadata = squant_metadata(list(entries.values()))
+        writer.metadata = squant_metadata(list(entries.values()), ties=ties)
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None
@@ -93,7 +103,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None
 
 
 def _is_float_layer(module: nn.Module | None, entry: QuantizedEntry) -> bool:
-    """A layer squant cannot quantize (an ``nn.Embedding``) whose weight the entry fits."""
+    """A layer squant cannot quantize (a custom module) whose weight the entry fits."""
     weight = getattr(module, "weight", None)
     return (module is not None and quantized_class(module) is None
             and isinstance(weight, torch.Tensor) and weight.is_floating_point()
@@ -153,7 +163,7 @@ def _add_stored_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     one) a bias Parameter, so that ``load_state_dict`` then fills it."""
     for prefix, module in _quantized_modules(model).items():
         bias = state.get(_join(prefix, "bias"))
-        if bias is not None and module.bias is None:
+        if bias is not None and module.has_bias and module.bias is None:
             module.bias = nn.Parameter(torch.empty_like(bias, device=module.codes.device))
 
 

@@ -1,8 +1,9 @@
 """Quantized modules: one class per float layer kind, registered against that class.
 
 ``squant.nn.QuantizedLinear`` and the others are the public names. ``base`` holds what they
-share and the registry, one module per layer kind holds its classes (``linear``, ``conv``),
-``selection`` picks a model's layers to quantize and ``module_tree`` swaps the quantized ones in.
+share and the registry, one module per layer kind holds its classes (``linear``, ``conv``,
+``embedding``), ``selection`` picks a model's layers to quantize and ``module_tree`` swaps
+the quantized ones in.
 Imports :mod:`squant.core` only.
 """
 
@@ -15,6 +16,7 @@ from .conv import (
     QuantizedConvTranspose2d,
     QuantizedConvTranspose3d,
 )
+from .embedding import QuantizedEmbedding, QuantizedEmbeddingBag
 from .linear import QuantizedLinear
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "QuantizedConvTranspose1d",
     "QuantizedConvTranspose2d",
     "QuantizedConvTranspose3d",
+    "QuantizedEmbedding",
+    "QuantizedEmbeddingBag",
     "QuantizedLinear",
     "QuantizedModule",
     "register",

@@ -67,6 +67,8 @@ class QuantizedModule:
     """
 
     float_class: type[nn.Module]
+    has_bias: bool = True  # the float layer has a ``bias`` (embeddings have none)
+    float_input: bool = True  # its input is a float tensor with channels (not token ids)
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
@@ -79,7 +81,8 @@ class QuantizedModule:
         nn.Module.__init__(qmodule)
         for name in _hyper_parameters(module):
             setattr(qmodule, name, getattr(module, name))
-        qmodule.bias = module.bias
+        if cls.has_bias:
+            qmodule.bias = module.bias
         qmodule.register_buffer("codes", qweight.codes)
         qmodule.register_buffer("scale", qweight.scale)
         qmodule.register_buffer("zero_point", qweight.zero_point)
@@ -158,7 +161,8 @@ class QuantizedModule:
         for name in _hyper_parameters(self):
             setattr(module, name, getattr(self, name))
         module.weight = self.float_weight() if weight is None else weight
-        module.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
+        if self.has_bias:
+            module.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
         return module
 
     def __prepare_scriptable__(self) -> nn.Module:
