@@ -193,8 +193,8 @@ class SharedModule(nn.Module):
 
 
 class TiedEmbeddingLM(nn.Module):
-    """A language-model shape: the output head's weight is the embedding table (an
-    ``nn.Embedding``, which squant leaves in float)."""
+    """A language-model shape: the output head's weight is the embedding table (an Embedding
+    and a Linear sharing one Parameter)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -205,6 +205,39 @@ class TiedEmbeddingLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lm_head(torch.tanh(self.mixer(self.embed(tokens))))
+
+
+class MiniGPT(nn.Module):
+    """GPT-2's shape in miniature: token (``wte``) and learned position (``wpe``) embeddings, a
+    pre-norm MLP block, and an ``lm_head`` tied to ``wte``."""
+
+    def __init__(self, vocab: int = 24, dim: int = 8, context: int = 6) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(context, dim)
+        self.ln_1 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[-1], device=tokens.device))
+        x = x + self.mlp(self.ln_1(x))
+        return self.lm_head(self.ln_f(x))
+
+
+class BagClassifier(nn.Module):
+    """A bag-of-words classifier: an ``nn.EmbeddingBag`` (mean, with a padding token) and a
+    Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(30, 8, mode="mean", padding_idx=0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bag(tokens))
 
 
 def _traced_resnet() -> fx.GraphModule:
@@ -247,6 +280,8 @@ ZOO = (
     ZooModel("tied_mlp", TiedMLP, (3, 16)),
     ZooModel("containers", Containers, (3, 8)),
     ZooModel("tied_embedding", TiedEmbeddingLM, (2, 6), vocab=20),
+    ZooModel("gpt", MiniGPT, (2, 6), vocab=24),
+    ZooModel("embedding_bag", BagClassifier, (3, 5), vocab=30),
     ZooModel("fx_resnet", _traced_resnet, (2, 3, 8, 8)),
 )
 

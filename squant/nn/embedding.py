@@ -41,8 +41,10 @@ class _QuantizedTable(QuantizedModule):
         if self.padding_idx is not None:
             padding = tokens.shape[0]
             indices = indices.masked_fill(input == self.padding_idx, padding)
-        # The extra last row (row 0's values) keeps ``rows`` non-empty and gives padding a row.
-        wanted = torch.cat([tokens.long(), tokens.new_zeros(1, dtype=torch.long)])
+        # The extra last row (``padding_idx``'s, else row 0's) keeps ``rows`` non-empty and
+        # stands for ``padding_idx``.
+        extra = tokens.new_full((1,), self.padding_idx or 0, dtype=torch.long)
+        wanted = torch.cat([tokens.long(), extra])
         if wanted.numel() > 1 and (wanted.min() < 0 or wanted.max() >= self.codes.shape[0]):
             raise IndexError(f"{type(self).__name__}: token ids must lie in 0.."
                              f"{self.codes.shape[0] - 1}, got {int(wanted.min())}.."
