@@ -701,10 +701,22 @@ class _Mixed(nn.Module):
         self.rnn = nn.GRU(8, 8)
         self.attn = nn.MultiheadAttention(8, 2)
         self.fc = nn.Linear(8, 8)
+        self.normed = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
         self.head = nn.Linear(8, 30)
         self.raw = nn.Parameter(torch.randn(3, 8))
         self.register_buffer("table", torch.randn(2, 2))
         self.register_buffer("steps", torch.zeros(4, 4, dtype=torch.int64))  # not floating
+
+
+def quantized_tensor_names(qmodel: nn.Module) -> set[str]:
+    """The state_dict names of the float tensors the quantized layers stand for."""
+    names = set()
+    for name, module in qmodel.named_modules():
+        if isinstance(module, squant.nn.QuantizedModule):
+            names.add(f"{name}.weight" if name else "weight")
+        elif isinstance(module, squant.nn.QuantizedWeight):
+            names.add(name)
+    return names
 
 
 def test_every_float_matrix_left_is_listed_once_with_its_reason() -> None:
@@ -712,16 +724,16 @@ def test_every_float_matrix_left_is_listed_once_with_its_reason() -> None:
         qmodel = squant.quantize(_Mixed(), 4, skip="head", report=True)
     left = dict(qmodel.squant_report.left_float)
     state = qmodel.state_dict()
-    quantized = {k[: -len("codes")] + "weight" for k in state if k.endswith("codes")}
     expected = {k for k, v in state.items() if v.is_floating_point() and v.dim() >= 2}
-    assert set(left) == expected - quantized  # every float matrix: quantized or listed
+    quantized = quantized_tensor_names(qmodel)
+    assert {"wte.weight", "attn.in_proj_weight", "attn.out_proj.weight", "rnn.weight_ih_l0",
+            "rnn.weight_hh_l0", "fc.weight"} == quantized
+    assert set(left) == expected  # every float matrix left: listed
     assert left["head.weight"] == "skipped" and left["raw"].startswith("_Mixed")
-    assert "wte.weight" not in left and isinstance(qmodel.wte, squant.nn.QuantizedEmbedding)
-    assert left["attn.in_proj_weight"].startswith("MultiheadAttention")
-    assert left["rnn.weight_hh_l0"].startswith("GRU")
+    assert "computed weight" in left["normed.parametrizations.weight.original1"]
     messages = [str(w.message) for w in caught if "left in float" in str(w.message)]
     assert len(messages) == 1 and "head.weight" not in messages[0]  # asked for: no warning
-    assert "left in float: rnn.weight_hh_l0 (GRU" in qmodel.squant_report.table()
+    assert "left in float: raw (_Mixed" in qmodel.squant_report.table()
     assert {"name": "table", "reason": left["table"]} in qmodel.squant_report.to_dict()[
         "left_float"]
 

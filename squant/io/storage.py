@@ -15,8 +15,9 @@ from torch import nn
 from ..core.errors import QuantizationError
 from ..core.tensor import QuantizedTensor
 from ..nn import QuantizedModule
-from ..nn.base import quantized_class
+from ..nn.base import quantized_class, weight_layout
 from ..nn.module_tree import copy_replacing, swap_modules
+from ..nn.multi_weight import QuantizedWeight
 from .file_format import SUFFIXES, QuantizedEntry, squant_metadata, tensor_spec
 from .file_io import SafetensorsWriter, SquantReader
 
@@ -31,10 +32,24 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedModule]:
             if isinstance(m, QuantizedModule)}
 
 
-def _module_entry(prefix: str, module: QuantizedModule) -> QuantizedEntry:
-    return QuantizedEntry(_join(prefix, "weight"), module.bits, module.mode, module.axis,
-                          tuple(module.codes.shape), module.weight_dtype, module.scheme,
-                          module.granularity, module.groups_of_codes, module.range)
+def _stored_units(model: nn.Module) -> dict[str, tuple[str, QuantizedModule | QuantizedWeight]]:
+    """Every quantized tensor of the model by its name in the file, with the state_dict prefix
+    of its ``codes``/``scale``/``zero_point`` and the module holding them: a quantized layer's
+    weight is ``<layer>.weight`` (prefix ``<layer>``), a quantized weight of a layer with
+    several (``QuantizedWeight``, e.g. ``<attn>.in_proj_weight``) its own name."""
+    units = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantizedModule):
+            units[_join(name, "weight")] = (name, module)
+        elif isinstance(module, QuantizedWeight):
+            units[name] = (name, module)
+    return units
+
+
+def _entry(name: str, holder: QuantizedModule | QuantizedWeight) -> QuantizedEntry:
+    return QuantizedEntry(name, holder.bits, holder.mode, holder.axis,
+                          tuple(holder.codes.shape), holder.weight_dtype, holder.scheme,
+                          holder.granularity, holder.groups_of_codes, holder.range)
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
@@ -49,28 +64,28 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(qmodel).__name__}")
-    modules = _quantized_modules(qmodel)
-    if not modules:
+    units = _stored_units(qmodel)
+    if not units:
         raise QuantizationError(f"{type(qmodel).__name__} has no quantized layer: quantize it "
                                 "with squant.quantize first")
-    first: dict[int, str] = {}  # id of a codes tensor -> the first layer holding it
+    first: dict[int, str] = {}  # id of a codes tensor -> the first name holding it
     ties = {}
-    for prefix, module in modules.items():
-        owner = first.setdefault(id(module.codes), prefix)
-        if owner != prefix:
-            ties[_join(prefix, "weight")] = _join(owner, "weight")
-    entries = {prefix: _module_entry(prefix, m) for prefix, m in modules.items()
-               if _join(prefix, "weight") not in ties}
+    for name, (_, holder) in units.items():
+        owner = first.setdefault(id(holder.codes), name)
+        if owner != name:
+            ties[name] = owner
+    entries = {name: _entry(name, holder) for name, (_, holder) in units.items()
+               if name not in ties}
     state = qmodel.state_dict()
-    for prefix in modules:
+    for prefix, _ in units.values():
         for suffix in SUFFIXES:
             del state[_join(prefix, suffix)]
     specs = [spec for entry in entries.values() for spec in entry.specs()]
     specs += [tensor_spec(name, tensor) for name, tensor in state.items()]
     with SafetensorsWriter(Path(path), specs) as writer:
-        for prefix, entry in entries.items():
-            module = modules[prefix]
-            qweight = QuantizedTensor(module.codes, module.scale, module.zero_point, entry.bits,
+        for name, entry in entries.items():
+            holder = units[name][1]
+            qweight = QuantizedTensor(holder.codes, holder.scale, holder.zero_point, entry.bits,
                                       entry.mode, entry.axis, entry.scheme, entry.granularity,
                                       entry.range)
             for name, tensor in entry.file_tensors(qweight).items():
@@ -111,42 +126,42 @@ def _is_float_layer(module: nn.Module | None, entry: QuantizedEntry) -> bool:
 
 
 def _target_modules(reader: SquantReader, model: nn.Module
-                    ) -> tuple[dict[str, nn.Module], list[str]]:
-    """The model's module for each quantized tensor of the file (tied names included), and the
-    quantized tensors of float layers squant cannot quantize (loaded dequantized, with a
-    warning); checks that they match."""
+                    ) -> tuple[dict[str, tuple[nn.Module, dict[str, str]]], list[str]]:
+    """The model's layer for each quantized tensor of the file, as ``{layer name: (layer,
+    {parameter: tensor name in the file})}`` (tied names included), and the quantized tensors
+    of float layers squant cannot quantize (loaded dequantized, with a warning); checks that
+    they match and that each layer gets every weight its quantized class holds."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    targets, dequantized = {}, []
+    targets: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+    dequantized = []
     for name in filter(reader.is_quantized, reader.names):
         entry = reader.entries[reader.canonical(name)]
-        prefix = _layer_name(name)
-        module = None if prefix is None else modules.get(prefix)
-        if _is_float_layer(module, entry):
+        prefix, _, param = name.rpartition(".")
+        module = modules.get(prefix)
+        if param == "weight" and _is_float_layer(module, entry):
             warnings.warn(f"{reader.path}: {name!r} is stored quantized, but squant has no "
                           f"quantized {type(module).__name__}: it is loaded dequantized into "
                           "that layer's float weight", stacklevel=4)
             dequantized.append(name)
             continue
-        if module is None or quantized_class(module) is None:
+        cls = None if module is None else quantized_class(module)
+        if cls is None or param not in cls.weight_names(module):
             raise QuantizationError(f"{reader.path}: quantized tensor {name!r} has no "
                                     f"quantizable layer {prefix!r} in {type(model).__name__}")
-        transposed = getattr(module, "transposed", False)
-        expected = (tuple(module.weight.shape), 1 if transposed else 0,
-                    module.groups if transposed else 1)
+        expected = weight_layout(module, param)
         if (entry.shape, entry.axis, entry.groups) != expected:
             raise QuantizationError(
                 f"{reader.path}: tensor {name!r} (shape {entry.shape}, axis {entry.axis}, "
                 f"groups {entry.groups}) does not fit layer {prefix!r} of the model (shape "
                 f"{expected[0]}, axis {expected[1]}, groups {expected[2]})")
-        targets[prefix] = module
+        targets.setdefault(prefix, (module, {}))[1][param] = name
+    for prefix, (module, params) in targets.items():
+        missing = [n for n in quantized_class(module).weight_names(module) if n not in params]
+        if missing:
+            raise QuantizationError(
+                f"{reader.path}: layer {prefix!r} has {', '.join(sorted(params))} quantized in "
+                f"the file but not {', '.join(missing)}; quantize the model with squant again")
     return targets, dequantized
-
-
-def _layer_name(name: str) -> str | None:
-    """``"features.0"`` for ``"features.0.weight"`` (``""`` for ``"weight"``), else None."""
-    if name == "weight":
-        return ""
-    return name[: -len(".weight")] if name.endswith(".weight") else None
 
 
 def _enable_stored_activations(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -169,16 +184,18 @@ def _add_stored_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
     targets, dequantized = _target_modules(reader, model)
-    model = copy_replacing(model, targets.values())
-    replacements, qweights = {}, {}  # tied names get the same codes
-    for prefix in targets:
+    model = copy_replacing(model, [module for module, _ in targets.values()])
+    replacements, read = {}, {}  # tied names get the same codes
+    for prefix, (_, params) in targets.items():
         module = model.get_submodule(prefix)
-        stored = reader.canonical(_join(prefix, "weight"))
-        if stored not in qweights:
-            qweights[stored] = reader.read_quantized(stored)
+        qweights = {}
+        for param, name in params.items():
+            stored = reader.canonical(name)
+            if stored not in read:
+                read[stored] = reader.read_quantized(stored)
+            qweights[param] = read[stored]
         if id(module) not in replacements:
-            replacements[id(module)] = quantized_class(module).from_float(
-                module, qweights[stored])
+            replacements[id(module)] = quantized_class(module).from_weights(module, qweights)
     model = swap_modules(model, replacements)
     state = {name: reader.read_dequantized(name) if name in dequantized
              else reader.read_tensor(name)
@@ -191,7 +208,7 @@ def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
     except RuntimeError as error:  # shape mismatches
         raise QuantizationError(f"{reader.path} does not match {type(model).__name__}: "
                                 f"{' '.join(str(error).split())}") from None
-    quantized_keys = {_join(p, s) for p in _quantized_modules(model) for s in SUFFIXES}
+    quantized_keys = {_join(p, s) for p, _ in _stored_units(model).values() for s in SUFFIXES}
     missing = [key for key in missing if key not in quantized_keys]
     if missing or unexpected:
         raise QuantizationError(

@@ -2,11 +2,13 @@
 
 ``squant.nn.QuantizedLinear`` and the others are the public names. ``base`` holds what they
 share and the registry, one module per layer kind holds its classes (``linear``, ``conv``,
-``embedding``), ``selection`` picks a model's layers to quantize and ``module_tree`` swaps
+``embedding``, ``attention``, ``recurrent``; ``multi_weight`` what layers with several weights
+share), ``selection`` picks a model's layers to quantize and ``module_tree`` swaps
 the quantized ones in.
 Imports :mod:`squant.core` only.
 """
 
+from .attention import QuantizedMultiheadAttention
 from .base import QUANTIZED_CLASSES, QuantizedModule, register
 from .conv import (
     QuantizedConv1d,
@@ -18,6 +20,8 @@ from .conv import (
 )
 from .embedding import QuantizedEmbedding, QuantizedEmbeddingBag
 from .linear import QuantizedLinear
+from .multi_weight import QuantizedMultiWeight, QuantizedWeight
+from .recurrent import QuantizedGRU, QuantizedLSTM, QuantizedRNN
 
 __all__ = [
     "QUANTIZED_CLASSES",
@@ -29,7 +33,13 @@ __all__ = [
     "QuantizedConvTranspose3d",
     "QuantizedEmbedding",
     "QuantizedEmbeddingBag",
+    "QuantizedGRU",
+    "QuantizedLSTM",
     "QuantizedLinear",
     "QuantizedModule",
+    "QuantizedMultiWeight",
+    "QuantizedMultiheadAttention",
+    "QuantizedRNN",
+    "QuantizedWeight",
     "register",
 ]

@@ -31,26 +31,70 @@ def register(float_class: type[nn.Module]):
     return decorate
 
 
-def quantized_class(module: nn.Module) -> type[QuantizedModule] | None:
+def quantized_class(module: nn.Module) -> type | None:
     """The quantized class for ``module``: the one registered for its class or, for a subclass
     of a registered float class, for the nearest such base, provided the subclass keeps that
-    base's ``forward`` and parameters (``weight``, ``bias``) and adds no buffers: e.g.
-    ``nn.MultiheadAttention``'s ``out_proj``. None for anything else, quantized modules too."""
-    if isinstance(module, QuantizedModule) or "weight" not in module._parameters:
-        return None  # ``weight`` computed (computed_weight) or no layer of ours at all
+    base's ``forward`` and parameters and adds no buffers: e.g. ``nn.MultiheadAttention``'s
+    ``out_proj``. None for anything else: quantized modules, and layers whose weight is
+    computed (:func:`computed_weight`)."""
     base = registered_base(type(module))
-    if base is None:
+    if base is None or is_quantized(module) or computed_weight(module):
         return None
-    if base is type(module) or (type(module).forward is base.forward and not module._buffers
-                                and set(module._parameters) <= {"weight", "bias"}):
-        return QUANTIZED_CLASSES[base]
+    cls = QUANTIZED_CLASSES[base]
+    if base is type(module):
+        return cls
+    own = set(cls.weight_names(module)) | ({"bias"} if getattr(cls, "has_bias", False) else set())
+    if type(module).forward is base.forward and not module._buffers and (
+            set(module._parameters) <= own or not issubclass(cls, QuantizedModule)):
+        return cls
     return None
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is one of squant's quantized layers."""
+    return isinstance(module, (QuantizedModule, *QUANTIZED_CLASSES.values()))
+
+
 def computed_weight(module: nn.Module) -> bool:
-    """Whether ``module.weight`` is computed rather than held (``weight_norm``,
-    ``spectral_norm`` or another parametrization or hook): such layers stay float."""
-    return "weight" not in module._parameters and registered_base(type(module)) is not None
+    """Whether a weight the layer's quantized class would quantize is computed rather than held
+    (``weight_norm``, ``spectral_norm`` or another parametrization or hook): such layers stay
+    float."""
+    base = registered_base(type(module))
+    if base is None or is_quantized(module):
+        return False
+    names = QUANTIZED_CLASSES[base].weight_names(module)
+    return not all(isinstance(module._parameters.get(n), torch.Tensor) for n in names)
+
+
+def weight_layout(module: nn.Module, name: str) -> tuple[tuple[int, ...], int, int]:
+    """``(shape, axis, groups)`` of the weight ``name`` of a float layer as squant quantizes it:
+    output channels on ``axis`` (1 for a ConvTranspose weight), ``groups`` blocks along dim 0
+    with channels of their own (a grouped ConvTranspose)."""
+    shape = tuple(getattr(module, name).shape)
+    if name == "weight" and getattr(module, "transposed", False):
+        return shape, 1, module.groups
+    return shape, 0, 1
+
+
+def registered_weight_dtype(fn, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a weight of ``dtype`` gets from the ``_apply`` function ``fn`` (``.half()``,
+    ``.to(torch.float64)``; ``.to(device)`` keeps it)."""
+    return fn(torch.empty(0, dtype=dtype)).dtype
+
+
+def check_codes(codes: object, prefix: str, bits: int, scheme: str, kind: str) -> str | None:
+    """Why ``codes`` from a state_dict cannot be loaded into a layer of ``bits``/``scheme``
+    (values outside its range: another quantization's codes), or None if they can."""
+    if not isinstance(codes, torch.Tensor) or not codes.numel():
+        return None
+    high = 2 ** (bits - 1) - 1
+    low = -high if scheme == "symmetric" else -high - 1
+    found = (int(codes.min()), int(codes.max()))
+    if low <= found[0] and found[1] <= high:
+        return None
+    return (f"{prefix}codes hold values in {found[0]}..{found[1]}, outside the {bits}-bit "
+            f"{scheme} range {low}..{high} of this {kind}: the state_dict was quantized with "
+            "other bits or another scheme; quantize the model with those first")
 
 
 def registered_base(cls: type) -> type[nn.Module] | None:
@@ -72,6 +116,17 @@ class QuantizedModule:
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
+
+    @classmethod
+    def weight_names(cls, module: nn.Module) -> list[str]:
+        """The Parameters of the float layer that are quantized: its ``weight``."""
+        return ["weight"]
+
+    @classmethod
+    def from_weights(cls, module: nn.Module, qweights: dict[str, QuantizedTensor],
+                     cache_weight: bool = True) -> QuantizedModule:
+        """:meth:`from_float` with the weight given by name (as for layers with several)."""
+        return cls.from_float(module, qweights["weight"], cache_weight)
 
     @classmethod
     def from_float(cls, module: nn.Module, qweight: QuantizedTensor,
@@ -177,7 +232,7 @@ class QuantizedModule:
         """Follow ``.to()``/``.half()``/``.cuda()``: the weight's dtype follows, while scale and
         zero point stay float32 (only their device moves) so that dequantization stays exact."""
         self._cached_weight = None
-        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        self.weight_dtype = registered_weight_dtype(fn, self.weight_dtype)
         result = super()._apply(fn, recurse)
         for name in ("scale", "zero_point", "act_lo", "act_hi"):
             if name in self._buffers:
@@ -190,18 +245,11 @@ class QuantizedModule:
         state_dict loaded into a 4-bit model, which ``squant.save`` would then pack into 4 bits
         and corrupt): the layer is left as it was and ``load_state_dict`` raises."""
         self._cached_weight = None
-        codes = state_dict.get(prefix + "codes")
-        if isinstance(codes, torch.Tensor) and codes.numel():
-            high = 2 ** (self.bits - 1) - 1
-            low = -high if self.scheme == "symmetric" else -high - 1
-            found = (int(codes.min()), int(codes.max()))
-            if found[0] < low or found[1] > high:
-                error_msgs.append(
-                    f"{prefix}codes hold values in {found[0]}..{found[1]}, outside the "
-                    f"{self.bits}-bit {self.scheme} range {low}..{high} of this "
-                    f"{type(self).__name__}: the state_dict was quantized with other bits or "
-                    "another scheme; quantize the model with those first")
-                return
+        message = check_codes(state_dict.get(prefix + "codes"), prefix, self.bits, self.scheme,
+                              type(self).__name__)
+        if message:
+            error_msgs.append(message)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -21,8 +21,8 @@ from ..core.errors import QuantizationError
 from ..core.options import QuantOptions, check_bits
 from .base import (
     QUANTIZED_CLASSES,
-    QuantizedModule,
     computed_weight,
+    is_quantized,
     quantized_class,
     registered_base,
 )
@@ -63,7 +63,7 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
             by_module[id(module)].names.append(name)
         else:
             by_module[id(module)] = Layer([name], module, default)
-    if not by_module and any(isinstance(m, QuantizedModule) for m in model.modules()):
+    if not by_module and any(is_quantized(m) for m in model.modules()):
         raise QuantizationError(
             f"{type(model).__name__} is already quantized (its layers are squant.nn modules); "
             "to quantize it again, start from the float model or squant.dequantize(qmodel)")
@@ -122,7 +122,7 @@ def left_in_float(model: nn.Module, skip: list[str]) -> list[tuple[str, str]]:
     is left in float without a word."""
     found, unasked = [], []
     for prefix, module in model.named_modules():
-        if isinstance(module, QuantizedModule):
+        if is_quantized(module):
             continue
         tensors = [*module._parameters.items(), *module._buffers.items()]
         for name, tensor in tensors:
