@@ -120,15 +120,16 @@ class QuantizedMultiWeight:
                      cache_weight: bool = True) -> QuantizedMultiWeight:
         """A quantized copy of ``module``: each Parameter named in ``qweights`` replaced by its
         :class:`QuantizedWeight`, everything else shared with ``module``."""
-        missing = set(cls.weight_names(module)) - set(qweights)
-        if missing:
-            raise QuantizationError(f"{cls.__name__}: no quantized tensor for "
-                                    f"{', '.join(sorted(missing))}")
-        qmodule = _copy_layer(module, cls, set(qweights))
-        for name, qweight in qweights.items():
+        names = cls.weight_names(module)
+        if set(names) != set(qweights):
+            raise QuantizationError(f"{cls.__name__}: quantized tensors for "
+                                    f"{', '.join(sorted(qweights))}, expected "
+                                    f"{', '.join(names)}")
+        qmodule = _copy_layer(module, cls, set(names))
+        for name in names:  # in the layer's order, whatever the order given
             dtype = module._parameters[name].dtype
-            qmodule._modules[name] = QuantizedWeight(qweight, dtype, cache_weight)
-        qmodule.quantized_names = tuple(qweights)
+            qmodule._modules[name] = QuantizedWeight(qweights[name], dtype, cache_weight)
+        qmodule.quantized_names = tuple(names)
         qmodule.original_class = type(module)
         qmodule.parameter_order = list(module._parameters)
         qmodule.cache_weight = cache_weight
