@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
+from zoo import MULTI_ZOO, ZooModel
 
 import squant
 from squant import nn as qnn
@@ -262,3 +263,59 @@ def test_report_names_each_weight_and_skip_matches_by_layer_name() -> None:
     left = dict(skipped.squant_report.left_float)
     assert left["encoder.weight_ih_l0"] == "skipped"
     assert left["attention.in_proj_weight"] == "skipped"
+
+
+multi_zoo = pytest.mark.parametrize("entry", MULTI_ZOO, ids=lambda entry: entry.name)
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "LSTM with projections")
+        return model(x)
+
+
+def _float_matrices(model: nn.Module) -> set[str]:
+    return {name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and tensor.dim() >= 2}
+
+
+@multi_zoo
+def test_zoo_every_matrix_quantized_output_close_and_input_untouched(entry: ZooModel) -> None:
+    model, x = entry.build(), entry.example()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    qmodel = _quietly_quantized(model, 8, report=True)
+    assert qmodel.squant_report.left_float == []
+    assert _float_matrices(qmodel) == set()  # every float matrix became codes
+    assert [type(m) for m in model.modules()] == types
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    want = _run(model, x)
+    assert (_run(qmodel, x) - want).abs().max() <= 0.03 * want.abs().max()
+    plain = squant.dequantize(qmodel)
+    assert not any(squant.nn.base.is_quantized(m) for m in plain.modules())
+    assert [type(m) for m in plain.modules()] == types
+    assert list(plain.state_dict()) == list(before)
+    assert _close(_run(plain, x), _run(qmodel, x))
+
+
+@multi_zoo
+def test_zoo_state_dict_save_and_load_round_trips_are_bit_exact(entry: ZooModel,
+                                                                tmp_path: Path) -> None:
+    model, x = entry.build(), entry.example()
+    qmodel = _quietly_quantized(model, 4)
+    want = _run(qmodel, x)
+    path = tmp_path / f"{entry.name}.safetensors"
+    squant.save(qmodel, path)
+    fresh = _quietly_quantized(entry.build(seed=9), 4)
+    fresh.load_state_dict(qmodel.state_dict())
+    with torch.device("meta"):
+        skeleton = entry.factory()
+    for other in (fresh, squant.load(path, entry.build(seed=9)), squant.load(path, skeleton)):
+        other.eval()
+        state, other_state = qmodel.state_dict(), other.state_dict()
+        assert list(state) == list(other_state)
+        assert all(torch.equal(state[k], other_state[k]) for k in state)
+        assert torch.equal(_run(other, x), want)
+        if hasattr(other, "lm_head"):  # tied stays tied: one set of codes
+            assert other.lm_head.codes is other.wte.codes

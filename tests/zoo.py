@@ -240,6 +240,61 @@ class BagClassifier(nn.Module):
         return self.head(self.bag(tokens))
 
 
+class TransformerNet(nn.Module):
+    """A 2-layer ``nn.TransformerEncoder`` (causal), a ``nn.TransformerDecoderLayer`` attending
+    to the encoder's output, and a Linear head: every attention weight of torch's layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True,
+                                                  norm_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        memory = self.encoder(x, mask=mask, is_causal=True)
+        return self.head(self.decoder(x, memory))
+
+
+class GPTWithAttention(nn.Module):
+    """A GPT block for real: token and learned position embeddings, one causal pre-norm
+    ``nn.TransformerEncoderLayer`` (attention and MLP), and an ``lm_head`` tied to ``wte``."""
+
+    def __init__(self, vocab: int = 24, dim: int = 16, context: int = 6) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(context, dim)
+        self.block = nn.TransformerEncoderLayer(dim, 2, 4 * dim, dropout=0.0, batch_first=True,
+                                                norm_first=True, activation="gelu")
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[-1], device=tokens.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[-1])
+        return self.lm_head(self.ln_f(self.block(x, src_mask=mask, is_causal=True)))
+
+
+class RecurrentNet(nn.Module):
+    """A 2-layer bidirectional LSTM with ``proj_size``, a GRU, a ReLU RNN and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, 2, bidirectional=True, proj_size=4, batch_first=True)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.rnn = nn.RNN(8, 6, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.lstm(x)
+        x, _ = self.gru(x)
+        x, _ = self.rnn(x)
+        return self.head(x[:, -1])
+
+
 def _traced_resnet() -> fx.GraphModule:
     return fx.symbolic_trace(MiniResNet())
 
@@ -285,7 +340,14 @@ ZOO = (
     ZooModel("fx_resnet", _traced_resnet, (2, 3, 8, 8)),
 )
 
+# Layers holding several weight matrices (attention, recurrent): tests/test_multi_weight.py.
+MULTI_ZOO = (
+    ZooModel("transformer", TransformerNet, (2, 5, 16)),
+    ZooModel("gpt_attention", GPTWithAttention, (2, 6), vocab=24),
+    ZooModel("recurrent", RecurrentNet, (3, 7, 6)),
+)
+
 # Kept out of ZOO so that the tests over the zoo are not all about this one case.
 SHARED_MODULE = ZooModel("shared_module", SharedModule, (2, 4, 6, 6))
 
-BY_NAME = {entry.name: entry for entry in (*ZOO, SHARED_MODULE)}
+BY_NAME = {entry.name: entry for entry in (*ZOO, *MULTI_ZOO, SHARED_MODULE)}
