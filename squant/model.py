@@ -53,12 +53,16 @@ def quantize(
     seed: int | None = None,
     bias_correction: bool = False,
 ) -> nn.Module:
-    """Quantize every Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding and EmbeddingBag
-    weight of ``model`` (and of their subclasses that keep the base's forward).
+    """Quantize every weight matrix of ``model``'s Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+    Embedding, EmbeddingBag, MultiheadAttention (``in_proj_weight`` or ``q/k/v_proj_weight``;
+    ``out_proj`` as a Linear), LSTM, GRU and RNN layers (every ``weight_ih/hh/hr_l*``), and of
+    their subclasses that keep the base's forward.
 
     All selected weights go through one batched SQuant kernel call; each layer is replaced by
     its quantized module (``squant.nn``), which holds int8 codes, per-channel scale and zero
-    point (per row, i.e. per token, for an embedding table), and the float bias.
+    point (per row: per token for an embedding table, per output feature for attention and
+    recurrent matrices), and the float biases. Whatever floating tensor of 2+ dims stays float
+    is named, with the reason, in one warning and in the report's ``left_float``.
 
     Args:
         bits: 2..8, for every layer not in ``layer_bits``.
