@@ -217,3 +217,24 @@ def test_skip_matches_embeddings_by_name() -> None:
     qmodel = squant.quantize(model, 4, skip="wpe", report=True)
     assert type(qmodel.wpe) is nn.Embedding and isinstance(qmodel.wte, qnn.QuantizedEmbedding)
     assert qmodel.squant_report.left_float == [("wpe.weight", "skipped")]
+
+
+def test_tied_codes_stay_shared_after_to_and_save_once(tmp_path: Path) -> None:
+    """``.to()``/``.half()``/``.cuda()`` move buffers in place, so tied layers keep one set of
+    codes (and scales): ``squant.save`` still stores it once and ``dequantize`` keeps the tie."""
+    qmodel = squant.quantize(_gpt(), 4).to(torch.float64)
+    assert qmodel.wte.codes is qmodel.lm_head.codes
+    assert qmodel.wte.scale is qmodel.lm_head.scale and qmodel.wte.scale.dtype == torch.float32
+    assert qmodel.lm_head.weight.dtype == torch.float64
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        moved = qmodel.to(device)
+        assert moved.wte.codes is moved.lm_head.codes and moved.wte.codes.device.type == device
+        plain = squant.dequantize(moved)
+        assert plain.wte.weight is plain.lm_head.weight
+    path = tmp_path / "gpt.safetensors"
+    squant.save(qmodel.cpu(), path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        assert not any(name.startswith("lm_head") for name in file.keys())

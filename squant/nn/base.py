@@ -82,6 +82,34 @@ def registered_weight_dtype(fn, dtype: torch.dtype) -> torch.dtype:
     return fn(torch.empty(0, dtype=dtype)).dtype
 
 
+_FLOAT32_BUFFERS = ("scale", "zero_point", "act_lo", "act_hi")
+
+
+def apply_to_buffers(module: nn.Module, fn, apply_rest):
+    """A quantized module's ``_apply``: ``apply_rest()`` (torch's ``_apply``) on everything but
+    its buffers, and ``fn`` on each buffer in place (``tensor.data = fn(tensor)``, as torch does
+    for parameters), so that layers sharing codes (tied weights) still share them after
+    ``.to()``/``.cuda()``; scale, zero point and activation ranges stay float32."""
+    buffers, module._buffers = module._buffers, {}
+    try:
+        result = apply_rest()
+    finally:
+        module._buffers = buffers
+    for name, tensor in buffers.items():
+        if tensor is None:
+            continue
+        new = fn(tensor)
+        if name in _FLOAT32_BUFFERS:
+            new = new.float()
+        if new is tensor:
+            continue
+        if torch._has_compatible_shallow_copy_type(tensor, new):
+            tensor.data = new
+        else:  # e.g. meta -> cpu (to_empty): a new tensor, as torch does for parameters
+            buffers[name] = new
+    return result
+
+
 def check_codes(codes: object, prefix: str, bits: int, scheme: str, kind: str) -> str | None:
     """Why ``codes`` from a state_dict cannot be loaded into a layer of ``bits``/``scheme``
     (values outside its range: another quantization's codes), or None if they can."""
@@ -233,11 +261,7 @@ class QuantizedModule:
         zero point stay float32 (only their device moves) so that dequantization stays exact."""
         self._cached_weight = None
         self.weight_dtype = registered_weight_dtype(fn, self.weight_dtype)
-        result = super()._apply(fn, recurse)
-        for name in ("scale", "zero_point", "act_lo", "act_hi"):
-            if name in self._buffers:
-                self._buffers[name] = self._buffers[name].float()
-        return result
+        return apply_to_buffers(self, fn, lambda: super(QuantizedModule, self)._apply(fn, recurse))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

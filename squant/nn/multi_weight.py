@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core.errors import QuantizationError
 from ..core.tensor import QuantizedTensor, dequantize_codes
-from .base import check_codes, registered_weight_dtype
+from .base import apply_to_buffers, check_codes, registered_weight_dtype
 
 # What from_weights adds to a layer (not copied back by to_float).
 _OWN_ATTRIBUTES = {"quantized_names", "original_class", "parameter_order", "cache_weight"}
@@ -77,10 +77,7 @@ class QuantizedWeight(nn.Module):
         float32."""
         self._cached_weight = None
         self.weight_dtype = registered_weight_dtype(fn, self.weight_dtype)
-        result = super()._apply(fn, recurse)
-        for name in ("scale", "zero_point"):
-            self._buffers[name] = self._buffers[name].float()
-        return result
+        return apply_to_buffers(self, fn, lambda: super(QuantizedWeight, self)._apply(fn, recurse))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
