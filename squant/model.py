@@ -135,8 +135,7 @@ def quantize(
     joined = {key: entry.joined.to(entry.weight.device) for key, entry in shared.items()}
     replacements = {}
     for layer in layers:
-        qweights = {name: joined[id(layer.module._parameters[name])]
-                    for name in layer_weights(layer)}
+        qweights = {name: joined[id(layer.weight(name))] for name in layer_weights(layer)}
         replacements[id(layer.module)] = quantized_class(layer.module).from_weights(
             layer.module, qweights, cache_weights)
     model = swap_modules(model, replacements)

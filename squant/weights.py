@@ -20,20 +20,26 @@ from torch import nn
 from .core.errors import QuantizationError
 from .core.report import LayerReport, layer_report
 from .core.tensor import QuantizedTensor, quantize_with_options
-from .nn.base import quantized_class, weight_layout
+from .nn.base import (
+    computed_kind,
+    computed_weight,
+    quantized_class,
+    registered_base,
+    weight_layout,
+)
 from .nn.selection import Layer
 from .ranges.batchnorm import Moments, same_moments
 
 
-def weight_blocks(module: nn.Module, name: str) -> tuple[list[torch.Tensor], int]:
-    """The weight ``name`` of a float layer as the blocks quantized independently, with their
+def weight_blocks(layer: Layer, name: str) -> tuple[list[torch.Tensor], int]:
+    """The weight ``name`` of a layer as the blocks quantized independently, with their
     output-channel axis.
 
     ConvTranspose weights are ``(in, out/groups, *kernel)``: each group's block of input rows
     has its own output channels on axis 1.
     """
-    weight = module._parameters[name].detach()
-    _, axis, groups = weight_layout(module, name)
+    weight = layer.weight(name).detach()
+    _, axis, groups = weight_layout(layer.module, name)
     return list(weight.chunk(groups, dim=0)) if groups > 1 else [weight], axis
 
 
@@ -51,9 +57,9 @@ class SharedWeight:
     names: list[str]
 
     @property
-    def weight(self) -> nn.Parameter:
-        """The float Parameter."""
-        return self.layer.module._parameters[self.name]
+    def weight(self) -> torch.Tensor:
+        """The float weight (a Parameter, or the effective weight weight_norm computes)."""
+        return self.layer.weight(self.name)
 
     @property
     def joined(self) -> QuantizedTensor:
@@ -82,9 +88,9 @@ def quantize_shared(layers: list[Layer], moments: dict[int, Moments]
     users: dict[int, list[nn.Module]] = {}
     for layer in layers:
         for name in layer_weights(layer):
-            key = id(layer.module._parameters[name])
+            key = id(layer.weight(name))
             users.setdefault(key, []).append(layer.module)
-            blocks, axis = weight_blocks(layer.module, name)
+            blocks, axis = weight_blocks(layer, name)
             if key not in shared:
                 shared[key] = SharedWeight(layer, name, blocks, axis, [], _use_names(layer, name))
                 continue
@@ -176,7 +182,11 @@ def report_rows(model: nn.Module, shared: dict[int, SharedWeight]) -> list[Layer
         quantize_with_options(entry.blocks, [entry.axis] * count, [layer.options] * count,
                               layer.names[:1] * count)
         alone = time.perf_counter() - start
-        rows.append(layer_report(", ".join(entry.names), type(layer.module).__name__,
+        kind = type(layer.module).__name__
+        if computed_weight(layer.module):
+            base = registered_base(type(layer.module)).__name__
+            kind = f"{base} (effective weight of {computed_kind(layer.module)}, removed)"
+        rows.append(layer_report(", ".join(entry.names), kind,
                                  entry.weight.shape, entry.blocks, entry.parts, alone,
                                  model.get_submodule(layer.names[0])))
     return rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import chain
@@ -701,7 +702,7 @@ class _Mixed(nn.Module):
         self.rnn = nn.GRU(8, 8)
         self.attn = nn.MultiheadAttention(8, 2)
         self.fc = nn.Linear(8, 8)
-        self.normed = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+        self.normed = nn.utils.parametrizations.weight_norm(nn.GRU(8, 8), "weight_hh_l0")
         self.head = nn.Linear(8, 30)
         self.raw = nn.Parameter(torch.randn(3, 8))
         self.register_buffer("table", torch.randn(2, 2))
@@ -730,7 +731,7 @@ def test_every_float_matrix_left_is_listed_once_with_its_reason() -> None:
             "rnn.weight_hh_l0", "fc.weight"} == quantized
     assert set(left) == expected  # every float matrix left: listed
     assert left["head.weight"] == "skipped" and left["raw"].startswith("_Mixed")
-    assert "computed weight" in left["normed.parametrizations.weight.original1"]
+    assert "computed weight" in left["normed.parametrizations.weight_hh_l0.original1"]
     messages = [str(w.message) for w in caught if "left in float" in str(w.message)]
     assert len(messages) == 1 and "head.weight" not in messages[0]  # asked for: no warning
     assert "left in float: raw (_Mixed" in qmodel.squant_report.table()
@@ -777,23 +778,46 @@ def test_patterns_that_name_a_container_cover_the_layers_inside() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.* is deprecated:FutureWarning")
-@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "hook_weight_norm"])
-def test_norm_wrapped_layers_stay_float_and_are_named(wrap: str) -> None:
-    """A layer whose weight is computed (parametrizations, the old weight_norm hook) is left
-    float and named, never a crash; the rest of the model is quantized."""
-    from torch.nn.utils import parametrizations, weight_norm
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "hook_weight_norm",
+                                  "hook_spectral_norm"])
+def test_norm_wrapped_layers_quantize_their_effective_weight(wrap: str, tmp_path) -> None:
+    """A layer whose weight is computed (parametrizations, the old hooks) is replaced by the
+    plain quantized layer holding quantize_weight of its effective (eval-mode) weight; the
+    report says so; the input model is unchanged; save/load into the wrapped model works."""
+    from torch.nn.utils import parametrizations, spectral_norm, weight_norm
 
-    wrapped = {"weight_norm": parametrizations.weight_norm,
-               "spectral_norm": parametrizations.spectral_norm,
-               "hook_weight_norm": weight_norm}[wrap](nn.Linear(6, 5))
-    model = nn.Sequential(wrapped, nn.ReLU(), nn.Linear(5, 3)).eval()
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        wrapped = {"weight_norm": parametrizations.weight_norm,
+                   "spectral_norm": parametrizations.spectral_norm,
+                   "hook_weight_norm": weight_norm,
+                   "hook_spectral_norm": spectral_norm}[wrap](nn.Linear(6, 5))
+        return nn.Sequential(wrapped, nn.ReLU(), nn.Linear(5, 3))
+
+    model = build().eval()
     x = torch.randn(4, 6)
     with torch.no_grad():
-        expected = model(x)
-    with pytest.warns(UserWarning, match=r"left in float: 0\..*a computed weight"):
-        qmodel = squant.quantize(model, 8)
-    assert isinstance(qmodel[2], squant.nn.QuantizedLinear)
-    assert not isinstance(qmodel[0], squant.nn.QuantizedModule)
+        expected = model(x)  # a hook sets .weight before the forward: the effective weight
+        effective = model[0].weight.detach().clone()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        qmodel = squant.quantize(model.train(), 8, report=True)  # train: no power iteration
+    model.eval()
+    assert type(qmodel[0]) is squant.nn.QuantizedLinear and not qmodel[0]._forward_pre_hooks
+    want = squant.quantize_weight(effective, 8)
+    assert torch.equal(qmodel[0].codes, want.codes)
+    row = qmodel.squant_report.layers[0]
+    assert row.kind.startswith("Linear (effective weight of ") and "norm" in row.kind
+    assert qmodel.squant_report.left_float == []
+    state = model.state_dict()
+    assert all(torch.equal(state[k], before[k]) for k in before)  # the input model is unchanged
     with torch.no_grad():
-        assert torch.allclose(qmodel(x), expected, atol=0.02)
-        assert torch.equal(model(x), expected)  # the input model is unchanged
+        assert torch.allclose(qmodel(x), expected, rtol=0.02, atol=0.02 * expected.abs().max())
+        assert torch.equal(model(x), expected)
+    assert type(squant.dequantize(qmodel)[0]) is nn.Linear
+    path = tmp_path / "normed.safetensors"
+    squant.save(qmodel, path)
+    loaded = squant.load(path, build().eval())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..core.errors import QuantizationError
 from ..core.fake_quant import fake_quantize
@@ -35,12 +38,16 @@ def quantized_class(module: nn.Module) -> type | None:
     """The quantized class for ``module``: the one registered for its class or, for a subclass
     of a registered float class, for the nearest such base, provided the subclass keeps that
     base's ``forward`` and parameters and adds no buffers: e.g. ``nn.MultiheadAttention``'s
-    ``out_proj``. None for anything else: quantized modules, and layers whose weight is
-    computed (:func:`computed_weight`)."""
+    ``out_proj``. A layer whose ``weight`` is computed (:func:`computed_weight`: weight_norm,
+    spectral_norm) gets its base's quantized class, which holds the effective weight
+    (:func:`effective_weight`), unless that class holds several weights (attention,
+    recurrent). None for anything else, quantized modules too."""
     base = registered_base(type(module))
-    if base is None or is_quantized(module) or computed_weight(module):
+    if base is None or is_quantized(module):
         return None
     cls = QUANTIZED_CLASSES[base]
+    if computed_weight(module) and not issubclass(cls, QuantizedModule):
+        return None
     if base is type(module):
         return cls
     own = set(cls.weight_names(module)) | ({"bias"} if getattr(cls, "has_bias", False) else set())
@@ -66,14 +73,56 @@ def computed_weight(module: nn.Module) -> bool:
     return not all(isinstance(module._parameters.get(n), torch.Tensor) for n in names)
 
 
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a layer computes (a ``weight_norm``/``spectral_norm`` parametrization or the
+    older hooks) as in eval mode (no power iteration: the module is left as it was), detached.
+
+    Raises ``QuantizationError`` if the layer holds no weight tensor at all."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == "weight":
+            with torch.no_grad():
+                if isinstance(hook, SpectralNorm):
+                    return hook.compute_weight(module, do_power_iteration=False).detach()
+                return hook.compute_weight(module).detach()
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            weight = getattr(module, "weight", None)
+    finally:
+        module.train(training)
+    if not isinstance(weight, torch.Tensor):
+        raise QuantizationError(f"{type(module).__name__} holds no weight tensor to quantize")
+    return weight.detach()
+
+
+def computed_kind(module: nn.Module) -> str:
+    """What computes a layer's weight, in a few words (``"weight_norm"``, ``"spectral_norm"``,
+    or the parametrizations' class names)."""
+    names = {"_WeightNorm": "weight_norm", "_SpectralNorm": "spectral_norm",
+             "WeightNorm": "weight_norm (hook)", "SpectralNorm": "spectral_norm (hook)"}
+    found = [type(h).__name__ for h in module._forward_pre_hooks.values()
+             if isinstance(h, (WeightNorm, SpectralNorm))]
+    if parametrize.is_parametrized(module, "weight"):
+        found += [type(p).__name__ for p in module.parametrizations.weight]
+    return ", ".join(names.get(name, name) for name in found) or "a computed weight"
+
+
 def weight_layout(module: nn.Module, name: str) -> tuple[tuple[int, ...], int, int]:
     """``(shape, axis, groups)`` of the weight ``name`` of a float layer as squant quantizes it:
     output channels on ``axis`` (1 for a ConvTranspose weight), ``groups`` blocks along dim 0
     with channels of their own (a grouped ConvTranspose)."""
-    shape = tuple(getattr(module, name).shape)
+    computed = name == "weight" and computed_weight(module)
+    shape = tuple((effective_weight(module) if computed else getattr(module, name)).shape)
     if name == "weight" and getattr(module, "transposed", False):
         return shape, 1, module.groups
     return shape, 0, 1
+
+
+def qweight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a float layer's weight (held or computed)."""
+    weight = module._parameters.get("weight")
+    return (weight if weight is not None else effective_weight(module)).dtype
 
 
 def registered_weight_dtype(fn, dtype: torch.dtype) -> torch.dtype:
@@ -173,8 +222,11 @@ class QuantizedModule:
         qmodule.scheme, qmodule.granularity = qweight.scheme, qweight.granularity
         qmodule.range = qweight.range
         qmodule.cache_weight = cache_weight
-        qmodule.weight_dtype = module.weight.dtype
-        qmodule.original_class = type(module)  # a subclass of float_class: dequantize gives it
+        qmodule.weight_dtype = qweight_dtype(module)
+        # A subclass of float_class: dequantize gives it (without its parametrizations).
+        original = type(module)
+        qmodule.original_class = (original.__bases__[0]
+                                  if parametrize.is_parametrized(module) else original)
         qmodule._cached_weight = None
         return qmodule
 
