@@ -61,8 +61,10 @@ def quantize(
     All selected weights go through one batched SQuant kernel call; each layer is replaced by
     its quantized module (``squant.nn``), which holds int8 codes, per-channel scale and zero
     point (per row: per token for an embedding table, per output feature for attention and
-    recurrent matrices), and the float biases. Whatever floating tensor of 2+ dims stays float
-    is named, with the reason, in one warning and in the report's ``left_float``.
+    recurrent matrices), and the float biases. A layer whose weight ``weight_norm`` or
+    ``spectral_norm`` computes becomes the plain quantized layer holding its effective weight
+    (as computed in eval mode). Whatever floating tensor of 2+ dims stays float is named, with
+    the reason, in one warning and in the report's ``left_float``.
 
     Args:
         bits: 2..8, for every layer not in ``layer_bits``.
