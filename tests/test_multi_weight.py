@@ -319,3 +319,32 @@ def test_zoo_state_dict_save_and_load_round_trips_are_bit_exact(entry: ZooModel,
         assert torch.equal(_run(other, x), want)
         if hasattr(other, "lm_head"):  # tied stays tied: one set of codes
             assert other.lm_head.codes is other.wte.codes
+
+
+def test_a_checkpoint_quantized_by_the_command_line_loads_into_attention_layers(
+        capsys, tmp_path: Path) -> None:
+    """``squant quantize`` quantizes every ``*weight`` matrix (``in_proj_weight``,
+    ``q_proj_weight``, ...; the LSTM's ``weight_ih_l0`` does not end in ``weight`` and stays
+    float): ``squant.load`` gives the same attention layers as ``squant.quantize``."""
+    from squant import cli
+
+    def build() -> nn.Module:
+        return nn.ModuleDict({"block": nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0),
+                              "cross": nn.MultiheadAttention(8, 2, kdim=4, vdim=4),
+                              "lstm": nn.LSTM(8, 8)}).eval()
+
+    torch.manual_seed(7)
+    model = build()
+    source, out = tmp_path / "model.pt", tmp_path / "q.safetensors"
+    torch.save(model.state_dict(), source)
+    assert cli.main(["quantize", str(source), str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    loaded = squant.load(out, build())
+    assert isinstance(loaded["block"].self_attn, qnn.QuantizedMultiheadAttention)
+    assert isinstance(loaded["cross"], qnn.QuantizedMultiheadAttention)
+    assert type(loaded["lstm"]) is nn.LSTM
+    qmodel = squant.quantize(model, 4, skip="lstm")
+    x, kv = torch.randn(3, 2, 8), torch.randn(3, 2, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded["block"](x), qmodel["block"](x))
+        assert torch.equal(loaded["cross"](x, kv, kv)[0], qmodel["cross"](x, kv, kv)[0])
