@@ -64,8 +64,8 @@ def is_quantized(module: nn.Module) -> bool:
 
 def computed_weight(module: nn.Module) -> bool:
     """Whether a weight the layer's quantized class would quantize is computed rather than held
-    (``weight_norm``, ``spectral_norm`` or another parametrization or hook): such layers stay
-    float."""
+    (``weight_norm``, ``spectral_norm`` or another parametrization or hook): a layer with one
+    weight is then quantized from its :func:`effective_weight`, one with several stays float."""
     base = registered_base(type(module))
     if base is None or is_quantized(module):
         return False
@@ -125,7 +125,7 @@ def qweight_dtype(module: nn.Module) -> torch.dtype:
     return (weight if weight is not None else effective_weight(module)).dtype
 
 
-def registered_weight_dtype(fn, dtype: torch.dtype) -> torch.dtype:
+def applied_dtype(fn, dtype: torch.dtype) -> torch.dtype:
     """The dtype a weight of ``dtype`` gets from the ``_apply`` function ``fn`` (``.half()``,
     ``.to(torch.float64)``; ``.to(device)`` keeps it)."""
     return fn(torch.empty(0, dtype=dtype)).dtype
@@ -312,7 +312,7 @@ class QuantizedModule:
         """Follow ``.to()``/``.half()``/``.cuda()``: the weight's dtype follows, while scale and
         zero point stay float32 (only their device moves) so that dequantization stays exact."""
         self._cached_weight = None
-        self.weight_dtype = registered_weight_dtype(fn, self.weight_dtype)
+        self.weight_dtype = applied_dtype(fn, self.weight_dtype)
         return apply_to_buffers(self, fn, lambda: super(QuantizedModule, self)._apply(fn, recurse))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core.errors import QuantizationError
 from ..core.tensor import QuantizedTensor, dequantize_codes
-from .base import apply_to_buffers, check_codes, registered_weight_dtype
+from .base import applied_dtype, apply_to_buffers, check_codes
 
 # What from_weights adds to a layer (not copied back by to_float).
 _OWN_ATTRIBUTES = {"quantized_names", "original_class", "parameter_order", "cache_weight"}
@@ -76,7 +76,7 @@ class QuantizedWeight(nn.Module):
         """``.to()``/``.half()``: the weight's dtype follows, scale and zero point stay
         float32."""
         self._cached_weight = None
-        self.weight_dtype = registered_weight_dtype(fn, self.weight_dtype)
+        self.weight_dtype = applied_dtype(fn, self.weight_dtype)
         return apply_to_buffers(self, fn, lambda: super(QuantizedWeight, self)._apply(fn, recurse))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

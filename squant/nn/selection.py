@@ -156,7 +156,8 @@ def _float_reason(module: nn.Module) -> str:
     kind = type(module).__name__
     if computed_weight(module) or isinstance(module, ParametrizationList):
         return (f"{kind}: a computed weight (weight_norm, spectral_norm, a parametrization) "
-                "of a layer with several weights: remove it first to quantize the layer")
+                "squant quantizes only on layers with one weight (not attention, recurrent or "
+                "custom layers): remove it first to quantize the layer")
     base = registered_base(type(module))
     if base is not None:
         return f"{kind}, a {base.__name__} subclass with its own forward, parameters or buffers"
