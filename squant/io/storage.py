@@ -55,12 +55,13 @@ def _entry(name: str, holder: QuantizedModule | QuantizedWeight) -> QuantizedEnt
 def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
     """Write a model quantized by :func:`squant.quantize` to one safetensors file.
 
-    Each quantized layer's weight is stored under ``<layer>.weight`` as packed codes with its
-    scale and zero point; every other tensor of the state_dict (biases, norms, skipped layers)
-    as it is. Layers sharing one set of codes (tied weights, a module under several names) are
-    stored once, under the first name, the others recorded as ties to it (the header's
-    ``ties``), which :func:`squant.load` ties again. :func:`squant.load` reads it back, with or
-    without the model.
+    Each quantized weight is stored under its float state_dict name (``<layer>.weight``, or
+    ``<layer>.<param>`` for attention and recurrent layers: ``attn.in_proj_weight``,
+    ``lstm.weight_ih_l0``) as packed codes with its scale and zero point; every other tensor of
+    the state_dict (biases, norms, skipped layers) as it is. Layers sharing one set of codes
+    (tied weights, a module under several names) are stored once, under the first name, the
+    others recorded as ties to it (the header's ``ties``), which :func:`squant.load` ties
+    again. :func:`squant.load` reads it back, with or without the model.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(qmodel).__name__}")
@@ -88,8 +89,8 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
             qweight = QuantizedTensor(holder.codes, holder.scale, holder.zero_point, entry.bits,
                                       entry.mode, entry.axis, entry.scheme, entry.granularity,
                                       entry.range)
-            for name, tensor in entry.file_tensors(qweight).items():
-                writer.write(name, tensor)
+            for part, tensor in entry.file_tensors(qweight).items():
+                writer.write(part, tensor)
         for name, tensor in state.items():
             writer.write(name, tensor)
         writer.metadata = squant_metadata(list(entries.values()), ties=ties)
@@ -100,9 +101,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None
     """Read a squant file (from :func:`squant.save` or ``squant quantize``).
 
     With ``model`` (a float model of the same architecture, left untouched): a quantized copy
-    of it, each quantized tensor ``<layer>.weight`` of the file becoming ``<layer>``'s quantized
-    module and every other tensor loaded as it is. Without: the file as a float state_dict,
-    quantized tensors dequantized to their original dtype.
+    of it, each layer with quantized tensors in the file (``<layer>.weight``, or
+    ``<layer>.<param>`` for each weight of an attention or recurrent layer) becoming its
+    quantized module, and every other tensor loaded as it is. Without: the file as a float
+    state_dict, quantized tensors dequantized to their original dtype.
 
     ``model`` may be a skeleton built on the meta device (``with torch.device("meta"):
     model = Net()``): the file's tensors then become the model's, nothing is allocated twice.
