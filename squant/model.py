@@ -12,23 +12,22 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from .core.errors import QuantizationError
 from .core.options import ActivationOptions, QuantOptions
-from .core.report import QuantizationReport, layer_report
-from .core.tensor import QuantizedTensor, quantize_with_options
+from .core.report import QuantizationReport
 from .nn import QuantizedModule
 from .nn.base import quantized_class
 from .nn.module_tree import copy_replacing, swap_modules
+from .nn.multi_weight import QuantizedMultiWeight
 from .nn.selection import Layer, left_in_float, relocate, select_layers
 from .ranges.activations import calibrate, enable_activations
-from .ranges.batchnorm import Moments, bn_input_moments, bn_ranges, same_moments
+from .ranges.batchnorm import Moments, bn_input_moments, bn_ranges
 from .ranges.bias_correction import correct_bias
+from .weights import layer_weights, quantize_shared, report_rows
 
 
 def quantize(
@@ -54,11 +53,18 @@ def quantize(
     seed: int | None = None,
     bias_correction: bool = False,
 ) -> nn.Module:
-    """Quantize every Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d weight of ``model``.
+    """Quantize every weight matrix of ``model``'s Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+    Embedding, EmbeddingBag, MultiheadAttention (``in_proj_weight`` or ``q/k/v_proj_weight``;
+    ``out_proj`` as a Linear), LSTM, GRU and RNN layers (every ``weight_ih/hh/hr_l*``), and of
+    their subclasses that keep the base's forward.
 
     All selected weights go through one batched SQuant kernel call; each layer is replaced by
     its quantized module (``squant.nn``), which holds int8 codes, per-channel scale and zero
-    point, and the float bias.
+    point (per row: per token for an embedding table, per output feature for attention and
+    recurrent matrices), and the float biases. A layer whose weight ``weight_norm`` or
+    ``spectral_norm`` computes becomes the plain quantized layer holding its effective weight
+    (as computed in eval mode). Whatever floating tensor of 2+ dims stays float is named, with
+    the reason, in one warning and in the report's ``left_float``.
 
     Args:
         bits: 2..8, for every layer not in ``layer_bits``.
@@ -102,7 +108,8 @@ def quantize(
 
     A pattern in ``skip`` or ``layer_bits`` that matches no layer is an error (a typo would
     otherwise silently quantize everything). A weight shared by several layers is quantized
-    once and the quantized layers share its codes.
+    once and the quantized layers share its codes, also across kinds when they read its
+    channels alike (a GPT's ``lm_head`` Linear tied to its ``wte`` Embedding).
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``, or a bits value is not an int.
@@ -123,28 +130,28 @@ def quantize(
         layers = relocate(model, layers)
     start = time.perf_counter()
     moments = _layer_moments(model, layers, bias_correction)
-    shared = _quantize_shared(layers, moments)
+    shared = quantize_shared(layers, moments)
     seconds = time.perf_counter() - start
-    # The kernels ran on CPU copies; the codes go to the layer's device (once per weight, so
+    # The kernels ran on CPU copies; the codes go to the weight's device (once per weight, so
     # that tied layers keep sharing them).
-    joined = {key: entry.joined.to(entry.layer.module.weight.device)
-              for key, entry in shared.items()}
+    joined = {key: entry.joined.to(entry.weight.device) for key, entry in shared.items()}
     replacements = {}
     for layer in layers:
-        cls = quantized_class(layer.module)
-        replacements[id(layer.module)] = cls.from_float(
-            layer.module, joined[id(layer.module.weight)], cache_weights)
+        qweights = {name: joined[id(layer.weight(name))] for name in layer_weights(layer)}
+        replacements[id(layer.module)] = quantized_class(layer.module).from_weights(
+            layer.module, qweights, cache_weights)
     model = swap_modules(model, replacements)
     left_float = left_in_float(model, skip)
     if bias_correction:
         _correct_biases(layers, replacements, moments)
     if activations is not None:
-        quantized = [m for m in model.modules() if isinstance(m, QuantizedModule)]
+        quantized = [m for m in model.modules()
+                     if isinstance(m, QuantizedModule) and m.float_input]
         active = enable_activations(quantized, activations.bits)
         fixed = bn_ranges(model, active) if activations.range == "bn" and active else {}
         calibrate(model, active, activations, fixed)
     if report:
-        model.squant_report = _report(model, shared, seconds, left_float)
+        model.squant_report = QuantizationReport(report_rows(model, shared), seconds, left_float)
     return model
 
 
@@ -184,87 +191,21 @@ def dequantize(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
         if isinstance(module, QuantizedModule):
             weight = weights.setdefault(id(module.codes), module.float_weight())
             replacements[id(module)] = module.to_float(weight)
+        elif isinstance(module, QuantizedMultiWeight):
+            float_weights = {name: weights.setdefault(id(child.codes), child.float_weight())
+                             for name, child in module.quantized_weights().items()}
+            replacements[id(module)] = module.to_float(float_weights)
     return swap_modules(model, replacements)
-
-
-def _weight_blocks(module: nn.Module) -> tuple[list[torch.Tensor], int]:
-    """The weight as the blocks quantized independently, with their output-channel axis.
-
-    ConvTranspose weights are ``(in, out/groups, *kernel)``: each group's block of input rows
-    has its own output channels on axis 1.
-    """
-    weight = module.weight.detach()
-    if getattr(module, "transposed", False):
-        return list(weight.chunk(module.groups, dim=0)), 1
-    return [weight], 0
-
-
-@dataclass
-class _SharedWeight:
-    """One distinct weight Parameter: the first layer using it, its blocks and their results,
-    and the names of every layer using it."""
-
-    layer: Layer
-    blocks: list[torch.Tensor]
-    axis: int
-    parts: list[QuantizedTensor]
-    names: list[str]
-
-    @property
-    def joined(self) -> QuantizedTensor:
-        """The whole weight's quantized tensor (blocks concatenated along dim 0)."""
-        return _join_blocks(self.parts)
-
-
-def _quantize_shared(layers: list[Layer], moments: dict[int, Moments]
-                     ) -> dict[int, _SharedWeight]:
-    """Quantize each distinct weight once, all in one batched call; keyed by ``id`` of the
-    weight Parameter. ``moments``: per layer ``id``, its BN input moments (for the search)."""
-    shared: dict[int, _SharedWeight] = {}
-    users: dict[int, list[nn.Module]] = {}
-    for layer in layers:
-        key = id(layer.module.weight)
-        users.setdefault(key, []).append(layer.module)
-        if key not in shared:
-            blocks, axis = _weight_blocks(layer.module)
-            shared[key] = _SharedWeight(layer, blocks, axis, [], list(layer.names))
-            continue
-        shared[key].names.extend(layer.names)
-        first = shared[key].layer
-        if first.options != layer.options or type(first.module) is not type(layer.module):
-            raise QuantizationError(
-                f"layers {first.names[0]!r} and {layer.names[0]!r} share one weight but are "
-                f"asked for different quantization ({first.options} vs {layer.options})")
-    search_tables = _search_moments(shared, users, moments)
-    if not search_tables and any(e.layer.options.range == "search" for e in shared.values()):
-        warnings.warn('range="search": no searched layer has an input that BatchNorms determine '
-                      "(a folded or BN-free model?), so every channel's range is chosen by its "
-                      "weight error alone, which can cost accuracy against minmax",
-                      stacklevel=3)
-    arrays, axes, options, names, ranges, tables = [], [], [], [], [], []
-    for key, entry in shared.items():
-        layer = entry.layer
-        label = f"layer {layer.names[0]!r} ({type(layer.module).__name__}) weight"
-        whole = _tensor_range(layer.module.weight) if len(entry.blocks) > 1 else None
-        for index, block in enumerate(entry.blocks):
-            arrays.append(block)
-            axes.append(entry.axis)
-            options.append(layer.options)
-            names.append(label if len(entry.blocks) == 1 else f"{label}, group {index}")
-            ranges.append(whole)
-            tables.append(search_tables.get(key))
-    results = iter(quantize_with_options(arrays, axes, options, names, ranges, tables))
-    for entry in shared.values():
-        entry.parts = [next(results) for _ in entry.blocks]
-    return shared
 
 
 def _layer_moments(model: nn.Module, layers: list[Layer], bias_correction: bool
                    ) -> dict[int, Moments]:
     """The BN input moments (:func:`squant.ranges.batchnorm.bn_input_moments`) of the layers that
     need them: those searched with ``range="search"``, and all with ``bias_correction``.
-    ConvTranspose layers (input channels on the output-channel axis) get none."""
-    plain = [layer for layer in layers if not getattr(layer.module, "transposed", False)]
+    ConvTranspose layers (input channels on the output-channel axis) and embeddings (token
+    ids in) get none."""
+    plain = [layer for layer in layers if not getattr(layer.module, "transposed", False)
+             and quantized_class(layer.module).float_input]
     searched = [layer.module for layer in plain if layer.options.range == "search"]
     wanted = [layer.module for layer in plain] if bias_correction else searched
     if not wanted:
@@ -276,32 +217,12 @@ def _layer_moments(model: nn.Module, layers: list[Layer], bias_correction: bool
     return bn_input_moments(model, wanted, " and ".join(options), " and ".join(fallbacks))
 
 
-def _search_moments(shared: dict[int, _SharedWeight], users: dict[int, list[nn.Module]],
-                    moments: dict[int, Moments]) -> dict[int, np.ndarray]:
-    """For each weight quantized with ``range="search"`` whose layers all have the same input
-    moments: those moments as the kernels take them, ``(groups, 2, in/groups)`` (variances,
-    means)."""
-    tables = {}
-    for key, modules in users.items():
-        if shared[key].layer.options.range != "search":
-            continue
-        given = same_moments([moments.get(id(module)) for module in modules])
-        if given is None:
-            continue
-        mean, variance = given
-        if not (torch.isfinite(mean).all() and torch.isfinite(variance).all()):
-            continue
-        groups = getattr(modules[0], "groups", 1)
-        tables[key] = torch.stack([variance.reshape(groups, -1), mean.reshape(groups, -1)],
-                                  dim=1).numpy()
-    return tables
-
-
 def _correct_biases(layers: list[Layer], replacements: dict[int, QuantizedModule],
                     moments: dict[int, Moments]) -> None:
     """``bias_correction``: correct the bias of each quantized layer with finite input means
     (a bias tied between quantized layers is left alone, so that it stays tied)."""
-    biases = Counter(id(layer.module.bias) for layer in layers if layer.module.bias is not None)
+    biases = Counter(id(layer.module.bias) for layer in layers
+                     if getattr(layer.module, "bias", None) is not None)
     any_inputs = False
     for layer in layers:
         found = moments.get(id(layer.module))
@@ -315,39 +236,3 @@ def _correct_biases(layers: list[Layer], replacements: dict[int, QuantizedModule
         warnings.warn("bias_correction: no quantized layer has an input that BatchNorms "
                       "determine (a folded or BN-free model?), so no bias was corrected",
                       stacklevel=3)
-
-
-def _tensor_range(weight: torch.Tensor) -> tuple[np.float32, np.float32]:
-    """``(min, max)`` of a whole weight as float32: a per-tensor grid spans every group."""
-    values = weight.detach().float()
-    return np.float32(values.min()), np.float32(values.max())
-
-
-def _join_blocks(parts: list[QuantizedTensor]) -> QuantizedTensor:
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    return QuantizedTensor(
-        codes=torch.cat([p.codes for p in parts], dim=0),
-        scale=torch.cat([p.scale for p in parts]),
-        zero_point=torch.cat([p.zero_point for p in parts]),
-        bits=first.bits, mode=first.mode, axis=first.axis, scheme=first.scheme,
-        granularity=first.granularity, range=first.range)
-
-
-def _report(model: nn.Module, shared: dict[int, _SharedWeight], seconds: float,
-            left_float: list[tuple[str, str]]) -> QuantizationReport:
-    """Error statistics per distinct weight; each layer is also timed alone for its row. The
-    activation range and bits are those of the row's first layer (None: float input)."""
-    rows = []
-    for entry in shared.values():
-        layer = entry.layer
-        start = time.perf_counter()
-        count = len(entry.blocks)
-        quantize_with_options(entry.blocks, [entry.axis] * count, [layer.options] * count,
-                              layer.names[:1] * count)
-        alone = time.perf_counter() - start
-        rows.append(layer_report(", ".join(entry.names), type(layer.module).__name__,
-                                 layer.module.weight.shape, entry.blocks, entry.parts, alone,
-                                 model.get_submodule(layer.names[0])))
-    return QuantizationReport(rows, seconds, left_float)

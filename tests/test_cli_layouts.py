@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_cli import _assert_refused, _quantize_safetensors, _quantized, _run, _state_dict
@@ -152,7 +153,9 @@ def test_tied_weights_are_quantized_once_and_stored_once(capsys, tmp_path: Path)
     assert code == 0 and "tied: enc.weight" in table
 
 
-def test_embeddings_left_float_or_loaded_dequantized(capsys, tmp_path: Path) -> None:
+def test_embeddings_left_float_or_loaded_quantized(capsys, tmp_path: Path) -> None:
+    """The command line leaves tables named as embeddings float; a quantized Embedding weight
+    (``table``) loads into the model as a QuantizedEmbedding holding the file's codes."""
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("embed_tokens", nn.Embedding(10, 8))
@@ -162,16 +165,18 @@ def test_embeddings_left_float_or_loaded_dequantized(capsys, tmp_path: Path) -> 
     torch.save(model.state_dict(), source)
     assert _run(capsys, "quantize", source, out, "--quiet")[0] == 0
     assert sorted(_quantized(out)) == ["fc.weight", "table.weight"]
-    with pytest.warns(UserWarning, match="'table.weight' is stored quantized, but squant has no "
-                                         "quantized Embedding"):
-        qmodel = squant.load(out, model)
-    assert torch.equal(qmodel.embed_tokens.weight, model.embed_tokens.weight)
-    assert torch.equal(qmodel.table.weight, squant.load(out)["table.weight"])
-    assert not torch.equal(qmodel.table.weight, model.table.weight)
-    assert isinstance(qmodel.fc, squant.nn.QuantizedLinear)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        squant.load(out)
+        qmodel = squant.load(out, model)
+        state = squant.load(out)
+    assert torch.equal(qmodel.embed_tokens.weight, model.embed_tokens.weight)
+    assert isinstance(qmodel.table, squant.nn.QuantizedEmbedding)
+    assert isinstance(qmodel.fc, squant.nn.QuantizedLinear)
+    expected = squant.quantize_weight(model.table.weight.detach())
+    assert torch.equal(qmodel.table.codes, expected.codes)
+    assert torch.equal(qmodel.table.weight, state["table.weight"])
+    tokens = torch.tensor([[0, 3, 9, 3]])
+    assert torch.equal(qmodel.table(tokens), F.embedding(tokens, state["table.weight"]))
 
 
 def test_input_metadata_is_kept(capsys, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import chain
@@ -31,6 +32,8 @@ FLOAT_TO_QUANTIZED = {
     nn.ConvTranspose1d: qnn.QuantizedConvTranspose1d,
     nn.ConvTranspose2d: qnn.QuantizedConvTranspose2d,
     nn.ConvTranspose3d: qnn.QuantizedConvTranspose3d,
+    nn.Embedding: qnn.QuantizedEmbedding,
+    nn.EmbeddingBag: qnn.QuantizedEmbeddingBag,
 }
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 QUANTIZED_TYPES = tuple(FLOAT_TO_QUANTIZED.values())
@@ -330,8 +333,9 @@ def test_skip_leaves_named_and_matching_layers_float(
         layer, qlayer = model.get_submodule(name), qmodel.get_submodule(name)
         assert type(qlayer) is type(layer), name
         assert torch.equal(qlayer.weight, layer.weight), name
-        assert (qlayer.bias is None) == (layer.bias is None), name
-        assert qlayer.bias is None or torch.equal(qlayer.bias, layer.bias), name
+        bias, qbias = getattr(layer, "bias", None), getattr(qlayer, "bias", None)
+        assert (qbias is None) == (bias is None), name
+        assert qbias is None or torch.equal(qbias, bias), name
     kept = {name: layer for name, layer in quantizable_layers(model).items()
             if name not in skipped}
     assert kept
@@ -416,8 +420,9 @@ def test_dequantize_gives_plain_float_model_of_original_classes(entry: ZooModel)
         layer, qlayer = plain.get_submodule(name), qmodel.get_submodule(name)
         assert isinstance(qlayer, QUANTIZED_TYPES), name
         assert torch.equal(layer.weight, qlayer.weight), name
-        assert (layer.bias is None) == (qlayer.bias is None), name
-        assert layer.bias is None or torch.equal(layer.bias, qlayer.bias), name
+        bias, qbias = getattr(layer, "bias", None), getattr(qlayer, "bias", None)
+        assert (bias is None) == (qbias is None), name
+        assert bias is None or torch.equal(bias, qbias), name
     with torch.no_grad():
         assert torch.equal(plain(x), qmodel(x))
 
@@ -577,7 +582,8 @@ def test_low_and_double_precision_models_quantize(entry: ZooModel, dtype: torch.
     for name, layer in quantizable_layers(model).items():
         qlayer = qmodel.get_submodule(name)
         assert qlayer.weight.dtype == dtype, name
-        assert qlayer.bias is None or qlayer.bias.dtype == dtype, name
+        qbias = getattr(qlayer, "bias", None)
+        assert qbias is None or qbias.dtype == dtype, name
         assert_quantized_as(qlayer, expected_quantization(layer, 8), name)
     with torch.no_grad():
         out, exact = qmodel(x), model(x)
@@ -694,11 +700,24 @@ class _Mixed(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(30, 8)
         self.rnn = nn.GRU(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2)
         self.fc = nn.Linear(8, 8)
+        self.normed = nn.utils.parametrizations.weight_norm(nn.GRU(8, 8), "weight_hh_l0")
         self.head = nn.Linear(8, 30)
         self.raw = nn.Parameter(torch.randn(3, 8))
         self.register_buffer("table", torch.randn(2, 2))
         self.register_buffer("steps", torch.zeros(4, 4, dtype=torch.int64))  # not floating
+
+
+def quantized_tensor_names(qmodel: nn.Module) -> set[str]:
+    """The state_dict names of the float tensors the quantized layers stand for."""
+    names = set()
+    for name, module in qmodel.named_modules():
+        if isinstance(module, squant.nn.QuantizedModule):
+            names.add(f"{name}.weight" if name else "weight")
+        elif isinstance(module, squant.nn.QuantizedWeight):
+            names.add(name)
+    return names
 
 
 def test_every_float_matrix_left_is_listed_once_with_its_reason() -> None:
@@ -706,14 +725,16 @@ def test_every_float_matrix_left_is_listed_once_with_its_reason() -> None:
         qmodel = squant.quantize(_Mixed(), 4, skip="head", report=True)
     left = dict(qmodel.squant_report.left_float)
     state = qmodel.state_dict()
-    quantized = {k[: -len("codes")] + "weight" for k in state if k.endswith("codes")}
     expected = {k for k, v in state.items() if v.is_floating_point() and v.dim() >= 2}
-    assert set(left) == expected - quantized  # every float matrix: quantized or listed
+    quantized = quantized_tensor_names(qmodel)
+    assert {"wte.weight", "attn.in_proj_weight", "attn.out_proj.weight", "rnn.weight_ih_l0",
+            "rnn.weight_hh_l0", "fc.weight"} == quantized
+    assert set(left) == expected  # every float matrix left: listed
     assert left["head.weight"] == "skipped" and left["raw"].startswith("_Mixed")
-    assert left["wte.weight"].startswith("Embedding") and "rnn.weight_hh_l0" in left
+    assert "computed weight" in left["normed.parametrizations.weight_hh_l0.original1"]
     messages = [str(w.message) for w in caught if "left in float" in str(w.message)]
     assert len(messages) == 1 and "head.weight" not in messages[0]  # asked for: no warning
-    assert "left in float: wte.weight (Embedding" in qmodel.squant_report.table()
+    assert "left in float: raw (_Mixed" in qmodel.squant_report.table()
     assert {"name": "table", "reason": left["table"]} in qmodel.squant_report.to_dict()[
         "left_float"]
 
@@ -757,23 +778,46 @@ def test_patterns_that_name_a_container_cover_the_layers_inside() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.* is deprecated:FutureWarning")
-@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "hook_weight_norm"])
-def test_norm_wrapped_layers_stay_float_and_are_named(wrap: str) -> None:
-    """A layer whose weight is computed (parametrizations, the old weight_norm hook) is left
-    float and named, never a crash; the rest of the model is quantized."""
-    from torch.nn.utils import parametrizations, weight_norm
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "hook_weight_norm",
+                                  "hook_spectral_norm"])
+def test_norm_wrapped_layers_quantize_their_effective_weight(wrap: str, tmp_path) -> None:
+    """A layer whose weight is computed (parametrizations, the old hooks) is replaced by the
+    plain quantized layer holding quantize_weight of its effective (eval-mode) weight; the
+    report says so; the input model is unchanged; save/load into the wrapped model works."""
+    from torch.nn.utils import parametrizations, spectral_norm, weight_norm
 
-    wrapped = {"weight_norm": parametrizations.weight_norm,
-               "spectral_norm": parametrizations.spectral_norm,
-               "hook_weight_norm": weight_norm}[wrap](nn.Linear(6, 5))
-    model = nn.Sequential(wrapped, nn.ReLU(), nn.Linear(5, 3)).eval()
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        wrapped = {"weight_norm": parametrizations.weight_norm,
+                   "spectral_norm": parametrizations.spectral_norm,
+                   "hook_weight_norm": weight_norm,
+                   "hook_spectral_norm": spectral_norm}[wrap](nn.Linear(6, 5))
+        return nn.Sequential(wrapped, nn.ReLU(), nn.Linear(5, 3))
+
+    model = build().eval()
     x = torch.randn(4, 6)
     with torch.no_grad():
-        expected = model(x)
-    with pytest.warns(UserWarning, match=r"left in float: 0\..*a computed weight"):
-        qmodel = squant.quantize(model, 8)
-    assert isinstance(qmodel[2], squant.nn.QuantizedLinear)
-    assert not isinstance(qmodel[0], squant.nn.QuantizedModule)
+        expected = model(x)  # a hook sets .weight before the forward: the effective weight
+        effective = model[0].weight.detach().clone()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        qmodel = squant.quantize(model.train(), 8, report=True)  # train: no power iteration
+    model.eval()
+    assert type(qmodel[0]) is squant.nn.QuantizedLinear and not qmodel[0]._forward_pre_hooks
+    want = squant.quantize_weight(effective, 8)
+    assert torch.equal(qmodel[0].codes, want.codes)
+    row = qmodel.squant_report.layers[0]
+    assert row.kind.startswith("Linear (effective weight of ") and "norm" in row.kind
+    assert qmodel.squant_report.left_float == []
+    state = model.state_dict()
+    assert all(torch.equal(state[k], before[k]) for k in before)  # the input model is unchanged
     with torch.no_grad():
-        assert torch.allclose(qmodel(x), expected, atol=0.02)
-        assert torch.equal(model(x), expected)  # the input model is unchanged
+        assert torch.allclose(qmodel(x), expected, rtol=0.02, atol=0.02 * expected.abs().max())
+        assert torch.equal(model(x), expected)
+    assert type(squant.dequantize(qmodel)[0]) is nn.Linear
+    path = tmp_path / "normed.safetensors"
+    squant.save(qmodel, path)
+    loaded = squant.load(path, build().eval())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))

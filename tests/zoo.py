@@ -193,8 +193,8 @@ class SharedModule(nn.Module):
 
 
 class TiedEmbeddingLM(nn.Module):
-    """A language-model shape: the output head's weight is the embedding table (an
-    ``nn.Embedding``, which squant leaves in float)."""
+    """A language-model shape: the output head's weight is the embedding table (an Embedding
+    and a Linear sharing one Parameter)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -205,6 +205,94 @@ class TiedEmbeddingLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lm_head(torch.tanh(self.mixer(self.embed(tokens))))
+
+
+class MiniGPT(nn.Module):
+    """GPT-2's shape in miniature: token (``wte``) and learned position (``wpe``) embeddings, a
+    pre-norm MLP block, and an ``lm_head`` tied to ``wte``."""
+
+    def __init__(self, vocab: int = 24, dim: int = 8, context: int = 6) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(context, dim)
+        self.ln_1 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[-1], device=tokens.device))
+        x = x + self.mlp(self.ln_1(x))
+        return self.lm_head(self.ln_f(x))
+
+
+class BagClassifier(nn.Module):
+    """A bag-of-words classifier: an ``nn.EmbeddingBag`` (mean, with a padding token) and a
+    Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(30, 8, mode="mean", padding_idx=0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bag(tokens))
+
+
+class TransformerNet(nn.Module):
+    """A 2-layer ``nn.TransformerEncoder`` (causal), a ``nn.TransformerDecoderLayer`` attending
+    to the encoder's output, and a Linear head: every attention weight of torch's layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True,
+                                                  norm_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        memory = self.encoder(x, mask=mask, is_causal=True)
+        return self.head(self.decoder(x, memory))
+
+
+class GPTWithAttention(nn.Module):
+    """A GPT block for real: token and learned position embeddings, one causal pre-norm
+    ``nn.TransformerEncoderLayer`` (attention and MLP), and an ``lm_head`` tied to ``wte``."""
+
+    def __init__(self, vocab: int = 24, dim: int = 16, context: int = 6) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(context, dim)
+        self.block = nn.TransformerEncoderLayer(dim, 2, 4 * dim, dropout=0.0, batch_first=True,
+                                                norm_first=True, activation="gelu")
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[-1], device=tokens.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[-1])
+        return self.lm_head(self.ln_f(self.block(x, src_mask=mask, is_causal=True)))
+
+
+class RecurrentNet(nn.Module):
+    """A 2-layer bidirectional LSTM with ``proj_size``, a GRU, a ReLU RNN and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, 2, bidirectional=True, proj_size=4, batch_first=True)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.rnn = nn.RNN(8, 6, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.lstm(x)
+        x, _ = self.gru(x)
+        x, _ = self.rnn(x)
+        return self.head(x[:, -1])
 
 
 def _traced_resnet() -> fx.GraphModule:
@@ -247,10 +335,19 @@ ZOO = (
     ZooModel("tied_mlp", TiedMLP, (3, 16)),
     ZooModel("containers", Containers, (3, 8)),
     ZooModel("tied_embedding", TiedEmbeddingLM, (2, 6), vocab=20),
+    ZooModel("gpt", MiniGPT, (2, 6), vocab=24),
+    ZooModel("embedding_bag", BagClassifier, (3, 5), vocab=30),
     ZooModel("fx_resnet", _traced_resnet, (2, 3, 8, 8)),
+)
+
+# Layers holding several weight matrices (attention, recurrent): tests/test_multi_weight.py.
+MULTI_ZOO = (
+    ZooModel("transformer", TransformerNet, (2, 5, 16)),
+    ZooModel("gpt_attention", GPTWithAttention, (2, 6), vocab=24),
+    ZooModel("recurrent", RecurrentNet, (3, 7, 6)),
 )
 
 # Kept out of ZOO so that the tests over the zoo are not all about this one case.
 SHARED_MODULE = ZooModel("shared_module", SharedModule, (2, 4, 6, 6))
 
-BY_NAME = {entry.name: entry for entry in (*ZOO, SHARED_MODULE)}
+BY_NAME = {entry.name: entry for entry in (*ZOO, *MULTI_ZOO, SHARED_MODULE)}

@@ -15,8 +15,9 @@ from torch import nn
 from ..core.errors import QuantizationError
 from ..core.tensor import QuantizedTensor
 from ..nn import QuantizedModule
-from ..nn.base import quantized_class
+from ..nn.base import quantized_class, weight_layout
 from ..nn.module_tree import copy_replacing, swap_modules
+from ..nn.multi_weight import QuantizedWeight
 from .file_format import SUFFIXES, QuantizedEntry, squant_metadata, tensor_spec
 from .file_io import SafetensorsWriter, SquantReader
 
@@ -31,43 +32,68 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedModule]:
             if isinstance(m, QuantizedModule)}
 
 
-def _module_entry(prefix: str, module: QuantizedModule) -> QuantizedEntry:
-    return QuantizedEntry(_join(prefix, "weight"), module.bits, module.mode, module.axis,
-                          tuple(module.codes.shape), module.weight_dtype, module.scheme,
-                          module.granularity, module.groups_of_codes, module.range)
+def _stored_units(model: nn.Module) -> dict[str, tuple[str, QuantizedModule | QuantizedWeight]]:
+    """Every quantized tensor of the model by its name in the file, with the state_dict prefix
+    of its ``codes``/``scale``/``zero_point`` and the module holding them: a quantized layer's
+    weight is ``<layer>.weight`` (prefix ``<layer>``), a quantized weight of a layer with
+    several (``QuantizedWeight``, e.g. ``<attn>.in_proj_weight``) its own name."""
+    units = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantizedModule):
+            units[_join(name, "weight")] = (name, module)
+        elif isinstance(module, QuantizedWeight):
+            units[name] = (name, module)
+    return units
+
+
+def _entry(name: str, holder: QuantizedModule | QuantizedWeight) -> QuantizedEntry:
+    return QuantizedEntry(name, holder.bits, holder.mode, holder.axis,
+                          tuple(holder.codes.shape), holder.weight_dtype, holder.scheme,
+                          holder.granularity, holder.groups_of_codes, holder.range)
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
     """Write a model quantized by :func:`squant.quantize` to one safetensors file.
 
-    Each quantized layer's weight is stored under ``<layer>.weight`` as packed codes with its
-    scale and zero point; every other tensor of the state_dict (biases, norms, skipped layers)
-    as it is. :func:`squant.load` reads it back, with or without the model.
+    Each quantized weight is stored under its float state_dict name (``<layer>.weight``, or
+    ``<layer>.<param>`` for attention and recurrent layers: ``attn.in_proj_weight``,
+    ``lstm.weight_ih_l0``) as packed codes with its scale and zero point; every other tensor of
+    the state_dict (biases, norms, skipped layers) as it is. Layers sharing one set of codes
+    (tied weights, a module under several names) are stored once, under the first name, the
+    others recorded as ties to it (the header's ``ties``), which :func:`squant.load` ties
+    again. :func:`squant.load` reads it back, with or without the model.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(qmodel).__name__}")
-    modules = _quantized_modules(qmodel)
-    if not modules:
+    units = _stored_units(qmodel)
+    if not units:
         raise QuantizationError(f"{type(qmodel).__name__} has no quantized layer: quantize it "
                                 "with squant.quantize first")
-    entries = {prefix: _module_entry(prefix, m) for prefix, m in modules.items()}
+    first: dict[int, str] = {}  # id of a codes tensor -> the first name holding it
+    ties = {}
+    for name, (_, holder) in units.items():
+        owner = first.setdefault(id(holder.codes), name)
+        if owner != name:
+            ties[name] = owner
+    entries = {name: _entry(name, holder) for name, (_, holder) in units.items()
+               if name not in ties}
     state = qmodel.state_dict()
-    for prefix in modules:
+    for prefix, _ in units.values():
         for suffix in SUFFIXES:
             del state[_join(prefix, suffix)]
     specs = [spec for entry in entries.values() for spec in entry.specs()]
     specs += [tensor_spec(name, tensor) for name, tensor in state.items()]
     with SafetensorsWriter(Path(path), specs) as writer:
-        for prefix, entry in entries.items():
-            module = modules[prefix]
-            qweight = QuantizedTensor(module.codes, module.scale, module.zero_point, entry.bits,
+        for name, entry in entries.items():
+            holder = units[name][1]
+            qweight = QuantizedTensor(holder.codes, holder.scale, holder.zero_point, entry.bits,
                                       entry.mode, entry.axis, entry.scheme, entry.granularity,
                                       entry.range)
-            for name, tensor in entry.file_tensors(qweight).items():
-                writer.write(name, tensor)
+            for part, tensor in entry.file_tensors(qweight).items():
+                writer.write(part, tensor)
         for name, tensor in state.items():
             writer.write(name, tensor)
-        writer.metadata = squant_metadata(list(entries.values()))
+        writer.metadata = squant_metadata(list(entries.values()), ties=ties)
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None
@@ -75,9 +101,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None
     """Read a squant file (from :func:`squant.save` or ``squant quantize``).
 
     With ``model`` (a float model of the same architecture, left untouched): a quantized copy
-    of it, each quantized tensor ``<layer>.weight`` of the file becoming ``<layer>``'s quantized
-    module and every other tensor loaded as it is. Without: the file as a float state_dict,
-    quantized tensors dequantized to their original dtype.
+    of it, each layer with quantized tensors in the file (``<layer>.weight``, or
+    ``<layer>.<param>`` for each weight of an attention or recurrent layer) becoming its
+    quantized module, and every other tensor loaded as it is. Without: the file as a float
+    state_dict, quantized tensors dequantized to their original dtype.
 
     ``model`` may be a skeleton built on the meta device (``with torch.device("meta"):
     model = Net()``): the file's tensors then become the model's, nothing is allocated twice.
@@ -93,7 +120,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None
 
 
 def _is_float_layer(module: nn.Module | None, entry: QuantizedEntry) -> bool:
-    """A layer squant cannot quantize (an ``nn.Embedding``) whose weight the entry fits."""
+    """A layer squant cannot quantize (a custom module) whose weight the entry fits."""
     weight = getattr(module, "weight", None)
     return (module is not None and quantized_class(module) is None
             and isinstance(weight, torch.Tensor) and weight.is_floating_point()
@@ -101,42 +128,42 @@ def _is_float_layer(module: nn.Module | None, entry: QuantizedEntry) -> bool:
 
 
 def _target_modules(reader: SquantReader, model: nn.Module
-                    ) -> tuple[dict[str, nn.Module], list[str]]:
-    """The model's module for each quantized tensor of the file (tied names included), and the
-    quantized tensors of float layers squant cannot quantize (loaded dequantized, with a
-    warning); checks that they match."""
+                    ) -> tuple[dict[str, tuple[nn.Module, dict[str, str]]], list[str]]:
+    """The model's layer for each quantized tensor of the file, as ``{layer name: (layer,
+    {parameter: tensor name in the file})}`` (tied names included), and the quantized tensors
+    of float layers squant cannot quantize (loaded dequantized, with a warning); checks that
+    they match and that each layer gets every weight its quantized class holds."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    targets, dequantized = {}, []
+    targets: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+    dequantized = []
     for name in filter(reader.is_quantized, reader.names):
         entry = reader.entries[reader.canonical(name)]
-        prefix = _layer_name(name)
-        module = None if prefix is None else modules.get(prefix)
-        if _is_float_layer(module, entry):
+        prefix, _, param = name.rpartition(".")
+        module = modules.get(prefix)
+        if param == "weight" and _is_float_layer(module, entry):
             warnings.warn(f"{reader.path}: {name!r} is stored quantized, but squant has no "
                           f"quantized {type(module).__name__}: it is loaded dequantized into "
                           "that layer's float weight", stacklevel=4)
             dequantized.append(name)
             continue
-        if module is None or quantized_class(module) is None:
+        cls = None if module is None else quantized_class(module)
+        if cls is None or param not in cls.weight_names(module):
             raise QuantizationError(f"{reader.path}: quantized tensor {name!r} has no "
                                     f"quantizable layer {prefix!r} in {type(model).__name__}")
-        transposed = getattr(module, "transposed", False)
-        expected = (tuple(module.weight.shape), 1 if transposed else 0,
-                    module.groups if transposed else 1)
+        expected = weight_layout(module, param)
         if (entry.shape, entry.axis, entry.groups) != expected:
             raise QuantizationError(
                 f"{reader.path}: tensor {name!r} (shape {entry.shape}, axis {entry.axis}, "
                 f"groups {entry.groups}) does not fit layer {prefix!r} of the model (shape "
                 f"{expected[0]}, axis {expected[1]}, groups {expected[2]})")
-        targets[prefix] = module
+        targets.setdefault(prefix, (module, {}))[1][param] = name
+    for prefix, (module, params) in targets.items():
+        missing = [n for n in quantized_class(module).weight_names(module) if n not in params]
+        if missing:
+            raise QuantizationError(
+                f"{reader.path}: layer {prefix!r} has {', '.join(sorted(params))} quantized in "
+                f"the file but not {', '.join(missing)}; quantize the model with squant again")
     return targets, dequantized
-
-
-def _layer_name(name: str) -> str | None:
-    """``"features.0"`` for ``"features.0.weight"`` (``""`` for ``"weight"``), else None."""
-    if name == "weight":
-        return ""
-    return name[: -len(".weight")] if name.endswith(".weight") else None
 
 
 def _enable_stored_activations(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -153,22 +180,24 @@ def _add_stored_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     one) a bias Parameter, so that ``load_state_dict`` then fills it."""
     for prefix, module in _quantized_modules(model).items():
         bias = state.get(_join(prefix, "bias"))
-        if bias is not None and module.bias is None:
+        if bias is not None and module.has_bias and module.bias is None:
             module.bias = nn.Parameter(torch.empty_like(bias, device=module.codes.device))
 
 
 def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
     targets, dequantized = _target_modules(reader, model)
-    model = copy_replacing(model, targets.values())
-    replacements, qweights = {}, {}  # tied names get the same codes
-    for prefix in targets:
+    model = copy_replacing(model, [module for module, _ in targets.values()])
+    replacements, read = {}, {}  # tied names get the same codes
+    for prefix, (_, params) in targets.items():
         module = model.get_submodule(prefix)
-        stored = reader.canonical(_join(prefix, "weight"))
-        if stored not in qweights:
-            qweights[stored] = reader.read_quantized(stored)
+        qweights = {}
+        for param, name in params.items():
+            stored = reader.canonical(name)
+            if stored not in read:
+                read[stored] = reader.read_quantized(stored)
+            qweights[param] = read[stored]
         if id(module) not in replacements:
-            replacements[id(module)] = quantized_class(module).from_float(
-                module, qweights[stored])
+            replacements[id(module)] = quantized_class(module).from_weights(module, qweights)
     model = swap_modules(model, replacements)
     state = {name: reader.read_dequantized(name) if name in dequantized
              else reader.read_tensor(name)
@@ -181,7 +210,7 @@ def _load_into(reader: SquantReader, model: nn.Module) -> nn.Module:
     except RuntimeError as error:  # shape mismatches
         raise QuantizationError(f"{reader.path} does not match {type(model).__name__}: "
                                 f"{' '.join(str(error).split())}") from None
-    quantized_keys = {_join(p, s) for p in _quantized_modules(model) for s in SUFFIXES}
+    quantized_keys = {_join(p, s) for p, _ in _stored_units(model).values() for s in SUFFIXES}
     missing = [key for key in missing if key not in quantized_keys]
     if missing or unexpected:
         raise QuantizationError(

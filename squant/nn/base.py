@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..core.errors import QuantizationError
 from ..core.fake_quant import fake_quantize
@@ -31,26 +34,144 @@ def register(float_class: type[nn.Module]):
     return decorate
 
 
-def quantized_class(module: nn.Module) -> type[QuantizedModule] | None:
+def quantized_class(module: nn.Module) -> type | None:
     """The quantized class for ``module``: the one registered for its class or, for a subclass
     of a registered float class, for the nearest such base, provided the subclass keeps that
-    base's ``forward`` and parameters (``weight``, ``bias``) and adds no buffers: e.g.
-    ``nn.MultiheadAttention``'s ``out_proj``. None for anything else, quantized modules too."""
-    if isinstance(module, QuantizedModule) or "weight" not in module._parameters:
-        return None  # ``weight`` computed (computed_weight) or no layer of ours at all
+    base's ``forward`` and parameters and adds no buffers: e.g. ``nn.MultiheadAttention``'s
+    ``out_proj``. A layer whose ``weight`` is computed (:func:`computed_weight`: weight_norm,
+    spectral_norm) gets its base's quantized class, which holds the effective weight
+    (:func:`effective_weight`), unless that class holds several weights (attention,
+    recurrent). None for anything else, quantized modules too."""
     base = registered_base(type(module))
-    if base is None:
+    if base is None or is_quantized(module):
         return None
-    if base is type(module) or (type(module).forward is base.forward and not module._buffers
-                                and set(module._parameters) <= {"weight", "bias"}):
-        return QUANTIZED_CLASSES[base]
+    cls = QUANTIZED_CLASSES[base]
+    if computed_weight(module) and not issubclass(cls, QuantizedModule):
+        return None
+    if base is type(module):
+        return cls
+    own = set(cls.weight_names(module)) | ({"bias"} if getattr(cls, "has_bias", False) else set())
+    if type(module).forward is base.forward and not module._buffers and (
+            set(module._parameters) <= own or not issubclass(cls, QuantizedModule)):
+        return cls
     return None
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is one of squant's quantized layers."""
+    return isinstance(module, (QuantizedModule, *QUANTIZED_CLASSES.values()))
+
+
 def computed_weight(module: nn.Module) -> bool:
-    """Whether ``module.weight`` is computed rather than held (``weight_norm``,
-    ``spectral_norm`` or another parametrization or hook): such layers stay float."""
-    return "weight" not in module._parameters and registered_base(type(module)) is not None
+    """Whether a weight the layer's quantized class would quantize is computed rather than held
+    (``weight_norm``, ``spectral_norm`` or another parametrization or hook): a layer with one
+    weight is then quantized from its :func:`effective_weight`, one with several stays float."""
+    base = registered_base(type(module))
+    if base is None or is_quantized(module):
+        return False
+    names = QUANTIZED_CLASSES[base].weight_names(module)
+    return not all(isinstance(module._parameters.get(n), torch.Tensor) for n in names)
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a layer computes (a ``weight_norm``/``spectral_norm`` parametrization or the
+    older hooks) as in eval mode (no power iteration: the module is left as it was), detached.
+
+    Raises ``QuantizationError`` if the layer holds no weight tensor at all."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == "weight":
+            with torch.no_grad():
+                if isinstance(hook, SpectralNorm):
+                    return hook.compute_weight(module, do_power_iteration=False).detach()
+                return hook.compute_weight(module).detach()
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            weight = getattr(module, "weight", None)
+    finally:
+        module.train(training)
+    if not isinstance(weight, torch.Tensor):
+        raise QuantizationError(f"{type(module).__name__} holds no weight tensor to quantize")
+    return weight.detach()
+
+
+def computed_kind(module: nn.Module) -> str:
+    """What computes a layer's weight, in a few words (``"weight_norm"``, ``"spectral_norm"``,
+    or the parametrizations' class names)."""
+    names = {"_WeightNorm": "weight_norm", "_SpectralNorm": "spectral_norm",
+             "WeightNorm": "weight_norm (hook)", "SpectralNorm": "spectral_norm (hook)"}
+    found = [type(h).__name__ for h in module._forward_pre_hooks.values()
+             if isinstance(h, (WeightNorm, SpectralNorm))]
+    if parametrize.is_parametrized(module, "weight"):
+        found += [type(p).__name__ for p in module.parametrizations.weight]
+    return ", ".join(names.get(name, name) for name in found) or "a computed weight"
+
+
+def weight_layout(module: nn.Module, name: str) -> tuple[tuple[int, ...], int, int]:
+    """``(shape, axis, groups)`` of the weight ``name`` of a float layer as squant quantizes it:
+    output channels on ``axis`` (1 for a ConvTranspose weight), ``groups`` blocks along dim 0
+    with channels of their own (a grouped ConvTranspose)."""
+    computed = name == "weight" and computed_weight(module)
+    shape = tuple((effective_weight(module) if computed else getattr(module, name)).shape)
+    if name == "weight" and getattr(module, "transposed", False):
+        return shape, 1, module.groups
+    return shape, 0, 1
+
+
+def qweight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a float layer's weight (held or computed)."""
+    weight = module._parameters.get("weight")
+    return (weight if weight is not None else effective_weight(module)).dtype
+
+
+def applied_dtype(fn, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a weight of ``dtype`` gets from the ``_apply`` function ``fn`` (``.half()``,
+    ``.to(torch.float64)``; ``.to(device)`` keeps it)."""
+    return fn(torch.empty(0, dtype=dtype)).dtype
+
+
+_FLOAT32_BUFFERS = ("scale", "zero_point", "act_lo", "act_hi")
+
+
+def apply_to_buffers(module: nn.Module, fn, apply_rest):
+    """A quantized module's ``_apply``: ``apply_rest()`` (torch's ``_apply``) on everything but
+    its buffers, and ``fn`` on each buffer in place (``tensor.data = fn(tensor)``, as torch does
+    for parameters), so that layers sharing codes (tied weights) still share them after
+    ``.to()``/``.cuda()``; scale, zero point and activation ranges stay float32."""
+    buffers, module._buffers = module._buffers, {}
+    try:
+        result = apply_rest()
+    finally:
+        module._buffers = buffers
+    for name, tensor in buffers.items():
+        if tensor is None:
+            continue
+        new = fn(tensor)
+        if name in _FLOAT32_BUFFERS:
+            new = new.float()
+        if new is tensor:
+            continue
+        if torch._has_compatible_shallow_copy_type(tensor, new):
+            tensor.data = new
+        else:  # e.g. meta -> cpu (to_empty): a new tensor, as torch does for parameters
+            buffers[name] = new
+    return result
+
+
+def check_codes(codes: object, prefix: str, bits: int, scheme: str, kind: str) -> str | None:
+    """Why ``codes`` from a state_dict cannot be loaded into a layer of ``bits``/``scheme``
+    (values outside its range: another quantization's codes), or None if they can."""
+    if not isinstance(codes, torch.Tensor) or not codes.numel():
+        return None
+    high = 2 ** (bits - 1) - 1
+    low = -high if scheme == "symmetric" else -high - 1
+    found = (int(codes.min()), int(codes.max()))
+    if low <= found[0] and found[1] <= high:
+        return None
+    return (f"{prefix}codes hold values in {found[0]}..{found[1]}, outside the {bits}-bit "
+            f"{scheme} range {low}..{high} of this {kind}: the state_dict was quantized with "
+            "other bits or another scheme; quantize the model with those first")
 
 
 def registered_base(cls: type) -> type[nn.Module] | None:
@@ -67,9 +188,22 @@ class QuantizedModule:
     """
 
     float_class: type[nn.Module]
+    has_bias: bool = True  # the float layer has a ``bias`` (embeddings have none)
+    float_input: bool = True  # its input is a float tensor with channels (not token ids)
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
+
+    @classmethod
+    def weight_names(cls, module: nn.Module) -> list[str]:
+        """The Parameters of the float layer that are quantized: its ``weight``."""
+        return ["weight"]
+
+    @classmethod
+    def from_weights(cls, module: nn.Module, qweights: dict[str, QuantizedTensor],
+                     cache_weight: bool = True) -> QuantizedModule:
+        """:meth:`from_float` with the weight given by name (as for layers with several)."""
+        return cls.from_float(module, qweights["weight"], cache_weight)
 
     @classmethod
     def from_float(cls, module: nn.Module, qweight: QuantizedTensor,
@@ -79,7 +213,8 @@ class QuantizedModule:
         nn.Module.__init__(qmodule)
         for name in _hyper_parameters(module):
             setattr(qmodule, name, getattr(module, name))
-        qmodule.bias = module.bias
+        if cls.has_bias:
+            qmodule.bias = module.bias
         qmodule.register_buffer("codes", qweight.codes)
         qmodule.register_buffer("scale", qweight.scale)
         qmodule.register_buffer("zero_point", qweight.zero_point)
@@ -87,8 +222,11 @@ class QuantizedModule:
         qmodule.scheme, qmodule.granularity = qweight.scheme, qweight.granularity
         qmodule.range = qweight.range
         qmodule.cache_weight = cache_weight
-        qmodule.weight_dtype = module.weight.dtype
-        qmodule.original_class = type(module)  # a subclass of float_class: dequantize gives it
+        qmodule.weight_dtype = qweight_dtype(module)
+        # A subclass of float_class: dequantize gives it (without its parametrizations).
+        original = type(module)
+        qmodule.original_class = (original.__bases__[0]
+                                  if parametrize.is_parametrized(module) else original)
         qmodule._cached_weight = None
         return qmodule
 
@@ -158,7 +296,8 @@ class QuantizedModule:
         for name in _hyper_parameters(self):
             setattr(module, name, getattr(self, name))
         module.weight = self.float_weight() if weight is None else weight
-        module.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
+        if self.has_bias:
+            module.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
         return module
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -173,12 +312,8 @@ class QuantizedModule:
         """Follow ``.to()``/``.half()``/``.cuda()``: the weight's dtype follows, while scale and
         zero point stay float32 (only their device moves) so that dequantization stays exact."""
         self._cached_weight = None
-        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
-        result = super()._apply(fn, recurse)
-        for name in ("scale", "zero_point", "act_lo", "act_hi"):
-            if name in self._buffers:
-                self._buffers[name] = self._buffers[name].float()
-        return result
+        self.weight_dtype = applied_dtype(fn, self.weight_dtype)
+        return apply_to_buffers(self, fn, lambda: super(QuantizedModule, self)._apply(fn, recurse))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -186,18 +321,11 @@ class QuantizedModule:
         state_dict loaded into a 4-bit model, which ``squant.save`` would then pack into 4 bits
         and corrupt): the layer is left as it was and ``load_state_dict`` raises."""
         self._cached_weight = None
-        codes = state_dict.get(prefix + "codes")
-        if isinstance(codes, torch.Tensor) and codes.numel():
-            high = 2 ** (self.bits - 1) - 1
-            low = -high if self.scheme == "symmetric" else -high - 1
-            found = (int(codes.min()), int(codes.max()))
-            if found[0] < low or found[1] > high:
-                error_msgs.append(
-                    f"{prefix}codes hold values in {found[0]}..{found[1]}, outside the "
-                    f"{self.bits}-bit {self.scheme} range {low}..{high} of this "
-                    f"{type(self).__name__}: the state_dict was quantized with other bits or "
-                    "another scheme; quantize the model with those first")
-                return
+        message = check_codes(state_dict.get(prefix + "codes"), prefix, self.bits, self.scheme,
+                              type(self).__name__)
+        if message:
+            error_msgs.append(message)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .base import quantized_class
+
 # Values a module's __dict__ holds that copying may share: immutable, or empty containers.
 _IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
 _EMPTY_CONTAINERS = (dict, OrderedDict, set, list)
@@ -32,8 +34,15 @@ def copy_replacing(model: nn.Module, replaced: Iterable[nn.Module]) -> nn.Module
         for tensor in module._parameters.values():
             if tensor is not None:
                 holders.setdefault(id(tensor), set()).add(id(module))
-    memo = {id(m.weight): m.weight for _, m in model.named_modules(remove_duplicate=False)
-            if id(m) in replaced_ids and holders[id(m.weight)] <= replaced_ids}
+    memo = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in replaced_ids:
+            continue
+        cls = quantized_class(module)
+        for name in cls.weight_names(module) if cls is not None else ["weight"]:
+            weight = module._parameters.get(name)
+            if weight is not None and holders[id(weight)] <= replaced_ids:
+                memo[id(weight)] = weight
     return _copy_module(model, memo)
 
 
@@ -98,11 +107,19 @@ def _copy_value(value: object, memo: dict) -> object:
 
 def swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
     """Put each replacement (keyed by ``id`` of the module it replaces) wherever that module
-    sits, under every name; returns the root (itself replaced if it is a key)."""
-    if id(model) in replacements:
-        return replacements[id(model)]
-    for _, module in list(model.named_modules(remove_duplicate=False)):
+    sits, under every name, inside replacements too (an attention layer's ``out_proj``);
+    returns the root (itself replaced if it is a key)."""
+    root = replacements.get(id(model), model)
+    pending, seen = [root], {id(root)}
+    while pending:
+        module = pending.pop()
         for child_name, child in list(module._modules.items()):  # every name, repeats too
-            if child is not None and id(child) in replacements:
-                setattr(module, child_name, replacements[id(child)])
-    return model
+            if child is None:
+                continue
+            if id(child) in replacements:
+                child = replacements[id(child)]
+                setattr(module, child_name, child)
+            if id(child) not in seen:
+                seen.add(id(child))
+                pending.append(child)
+    return root

@@ -12,8 +12,9 @@ import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 
@@ -21,8 +22,9 @@ from ..core.errors import QuantizationError
 from ..core.options import QuantOptions, check_bits
 from .base import (
     QUANTIZED_CLASSES,
-    QuantizedModule,
     computed_weight,
+    effective_weight,
+    is_quantized,
     quantized_class,
     registered_base,
 )
@@ -30,11 +32,21 @@ from .base import (
 
 @dataclass
 class Layer:
-    """A layer to quantize: its names (all the paths it is reachable by) and its options."""
+    """A layer to quantize: its names (all the paths it is reachable by), its options, and
+    the float weights it quantizes once read (:meth:`weight`)."""
 
     names: list[str]
     module: nn.Module
     options: QuantOptions
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The float weight ``name``: the layer's Parameter, or for a weight that weight_norm
+        or spectral_norm computes, its effective weight (computed once, as in eval mode)."""
+        if name not in self.weights:
+            held = self.module._parameters.get(name)
+            self.weights[name] = held if held is not None else effective_weight(self.module)
+        return self.weights[name]
 
 
 def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
@@ -63,7 +75,7 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
             by_module[id(module)].names.append(name)
         else:
             by_module[id(module)] = Layer([name], module, default)
-    if not by_module and any(isinstance(m, QuantizedModule) for m in model.modules()):
+    if not by_module and any(is_quantized(m) for m in model.modules()):
         raise QuantizationError(
             f"{type(model).__name__} is already quantized (its layers are squant.nn modules); "
             "to quantize it again, start from the float model or squant.dequantize(qmodel)")
@@ -122,7 +134,7 @@ def left_in_float(model: nn.Module, skip: list[str]) -> list[tuple[str, str]]:
     is left in float without a word."""
     found, unasked = [], []
     for prefix, module in model.named_modules():
-        if isinstance(module, QuantizedModule):
+        if is_quantized(module):
             continue
         tensors = [*module._parameters.items(), *module._buffers.items()]
         for name, tensor in tensors:
@@ -143,8 +155,9 @@ def _float_reason(module: nn.Module) -> str:
     """Why a module's weights stay float, in a few words."""
     kind = type(module).__name__
     if computed_weight(module) or isinstance(module, ParametrizationList):
-        return (f"{kind}: a computed weight (weight_norm, spectral_norm, a parametrization): "
-                "remove it first to quantize the layer")
+        return (f"{kind}: a computed weight (weight_norm, spectral_norm, a parametrization) "
+                "squant quantizes only on layers with one weight (not attention, recurrent or "
+                "custom layers): remove it first to quantize the layer")
     base = registered_base(type(module))
     if base is not None:
         return f"{kind}, a {base.__name__} subclass with its own forward, parameters or buffers"
