@@ -17,7 +17,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..core.errors import QuantizationError
 from .weights import WeightCodes
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -44,11 +43,8 @@ def _digest(array: np.ndarray) -> str:
 def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray],
                renamed: dict[str, str] | None = None) -> dict[str, LayerSite]:
     """``{layer name: site}`` for each float weight of ``weights`` found in ``model`` (or, for
-    the layers of ``renamed``, at the initializer it names).
-
-    Raises:
-        QuantizationError: a layer's weight is not an initializer of the graph, naming it.
-    """
+    the layers of ``renamed``, at the initializer it names); a weight the exporter transformed
+    (split, reordered, computed) has no site."""
     renamed = renamed or {}
     by_digest: dict[str, str] = {}
     for init in model.graph.initializer:
@@ -63,11 +59,8 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray],
         name, transposed = renamed.get(layer) or by_digest.get(_digest(weight)), False
         if name is None and weight.ndim == 2:
             name, transposed = by_digest.get(_digest(weight.T)), True
-        if name is None or not consumers[name]:
-            raise QuantizationError(
-                f"layer '{layer}': its weight is not a constant of the exported graph (the "
-                "exporter computed it), so its codes cannot be stored")
-        sites[layer] = LayerSite(name, transposed, consumers[name])
+        if name is not None and consumers[name]:
+            sites[layer] = LayerSite(name, transposed, consumers[name])
     return sites
 
 

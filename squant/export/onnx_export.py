@@ -35,6 +35,7 @@ from torch import nn
 from ..core.errors import QuantizationError
 from ..model import dequantize
 from ..nn import QuantizedModule
+from ..nn.multi_weight import QuantizedWeight
 from .report import ExportReport, LayerExport
 
 EXTRA_HINT = 'pip install "squant[onnx]"'
@@ -95,7 +96,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise QuantizationError(f"accuracy_level must be 0..4, got {accuracy_level}")
     layers = {name: module for name, module in qmodel.named_modules()
-              if isinstance(module, QuantizedModule)}
+              if isinstance(module, QuantizedModule | QuantizedWeight)}
     if not layers:
         raise QuantizationError("the model holds no squant quantized layer: quantize it with "
                                 "squant.quantize first")
@@ -106,51 +107,34 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     # A BatchNorm after a conv is folded into its weight by the exporter: same codes, new scales.
     folded = fold.find_folded(model, graph.missing_weights(model, float_weights), codes)
     sites = graph.find_sites(model, float_weights, folded)
-    for name in layers:
+    results = _unstored(layers, sites)
+    owners = _owners(sites)  # one layer per initializer: tied layers share its codes
+    ties = {name: owners[site.initializer] for name, site in sites.items()
+            if owners[site.initializer] != name}
+    for name in owners.values():
         if codes[name].widened and name not in folded:
             graph.set_weight(model, sites[name], codes[name])
-    for name in layers:  # the weights the graph now holds, to find them again
-        if name in folded or codes[name].widened:
+        if name in folded or codes[name].widened:  # what the graph now holds, to find it again
             float_weights[name] = codes[name].dequantize()
-    feeds = _calibration_feeds(model, inputs, calibration_batch, seed)
-    active = {name for name, module in layers.items() if module.act_enabled}
-    results: dict[str, LayerExport] = {}
+    active = [name for name in owners.values() if getattr(layers[name], "act_enabled", False)
+              and len(sites[name].nodes) == 1]
     if active:
-        ranges = qdq.float_tensor_ranges(model, feeds)
-        layer_nodes = {node.name for site in sites.values() for node in site.nodes}
-        quantized_nodes = {sites[name].nodes[0].name: name for name in active
-                           if len(sites[name].nodes) == 1}
-        exclude = [node.name for node in model.graph.node
-                   if (node.name in layer_nodes or node.op_type in graph.WEIGHT_OPS)
-                   and node.name not in quantized_nodes]
-        act_inputs = {}
-        for name in quantized_nodes.values():
-            module, node = layers[name], sites[name].nodes[0]
-            act_inputs[node.input[0]] = (float(module.act_lo), float(module.act_hi),
-                                         int(module.act_bits))
-        weights_by_init = {sites[name].initializer: _in_layout(codes[name], sites[name])
-                           for name in quantized_nodes.values()}
+        feeds = _calibration_feeds(model, inputs, calibration_batch, seed)
         with _quiet():
-            model = qdq.quantize_qdq(model, weights_by_init, act_inputs, ranges, exclude, feeds)
-        for node_name, name in quantized_nodes.items():
-            results[name] = _fused_layer(model, node_name, name, layers[name], codes[name],
-                                         sites[name])
-    remaining = {name: float_weights[name] for name in layers if name not in results}
-    if active:  # onnxruntime's quantizer wrote a new graph
-        sites = graph.find_sites(model, remaining)
-    for name in remaining:
-        module = layers[name]
-        results[name] = _weight_only_layer(model, name, module, codes[name], sites[name],
-                                           accuracy_level, name in active)
-    for name, result in results.items():
-        if name in folded:
-            results[name] = replace(result, reason=f"{result.reason}; its BatchNorm folded "
-                                    "into the scales")
-        if codes[name].widened:
-            results[name] = replace(result, reason=f"{result.reason}; {codes[name].widened} "
-                                    "channel(s) re-quantized on ranges widened to include 0")
+            model = qdq.quantize_qdq(model, layers, codes, sites, active, feeds)
+        for name in active:
+            results[name] = _fused_layer(model, name, layers[name], codes[name], sites[name])
+        sites = graph.find_sites(model, {name: float_weights[name] for name in owners.values()
+                                         if name not in results})  # a new graph
+    for name in owners.values():
+        if name not in results:
+            results[name] = _weight_only_layer(model, name, layers[name], codes[name],
+                                               sites[name], accuracy_level, bool(active))
+    results = _annotated(results, layers, ties, folded, codes)
     session_config = {"session.x64quantprecision": "1"} if any(
         layers[name].bits > 7 for name in active) else {}
+    if accuracy_level != 4:  # onnxruntime's own DequantizeLinear -> MatMul rewrite: the same
+        session_config["session.qdq_matmulnbits_accuracy_level"] = str(accuracy_level)
     onnx.helper.set_model_props(model, {CONFIG_KEY: json.dumps(session_config),
                                         "squant.producer": "squant.export_onnx"})
     report = ExportReport(str(path), [results[name] for name in layers],
@@ -159,6 +143,51 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     report.file_bytes = Path(path).stat().st_size
     report.optimized_ops = optimized_ops(path, session_config)
     return report
+
+
+def _unstored(layers: dict, sites: dict) -> dict[str, LayerExport]:
+    """Report (and warn about) the quantized weights the exporter transformed (split, gates
+    reordered, computed): the file holds their dequantized values as float."""
+    lost = [name for name in layers if name not in sites]
+    if lost:
+        warnings.warn(f"{len(lost)} quantized weight(s) ({', '.join(lost[:5])}"
+                      f"{', ...' if len(lost) > 5 else ''}) were transformed by torch's ONNX "
+                      "exporter and are stored as float (their dequantized values)",
+                      stacklevel=3)
+    return {name: LayerExport(name, layers[name].bits, "float initializer", False,
+                              "the exporter transformed this weight (split, reordered or "
+                              "computed), so the file holds its dequantized values as float")
+            for name in lost}
+
+
+def _owners(sites: dict) -> dict[str, str]:
+    """``{initializer: the first layer stored there}``."""
+    owners: dict[str, str] = {}
+    for name, site in sites.items():
+        owners.setdefault(site.initializer, name)
+    return owners
+
+
+def _annotated(results: dict[str, LayerExport], layers: dict, ties: dict[str, str],
+               folded: dict[str, str], codes: dict) -> dict[str, LayerExport]:
+    """The reports of tied layers (``ties``: ``{layer: the layer whose initializer it shares}``)
+    and the notes on folding and widening, in ``layers``' order."""
+    done = {}
+    for name in layers:
+        if name in ties:
+            done[name] = replace(results[ties[name]], name=name, bits=layers[name].bits,
+                                 reason=f"shares the codes of '{ties[name]}'")
+        else:
+            done[name] = results[name]
+        notes = []
+        if name in folded:
+            notes.append("its BatchNorm folded into the scales")
+        if codes[name].widened:
+            notes.append(f"{codes[name].widened} channel(s) re-quantized on ranges widened to "
+                         "include 0")
+        if notes:
+            done[name] = replace(done[name], reason="; ".join([done[name].reason, *notes]))
+    return done
 
 
 def _as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -215,14 +244,14 @@ def _in_layout(codes, site):
     return replace(codes, codes=array, axis=axis)
 
 
-def _fused_layer(model, node_name: str, name: str, module, codes, site) -> LayerExport:
+def _fused_layer(model, name: str, module, codes, site) -> LayerExport:
     """Check the codes onnxruntime's quantizer wrote are squant's; say what the layer became."""
     from onnx import numpy_helper
 
     nodes = {node.name: node for node in model.graph.node}
     producers = {out: node for node in model.graph.node for out in node.output}
     initializers = {init.name: init for init in model.graph.initializer}
-    node = nodes[node_name]
+    node = nodes[site.nodes[0].name]
     weight_dq = producers.get(node.input[1])
     stored = None
     if weight_dq is not None and weight_dq.input[0] in initializers:
@@ -244,11 +273,12 @@ def _fused_layer(model, node_name: str, name: str, module, codes, site) -> Layer
 
 
 def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: int,
-                       active: bool) -> LayerExport:
+                       act_model: bool) -> LayerExport:
+    """Store a layer's codes for a float op (``DequantizeLinear``) or ``MatMulNBits``."""
     from . import graph, weights
 
     is_linear = isinstance(module, nn.Linear)
-    if is_linear and not active and module.bits <= _MATMUL_NBITS_MAX_BITS:
+    if is_linear and module.bits <= _MATMUL_NBITS_MAX_BITS:
         packed = weights.matmul_nbits_weight(module)
         if packed is not None and graph.replace_with_matmul_nbits(model, name, site, packed,
                                                                   accuracy_level):
@@ -258,7 +288,11 @@ def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: in
                                f"{packed[4]}-bit weights, {how}")
     graph.replace_with_dequantize(model, name, site, codes)
     op = site.nodes[0].op_type
-    if active or module.act_enabled:
+    if op == "MatMul" and not act_model:
+        return LayerExport(name, module.bits, "DequantizeLinear → MatMul", accuracy_level > 0,
+                           "onnxruntime rewrites it to its MatMulNBits (8-bit container) at "
+                           f"accuracy_level {accuracy_level}")
+    if act_model:
         reason = "squant keeps this layer's input float"
     elif is_linear and module.bits <= _MATMUL_NBITS_MAX_BITS:
         reason = "a zero point outside the 4-bit range, or not a plain x @ W.T"

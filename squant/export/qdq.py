@@ -31,10 +31,15 @@ from onnx import TensorProto, helper
 
 from ..core.errors import QuantizationError
 from ..ranges.activations import paper_range
-from .graph import drop_initializer
+from .graph import WEIGHT_OPS, LayerSite, codes_axis, drop_initializer
 from .weights import WeightCodes
 
 OUTPUT_BITS = 8
+# What onnxruntime's quantizer may put Q/DQ around (its CPU kernels fuse these); never ops with
+# weights of their own that are not squant's (Gather, LSTM, ...).
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPool",
+                 "AveragePool", "GlobalAveragePool", "Relu", "Clip", "Reshape", "Flatten",
+                 "Transpose", "Squeeze", "Unsqueeze", "Concat", "Resize")
 
 
 def activation_grid(lo: float, hi: float, bits: int) -> tuple[np.float32, np.uint8]:
@@ -80,17 +85,12 @@ def float_tensor_ranges(model: onnx.ModelProto, feeds: dict[str, np.ndarray]
     return ranges
 
 
-def quantize_qdq(model: onnx.ModelProto, weights: dict[str, WeightCodes],
-                 inputs: dict[str, tuple[float, float, int]],
-                 ranges: dict[str, tuple[float, float]], exclude: list[str],
+def quantize_qdq(model: onnx.ModelProto, layers: dict, codes: dict[str, WeightCodes],
+                 sites: dict[str, LayerSite], active: list[str],
                  feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """``model`` with Q/DQ pairs by onnxruntime's quantizer.
-
-    ``weights``: ``{initializer: codes}`` of the weights to store as squant's codes (their
-    layout: channel axis ``codes.axis``); ``inputs``: ``{tensor: (lo, hi, bits)}`` squant's
-    grids of layer inputs; ``ranges``: ``{tensor: (lo, hi)}`` for the other activations;
-    ``exclude``: node names left float; ``feeds``: the calibration batch.
-    """
+    """``model`` with Q/DQ pairs by onnxruntime's quantizer around the ``active`` layers (those
+    that quantize their input: one node each), told squant's codes and input grids; other
+    weight ops stay float, other activations get the paper's 8-bit ranges on ``feeds``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -98,18 +98,24 @@ def quantize_qdq(model: onnx.ModelProto, weights: dict[str, WeightCodes],
         quantize_static,
     )
 
+    fused = {sites[name].nodes[0].name for name in active}
+    weight_nodes = {node.name for site in sites.values() for node in site.nodes}
+    exclude = [node.name for node in model.graph.node if node.name not in fused
+               and (node.name in weight_nodes or node.op_type in WEIGHT_OPS)]
     overrides: dict[str, list[dict]] = {}
-    for name, (lo, hi) in ranges.items():
+    for name, (lo, hi) in float_tensor_ranges(model, feeds).items():
         overrides[name] = [{"rmin": np.array(min(lo, 0.0), np.float32),
-                           "rmax": np.array(max(hi, 0.0), np.float32)}]
-    for name, (lo, hi, bits) in inputs.items():
-        scale, zero = activation_grid(lo, hi, bits)
-        overrides[name] = [{"scale": np.array(scale, np.float32),
-                            "zero_point": np.array(zero, np.uint8)}]
-    for name, codes in weights.items():
-        overrides[name] = [{"scale": np.array(s, np.float32), "zero_point": np.array(z, np.int8),
-                            "axis": codes.axis}
-                           for s, z in zip(codes.scale, codes.zero_point)]
+                            "rmax": np.array(max(hi, 0.0), np.float32)}]
+    for name in active:
+        layer, site = layers[name], sites[name]
+        scale, zero = activation_grid(float(layer.act_lo), float(layer.act_hi),
+                                      int(layer.act_bits))
+        overrides[site.nodes[0].input[0]] = [{"scale": np.array(scale, np.float32),
+                                              "zero_point": np.array(zero, np.uint8)}]
+        array, axis = codes_axis(codes[name], site)
+        overrides[site.initializer] = [
+            {"scale": np.array(s, np.float32), "zero_point": np.array(z, np.int8), "axis": axis}
+            for s, z in zip(codes[name].scale, codes[name].zero_point)]
 
     class OneBatch(CalibrationDataReader):
         def __init__(self) -> None:
@@ -122,8 +128,9 @@ def quantize_qdq(model: onnx.ModelProto, weights: dict[str, WeightCodes],
         source, target = Path(folder, "float.onnx"), Path(folder, "qdq.onnx")
         onnx.save(model, source)
         quantize_static(str(source), str(target), OneBatch(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=exclude,
                         extra_options={"TensorQuantOverrides": overrides,
                                        "QDQDisableWeightAdjustForInt32Bias": True,
                                        "ActivationSymmetric": False})

@@ -1,0 +1,234 @@
+"""Benchmark: ``squant.export_onnx`` files run by onnxruntime, against the float ONNX model.
+
+For the demo CNN (its 2,000 bundled Fashion-MNIST test images), a ResNet-18-shaped net (random
+weights, BatchNorms unfolded: the exporter folds them) and MobileNetV2 with its real ImageNet
+weights (BatchNorms unfolded), the last two on the real photo crops of bench/accuracy.py, at
+W8A8, W4A8 and W4 weight-only (all squant KC, data-free activation ranges), it prints:
+- file size against the float ONNX file;
+- onnxruntime latency against the float ONNX model at batch 1 and 8, with 1 and 2 threads:
+  sessions interleaved in one process, each timed for >= 0.2 s per round, median over rounds;
+- session memory: RSS growth of a fresh process creating the session and running one batch;
+- top-1 agreement with the FP32 model and with the PyTorch quantized model (and accuracy on
+  labelled data); the ops histogram of onnxruntime's optimized graph.
+
+Run: ``python bench/bench_onnx.py [--rounds 7] [--models demo,resnet18,mobilenet_v2]``.
+Needs ``pip install -e ".[onnx,bench]"`` and, for MobileNetV2 and the photos, what
+``bench/accuracy.py`` needs (it says what is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see PERFORMANCE_NOTES.md
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+import squant
+from squant.demo_model import load_demo_data, load_demo_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_data import missing_requirements, photo_crops  # noqa: E402
+from mobilenet_v2 import mobilenet_v2_imagenet  # noqa: E402
+from resnet import resnet18  # noqa: E402
+
+CONFIGS = {"W8A8": {"bits": 8, "act_bits": 8}, "W4A8": {"bits": 4, "act_bits": 8},
+           "W4": {"bits": 4}}
+BATCHES = (1, 8)
+THREADS = (1, 2)
+RESULTS = Path(__file__).resolve().parent / "results" / "onnx.json"
+
+
+@dataclass
+class Task:
+    name: str
+    model: nn.Module
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+
+
+@dataclass
+class Row:
+    model: str
+    config: str
+    file_ratio: float
+    latency: dict[str, float]  # "b1/t1": time ratio to float ONNX
+    memory_ratio: float
+    agree_fp32: float
+    agree_torch: float
+    accuracy: float | None
+    export_s: float
+    integer_layers: str
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+def tasks(names: list[str]) -> list[Task]:
+    built = []
+    if "demo" in names:
+        images, labels = load_demo_data()
+        built.append(Task("demo CNN", load_demo_model().eval(), images, labels))
+    photos_missing = missing_requirements()
+    if photos_missing and {"resnet18", "mobilenet_v2"} & set(names):
+        print("skipping the ImageNet-sized models:", *photos_missing, sep="\n  ")
+        return built
+    crops = photo_crops() if {"resnet18", "mobilenet_v2"} & set(names) else None
+    if "resnet18" in names:
+        torch.manual_seed(0)
+        built.append(Task("ResNet-18-shaped", resnet18().eval(), crops, None))
+    if "mobilenet_v2" in names:
+        built.append(Task("MobileNetV2", mobilenet_v2_imagenet(), crops, None))
+    return built
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = squant.onnx_session_options(path, threads=threads) if "squant" in path.name \
+        else ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def outputs(path: Path, inputs: torch.Tensor, batch: int = 50) -> np.ndarray:
+    runner = session(path, 2)
+    name = runner.get_inputs()[0].name
+    return np.concatenate([runner.run(None, {name: inputs[i:i + batch].numpy()})[0]
+                           for i in range(0, len(inputs), batch)])
+
+
+def latencies(paths: dict[str, Path], sample: torch.Tensor, rounds: int) -> dict[str, dict]:
+    """``{file: {"b1/t1": median seconds per call, ...}}``, all files interleaved per round."""
+    times: dict[str, dict[str, list[float]]] = {key: {} for key in paths}
+    for threads in THREADS:
+        sessions = {key: session(path, threads) for key, path in paths.items()}
+        for batch in BATCHES:
+            feed = sample[:batch].numpy()
+            label = f"b{batch}/t{threads}"
+            for runner in sessions.values():  # warm-up
+                runner.run(None, {runner.get_inputs()[0].name: feed})
+            for _ in range(rounds):
+                for key, runner in sessions.items():
+                    name = runner.get_inputs()[0].name
+                    calls, start = 0, time.perf_counter()
+                    while (elapsed := time.perf_counter() - start) < 0.2 or calls < 2:
+                        runner.run(None, {name: feed})
+                        calls += 1
+                    times[key].setdefault(label, []).append(elapsed / calls)
+    return {key: {label: statistics.median(v) for label, v in per.items()}
+            for key, per in times.items()}
+
+
+_RSS_SCRIPT = """
+import sys, numpy as np, onnxruntime as ort
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
+before = rss()
+import squant
+options = squant.onnx_session_options(sys.argv[1], threads=1) if "squant" in sys.argv[1] \\
+    else ort.SessionOptions()
+s = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+shape = [1] + [int(d) for d in sys.argv[2:]]
+s.run(None, {s.get_inputs()[0].name: np.random.rand(*shape).astype(np.float32)})
+print(rss() - before)
+"""
+
+
+def session_memory(path: Path, shape: tuple[int, ...]) -> int:
+    """RSS growth (bytes) of a fresh process that creates the session and runs one sample."""
+    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), *map(str, shape)],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
+    example = task.inputs[:2]
+    shape = tuple(task.inputs.shape[1:])
+    float_path = folder / f"{task.name}-float.onnx".replace(" ", "_")
+    torch.onnx.export(task.model, (example,), str(float_path), dynamo=True, external_data=False,
+                      verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with torch.no_grad():
+        fp32 = torch.cat([task.model(task.inputs[i:i + 50])
+                          for i in range(0, len(task.inputs), 50)]).argmax(1)
+    paths, rows = {"float": float_path}, {}
+    for config, options in CONFIGS.items():
+        extra = {"input_shape": shape} if "act_bits" in options else {}
+        qmodel = squant.quantize(task.model, **options, **extra)
+        path = folder / f"{task.name}-{config}-squant.onnx".replace(" ", "_")
+        start = time.perf_counter()
+        report = squant.export_onnx(qmodel, path, example)
+        export_s = time.perf_counter() - start
+        with torch.no_grad():
+            torch_top1 = torch.cat([qmodel(task.inputs[i:i + 50])
+                                    for i in range(0, len(task.inputs), 50)]).argmax(1)
+        onnx_top1 = torch.from_numpy(outputs(path, task.inputs).argmax(1))
+        accuracy = (None if task.labels is None
+                    else float((onnx_top1 == task.labels).float().mean()))
+        rows[config] = Row(
+            task.name, config, path.stat().st_size / float_path.stat().st_size, {},
+            session_memory(path, shape) / session_memory(float_path, shape),
+            float((onnx_top1 == fp32).float().mean()),
+            float((onnx_top1 == torch_top1).float().mean()), accuracy, export_s,
+            f"{report.integer_layers}/{len(report.layers)}", dict(report.optimized_ops))
+        paths[config] = path
+    timed = latencies(paths, task.inputs, rounds)
+    for config, row in rows.items():
+        row.latency = {label: timed[config][label] / timed["float"][label]
+                       for label in timed["float"]}
+    print(f"  {task.name}: float ONNX "
+          + ", ".join(f"{label} {seconds * 1e3:.1f} ms" for label, seconds in
+                      timed["float"].items()))
+    return list(rows.values())
+
+
+def table(rows: list[Row]) -> str:
+    labels = [f"b{b}/t{t}" for t in THREADS for b in BATCHES]
+    head = ("| model | config | file | " + " | ".join(f"latency {lb}" for lb in labels)
+            + " | memory | agree FP32 | agree torch | accuracy | integer layers | export |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        accuracy = "—" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
+        lines.append(
+            f"| {r.model} | {r.config} | {r.file_ratio:.3f}x | "
+            + " | ".join(f"{r.latency[lb]:.2f}x" for lb in labels)
+            + f" | {r.memory_ratio:.2f}x | {100 * r.agree_fp32:.1f}% | "
+            f"{100 * r.agree_torch:.1f}% | {accuracy} | {r.integer_layers} | {r.export_s:.1f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--models", default="demo,resnet18,mobilenet_v2")
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}, "
+          f"{os.cpu_count()} cores; latency ratios to the float ONNX model")
+    with tempfile.TemporaryDirectory() as folder:
+        for task in tasks(args.models.split(",")):
+            rows += run_task(task, Path(folder), args.rounds)
+    print(table(rows))
+    for row in rows:
+        ops = ", ".join(f"{op} {n}" for op, n in sorted(row.ops.items()))
+        print(f"  {row.model} {row.config}: {ops}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
