@@ -55,7 +55,7 @@ def _round_only(w, scale, zero, t_min, t_max, codes):
         codes[i] = np.int8(min(max(r, t_min), t_max))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # a call costs more than EQ on a group of a few dozen
 def _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch):
     """Quantize one channel ``w`` on the grid of the range ``[lo, hi]``: EQ, then KQ and CQ as
     ``flags`` say, and the clamp, into ``codes``. Returns ``(S, Z)``."""
@@ -164,7 +164,7 @@ def _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, e
     return scale, zero
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # as _quantize_on_grid
 def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch,
                      range_scratch, trial, moments):
     """Quantize one channel ``w`` (its slice; ``w_bits`` the same memory as int32) into its
