@@ -176,3 +176,21 @@ def test_cli_group_size(capsys, tmp_path: Path) -> None:
     assert cli.main(["quantize", str(source), str(tmp_path / "b.safetensors"),
                      "--group-size", "8"]) == 1
     assert "group_size 8 is not a multiple of its kernel size 9" in capsys.readouterr().err
+
+
+def test_cli_streams_grouped_tensors_in_blocks_of_rows(capsys, monkeypatch, tmp_path: Path
+                                                       ) -> None:
+    """A grouped tensor larger than a chunk is quantized in blocks of rows: the file is the
+    same byte for byte (its scales and zero points land at the rows' places)."""
+    torch.manual_seed(4)
+    source = tmp_path / "m.safetensors"
+    save_file({"a.weight": torch.randn(40, 30), "b.weight": torch.randn(16, 45)}, str(source))
+    whole, chunked = tmp_path / "whole.safetensors", tmp_path / "chunked.safetensors"
+    argv = ["--group-size", "8", "--bits", "3", "--quiet"]
+    assert cli.main(["quantize", str(source), str(whole), *argv]) == 0
+    monkeypatch.setattr(cli, "CHUNK_BYTES", 1000)
+    assert cli.main(["quantize", str(source), str(chunked), *argv]) == 0
+    assert chunked.read_bytes() == whole.read_bytes()
+    state = squant.load(whole)
+    want = squant.quantize_weight(load_file(str(source))["a.weight"], 3, group_size=8)
+    assert torch.equal(state["a.weight"], want.dequantize())
