@@ -194,3 +194,23 @@ def test_cli_streams_grouped_tensors_in_blocks_of_rows(capsys, monkeypatch, tmp_
     state = squant.load(whole)
     want = squant.quantize_weight(load_file(str(source))["a.weight"], 3, group_size=8)
     assert torch.equal(state["a.weight"], want.dequantize())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["tensors"]["fc1.weight"].update(group_size=1), "group_size must be >= 2"),
+    (lambda h: h["tensors"]["fc1.weight"].update(group_size=12), "should be F32 of shape"),
+    (lambda h: h["tensors"]["conv.weight"].update(group_size=20), "not a multiple of the kernel"),
+    (lambda h: h.update(format_version=1), "group_size needs format version 2"),
+])
+def test_bad_group_sizes_in_a_file_are_refused(tmp_path: Path, edit, message: str) -> None:
+    path = tmp_path / "g.safetensors"
+    squant.save(squant.quantize(_net(), 4, group_size=16, layer_options=OPTIONS), path)
+    with safe_open(str(path), framework="pt") as file:
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
+        metadata = file.metadata()
+    header = json.loads(metadata["squant"])
+    edit(header)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**metadata, "squant": json.dumps(header)})
+    with pytest.raises(squant.QuantizationError, match=message):
+        squant.load(bad)
