@@ -15,7 +15,7 @@ from numba import njit
 from .channel_pass import channel_pass_after_kernels, channel_pass_eq
 from .grid import channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
-from .memory import view_at
+from .memory import unowned, view_at
 
 KERNEL_PASS = 1  # run KQ (on weights whose kernels have more than one element)
 CHANNEL_PASS = 2  # run CQ
@@ -55,7 +55,7 @@ def _round_only(w, scale, zero, t_min, t_max, codes):
         codes[i] = np.int8(min(max(r, t_min), t_max))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # a call costs more than EQ on a group of a few dozen
 def _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch):
     """Quantize one channel ``w`` on the grid of the range ``[lo, hi]``: EQ, then KQ and CQ as
     ``flags`` say, and the clamp, into ``codes``. Returns ``(S, Z)``."""
@@ -164,7 +164,7 @@ def _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, e
     return scale, zero
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # as _quantize_on_grid
 def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch,
                      range_scratch, trial, moments):
     """Quantize one channel ``w`` (its slice; ``w_bits`` the same memory as int32) into its
@@ -190,6 +190,12 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
             scale, zero = _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x,
                                         err, value, scratch, trial, moments)
     return scale, zero, True
+
+
+@njit(cache=True)
+def _keep_alive(*arrays):
+    """Nothing: a use of ``arrays`` after the last use of their unowned views."""
+    return len(arrays)
 
 
 @njit(cache=True, nogil=True)
@@ -222,12 +228,20 @@ def quantize_blocks(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, c
             max_size = max(max_size, ch_inner[c] * ch_ksize[c])
             max_inner = max(max_inner, ch_inner[c])
             max_ksize = max(max_ksize, ch_ksize[c])
-        x = np.empty(max_size, np.float32)
-        err = np.empty(max_size, np.float32)
-        value = np.empty(max_size, np.float32)
-        scratch = _allocate_scratch(max_size, max_inner, max_ksize)
-        range_scratch = np.empty(2, np.int32)  # a channel's range, as float32 bit patterns
-        trial = np.empty(max_size, np.int8)  # a channel's codes on a range-search candidate
+        floats = np.empty(3 * max_size, np.float32)  # x, err and value of a channel
+        owned = _allocate_scratch(max_size, max_inner, max_ksize)
+        range_owned = np.empty(2, np.int32)  # a channel's range, as float32 bit patterns
+        trial_owned = np.empty(max_size, np.int8)  # a channel's codes on a range-search candidate
+        # The channels get views that hold no reference (see unowned): the arrays above stay
+        # alive until the _keep_alive below.
+        every = unowned(floats)
+        x, err, value = every[:max_size], every[max_size : 2 * max_size], every[2 * max_size :]
+        scratch = (unowned(owned[0]), unowned(owned[1]), unowned(owned[2]), unowned(owned[3]),
+                   unowned(owned[4]), unowned(owned[5]), unowned(owned[6]), unowned(owned[7]),
+                   unowned(owned[8]), unowned(owned[9]), unowned(owned[10]), unowned(owned[11]))
+        range_scratch = unowned(range_owned)
+        trial = unowned(trial_owned)
+        table = search_moments if search_moments is None else unowned(search_moments)
         for c in range(first, last):
             size = ch_inner[c] * ch_ksize[c]
             w = view_at(ch_address[c], size, np.float32)
@@ -239,9 +253,10 @@ def quantize_blocks(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, c
                     ch_hi[c], codes, x, err, value, scratch, range_scratch, None, None)
             else:
                 start = ch_moments_start[c]
-                inputs = search_moments[:0]  # this channel's input moments, empty without
+                inputs = table[:0]  # this channel's input moments, empty without
                 if start != NO_MOMENTS:
-                    inputs = search_moments[start : start + 2 * ch_inner[c]]
+                    inputs = table[start : start + 2 * ch_inner[c]]
                 scale[c], zero[c], finite[c] = quantize_channel(
                     w, w_bits, ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c],
                     ch_hi[c], codes, x, err, value, scratch, range_scratch, trial, inputs)
+        _keep_alive(floats, owned, range_owned, trial_owned, search_moments)

@@ -168,7 +168,7 @@ def join_blocks(parts: list[QuantizedTensor]) -> QuantizedTensor:
         scale=torch.cat([p.scale for p in parts]),
         zero_point=torch.cat([p.zero_point for p in parts]),
         bits=first.bits, mode=first.mode, axis=first.axis, scheme=first.scheme,
-        granularity=first.granularity, range=first.range)
+        granularity=first.granularity, range=first.range, group_size=first.group_size)
 
 
 def report_rows(model: nn.Module, shared: dict[int, SharedWeight]) -> list[LayerReport]:

@@ -49,7 +49,8 @@ def _stored_units(model: nn.Module) -> dict[str, tuple[str, QuantizedModule | Qu
 def _entry(name: str, holder: QuantizedModule | QuantizedWeight) -> QuantizedEntry:
     return QuantizedEntry(name, holder.bits, holder.mode, holder.axis,
                           tuple(holder.codes.shape), holder.weight_dtype, holder.scheme,
-                          holder.granularity, holder.groups_of_codes, holder.range)
+                          holder.granularity, holder.groups_of_codes, holder.range,
+                          getattr(holder, "group_size", None))
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
@@ -88,7 +89,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
             holder = units[name][1]
             qweight = QuantizedTensor(holder.codes, holder.scale, holder.zero_point, entry.bits,
                                       entry.mode, entry.axis, entry.scheme, entry.granularity,
-                                      entry.range)
+                                      entry.range, entry.group_size)
             for part, tensor in entry.file_tensors(qweight).items():
                 writer.write(part, tensor)
         for name, tensor in state.items():

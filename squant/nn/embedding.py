@@ -51,7 +51,9 @@ class _QuantizedTable(QuantizedModule):
                              f"{int(wanted.max())}")
         with torch.inference_mode(False):
             rows = dequantize_codes(self.codes[wanted], self.scale[wanted],
-                                    self.zero_point[wanted], 0).to(self.weight_dtype)
+                                    self.zero_point[wanted], 0,
+                                    group_size=getattr(self, "group_size", None)
+                                    ).to(self.weight_dtype)
         return indices.to(input.dtype), rows, padding
 
 

@@ -39,6 +39,7 @@ class QuantizedWeight(nn.Module):
         self.bits, self.mode, self.axis = qweight.bits, qweight.mode, qweight.axis
         self.scheme, self.granularity, self.range = (qweight.scheme, qweight.granularity,
                                                      qweight.range)
+        self.group_size = qweight.group_size
         self.weight_dtype = dtype
         self.cache_weight = cache_weight
         self._cached_weight: torch.Tensor | None = None
@@ -51,11 +52,13 @@ class QuantizedWeight(nn.Module):
     def qtensor(self) -> QuantizedTensor:
         """The codes and grid as a :class:`squant.QuantizedTensor`."""
         return QuantizedTensor(self.codes, self.scale, self.zero_point, self.bits, self.mode,
-                               self.axis, self.scheme, self.granularity, self.range)
+                               self.axis, self.scheme, self.granularity, self.range,
+                               self.group_size)
 
     def dequantize_weight(self) -> torch.Tensor:
         """``(codes + zero_point) / scale`` in float32."""
-        return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis)
+        return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis,
+                                group_size=getattr(self, "group_size", None))
 
     def dequantized(self) -> torch.Tensor:
         """The dequantized weight in the float weight's dtype (cached with ``cache_weight``;

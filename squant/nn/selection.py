@@ -66,7 +66,7 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
         if unknown:
             raise QuantizationError(f"layer_options[{pattern!r}]: unknown option(s) "
                                     f"{', '.join(sorted(map(str, unknown)))}; use bits, mode, "
-                                    "scheme, granularity or range")
+                                    "scheme, granularity, range or group_size")
     by_module: dict[int, Layer] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if quantized_class(module) is None:  # left_in_float() names it, with the reason
@@ -134,7 +134,7 @@ def left_in_float(model: nn.Module, skip: list[str]) -> list[tuple[str, str]]:
     is left in float without a word."""
     found, unasked = [], []
     for prefix, module in model.named_modules():
-        if is_quantized(module):
+        if is_quantized(module) or "codes" in module._buffers:  # codes, scales: quantized
             continue
         tensors = [*module._parameters.items(), *module._buffers.items()]
         for name, tensor in tensors:
