@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 import squant
-from squant.export.qdq import activation_grid
-from squant.export.weights import matmul_nbits_weight, weight_codes
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from onnx import numpy_helper  # noqa: E402
+
+from squant.export.nbits import matmul_nbits_weight  # noqa: E402
+from squant.export.qdq import activation_grid  # noqa: E402
+from squant.export.weights import weight_codes  # noqa: E402
 
 
 class SmallCNN(nn.Module):
@@ -222,3 +224,31 @@ def test_batchnorms_fold_into_the_scales(tmp_path, bits):
     with torch.no_grad():
         expected = squant.quantize(model, bits)(x).numpy()
     np.testing.assert_allclose(run(tmp_path / "w.onnx", x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("group_size", "ops"), [(32, "MatMulNBits"),
+                                                 (24, "DequantizeLinear → MatMul")])
+def test_group_wise_linears_are_exact(tmp_path, group_size, ops):
+    torch.manual_seed(5)
+    model = MLP(dim=56).eval()  # 56 and 224 inputs: ragged last groups
+    qmodel = squant.quantize(model, 4, group_size=group_size)
+    x = torch.randn(2, 5, 56)
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x, accuracy_level=0)
+    assert [layer.ops for layer in report.layers] == [ops, ops]
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_group_wise_convs_use_blocked_dequantize_and_stay_float_with_activations(cnn, tmp_path):
+    qmodel = squant.quantize(cnn, 4, group_size=36, layer_options={"fc": {"group_size": None}},
+                             act_bits=8, input_shape=(3, 12, 12))
+    x = torch.rand(8, 3, 12, 12)
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2])
+    by_name = {layer.name: layer for layer in report.layers}
+    assert not by_name["conv2"].integer and "group-wise" in by_name["conv2"].reason
+    assert by_name["fc"].integer
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    error = np.linalg.norm(run(tmp_path / "m.onnx", x) - expected) / np.linalg.norm(expected)
+    assert error < 0.05

@@ -74,31 +74,30 @@ def missing_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]
             and not (weight.ndim == 2 and _digest(weight.T) in digests)}
 
 
-def codes_axis(codes: WeightCodes, site: LayerSite) -> tuple[np.ndarray, int]:
-    """The codes in the initializer's layout and their channel axis there."""
-    if site.transposed:
-        return codes.codes.T.copy(), 1 - codes.axis
-    return codes.codes, codes.axis
+def in_layout(codes: WeightCodes, site: LayerSite) -> WeightCodes:
+    """``codes`` in the initializer's layout (transposed for a folded ``x @ W.T``)."""
+    return codes.transposed() if site.transposed else codes
 
 
 def replace_with_dequantize(model: onnx.ModelProto, layer: str, site: LayerSite,
                             codes: WeightCodes) -> None:
     """Store ``codes`` (int8), ``scale`` and ``zero_point`` and let a ``DequantizeLinear`` give
     the readers of the float initializer their weight; the float initializer is dropped."""
-    array, axis = codes_axis(codes, site)
-    prefix = f"{layer}.weight"
+    codes = in_layout(codes, site)
+    scale, zero, attributes = codes.onnx_params()
+    prefix = layer if layer.endswith("weight") else f"{layer}.weight"
     graph = model.graph
     graph.initializer.extend([
-        numpy_helper.from_array(array, f"{prefix}_quantized"),
-        numpy_helper.from_array(codes.scale, f"{prefix}_scale"),
+        numpy_helper.from_array(codes.codes, f"{prefix}_quantized"),
+        numpy_helper.from_array(scale, f"{prefix}_scale"),
         # One zero-point initializer per layer: onnxruntime's x64quantprecision sessions fail
         # on zero points shared between DequantizeLinear nodes (DEPLOY_NOTES.md, B6).
-        numpy_helper.from_array(codes.zero_point, f"{prefix}_zero_point"),
+        numpy_helper.from_array(zero, f"{prefix}_zero_point"),
     ])
     output = f"{prefix}_dequantized"
     node = helper.make_node("DequantizeLinear",
                             [f"{prefix}_quantized", f"{prefix}_scale", f"{prefix}_zero_point"],
-                            [output], name=f"{prefix}_DequantizeLinear", axis=axis)
+                            [output], name=f"{prefix}_DequantizeLinear", **attributes)
     _rewire(graph, site.initializer, output)
     _insert_before(graph, site.nodes[0], node)
     drop_initializer(graph, site.initializer)
@@ -123,7 +122,7 @@ def replace_with_matmul_nbits(model: onnx.ModelProto, layer: str, site: LayerSit
     n = weight.shape[0]
     k = int(next(i for i in model.graph.initializer if i.name == site.initializer).dims[
         0 if site.transposed else 1])
-    prefix = f"{layer}.weight"
+    prefix = layer if layer.endswith("weight") else f"{layer}.weight"
     model.graph.initializer.extend([
         numpy_helper.from_array(weight, f"{prefix}_packed"),
         numpy_helper.from_array(scale, f"{prefix}_scale"),

@@ -116,8 +116,10 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
             graph.set_weight(model, sites[name], codes[name])
         if name in folded or codes[name].widened:  # what the graph now holds, to find it again
             float_weights[name] = codes[name].dequantize()
+    # Layers onnxruntime can fuse: input quantized, one node, per-channel weights (its integer
+    # kernels take no blocked scales).
     active = [name for name in owners.values() if getattr(layers[name], "act_enabled", False)
-              and len(sites[name].nodes) == 1]
+              and len(sites[name].nodes) == 1 and codes[name].block_size is None]
     if active:
         feeds = _calibration_feeds(model, inputs, calibration_batch, seed)
         with _quiet():
@@ -129,7 +131,9 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     for name in owners.values():
         if name not in results:
             results[name] = _weight_only_layer(model, name, layers[name], codes[name],
-                                               sites[name], accuracy_level, bool(active))
+                                               sites[name], accuracy_level,
+                                               any(getattr(m, "act_enabled", False)
+                                                   for m in layers.values()))
     results = _annotated(results, layers, ties, folded, codes)
     session_config = {"session.x64quantprecision": "1"} if any(
         layers[name].bits > 7 for name in active) else {}
@@ -236,17 +240,11 @@ def _calibration_feeds(model, inputs: tuple[torch.Tensor, ...], batch: int,
     return feeds
 
 
-def _in_layout(codes, site):
-    """``codes`` with the channel axis of the initializer (transposed Linear weights)."""
-    from .graph import codes_axis
-
-    array, axis = codes_axis(codes, site)
-    return replace(codes, codes=array, axis=axis)
-
-
 def _fused_layer(model, name: str, module, codes, site) -> LayerExport:
     """Check the codes onnxruntime's quantizer wrote are squant's; say what the layer became."""
     from onnx import numpy_helper
+
+    from . import graph
 
     nodes = {node.name: node for node in model.graph.node}
     producers = {out: node for node in model.graph.node for out in node.output}
@@ -256,7 +254,7 @@ def _fused_layer(model, name: str, module, codes, site) -> LayerExport:
     stored = None
     if weight_dq is not None and weight_dq.input[0] in initializers:
         stored = numpy_helper.to_array(initializers[weight_dq.input[0]])
-    if stored is None or not np.array_equal(stored, _in_layout(codes, site).codes):
+    if stored is None or not np.array_equal(stored, graph.in_layout(codes, site).codes):
         raise QuantizationError(f"layer '{name}': onnxruntime's quantizer did not store "
                                 "squant's codes (please report this)")
     input_dq = producers.get(node.input[0])
@@ -275,11 +273,11 @@ def _fused_layer(model, name: str, module, codes, site) -> LayerExport:
 def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: int,
                        act_model: bool) -> LayerExport:
     """Store a layer's codes for a float op (``DequantizeLinear``) or ``MatMulNBits``."""
-    from . import graph, weights
+    from . import graph, nbits
 
     is_linear = isinstance(module, nn.Linear)
     if is_linear and module.bits <= _MATMUL_NBITS_MAX_BITS:
-        packed = weights.matmul_nbits_weight(module)
+        packed = nbits.matmul_nbits_weight(module)
         if packed is not None and graph.replace_with_matmul_nbits(model, name, site, packed,
                                                                   accuracy_level):
             how = ("int8 activations on the fly (accuracy_level 4)" if accuracy_level == 4
@@ -292,7 +290,10 @@ def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: in
         return LayerExport(name, module.bits, "DequantizeLinear → MatMul", accuracy_level > 0,
                            "onnxruntime rewrites it to its MatMulNBits (8-bit container) at "
                            f"accuracy_level {accuracy_level}")
-    if act_model:
+    if codes.block_size is not None:
+        reason = ("group-wise grids: blocked DequantizeLinear (onnxruntime's QLinearConv/QGemm "
+                  "take per-channel scales only)")
+    elif act_model:
         reason = "squant keeps this layer's input float"
     elif is_linear and module.bits <= _MATMUL_NBITS_MAX_BITS:
         reason = "a zero point outside the 4-bit range, or not a plain x @ W.T"

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 
 from ..core.errors import QuantizationError
 from ..ranges.activations import paper_range
-from .graph import WEIGHT_OPS, LayerSite, codes_axis, drop_initializer
+from .graph import WEIGHT_OPS, LayerSite, drop_initializer, in_layout
 from .weights import WeightCodes
 
 OUTPUT_BITS = 8
@@ -112,10 +112,10 @@ def quantize_qdq(model: onnx.ModelProto, layers: dict, codes: dict[str, WeightCo
                                       int(layer.act_bits))
         overrides[site.nodes[0].input[0]] = [{"scale": np.array(scale, np.float32),
                                               "zero_point": np.array(zero, np.uint8)}]
-        array, axis = codes_axis(codes[name], site)
+        stored = in_layout(codes[name], site)
         overrides[site.initializer] = [
-            {"scale": np.array(s, np.float32), "zero_point": np.array(z, np.int8), "axis": axis}
-            for s, z in zip(codes[name].scale, codes[name].zero_point)]
+            {"scale": np.array(s, np.float32), "zero_point": np.array(z, np.int8),
+             "axis": stored.axis} for s, z in zip(stored.scale, stored.zero_point)]
 
     class OneBatch(CalibrationDataReader):
         def __init__(self) -> None:

@@ -14,7 +14,7 @@ channel's range to contain 0 (``Z`` then fits int8).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,12 +27,15 @@ FOLD_MAX_BITS = 6  # |q + Z| <= 2**6 - 1: exact in int8 and below x86's U8S8 sat
 
 @dataclass(frozen=True)
 class WeightCodes:
-    """One layer's weight as a runtime reads it: ``w = (codes - zero_point) * scale``
-    (``widened``: how many channels were re-quantized on a range widened to include 0).
+    """One layer's weight as a runtime reads it: ``w = (codes - zero_point) * scale``.
 
-    ``codes``: int8, the weight's shape; ``scale``: float32 ``(channels,)``; ``zero_point``:
-    int8 ``(channels,)``; ``axis``: the channel axis of ``codes``; ``folded``: whether squant's
-    zero point was folded into the codes (``zero_point`` all 0).
+    ``codes``: int8, the weight's shape; ``axis``: its channel axis; ``scale`` (float32) and
+    ``zero_point`` (int8): ``(channels,)`` per channel, or with group-wise grids 2-D over the
+    channel axis and ``block_axis`` (in axis order), one per block of ``block_size`` entries
+    along ``block_axis`` (the last block shorter when it does not divide the axis): ONNX's
+    blocked ``DequantizeLinear`` (opset 21). ``folded``: squant's zero point was folded into the
+    codes (``zero_point`` all 0); ``widened``: channels re-quantized on a range widened to
+    include 0.
     """
 
     codes: np.ndarray
@@ -42,13 +45,45 @@ class WeightCodes:
     bits: int
     folded: bool
     widened: int = 0
+    block_axis: int | None = None
+    block_size: int | None = None
+
+    def expanded(self, values: np.ndarray) -> np.ndarray:
+        """``scale`` or ``zero_point`` laid over every element of ``codes``."""
+        shape = [1] * self.codes.ndim
+        if self.block_size is None:
+            shape[self.axis] = -1
+            return values.reshape(shape)
+        for index in sorted((self.axis, self.block_axis)):
+            shape[index] = values.shape[sorted((self.axis, self.block_axis)).index(index)]
+        blocks = np.repeat(values.reshape(shape), self.block_size, axis=self.block_axis)
+        return np.take(blocks, range(self.codes.shape[self.block_axis]), axis=self.block_axis)
+
+    def onnx_params(self) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+        """``(scale, zero_point, attributes)`` of the ``DequantizeLinear`` that reads ``codes``:
+        per axis, or blocked (scale of ``codes``' rank, ``block_size`` along ``block_axis``)."""
+        if self.block_size is None:
+            return self.scale, self.zero_point, {"axis": self.axis}
+        shape = list(self.codes.shape)
+        shape[self.block_axis] = -(-shape[self.block_axis] // self.block_size)
+        kept = [1] * self.codes.ndim
+        for position, index in enumerate(sorted((self.axis, self.block_axis))):
+            kept[index] = self.scale.shape[position]
+        scale = np.broadcast_to(self.scale.reshape(kept), shape).copy()
+        zero = np.broadcast_to(self.zero_point.reshape(kept), shape).copy()
+        return scale, zero, {"axis": self.block_axis, "block_size": self.block_size}
+
+    def transposed(self) -> WeightCodes:
+        """The same codes for the weight's transpose (2-D), as exporters fold ``x @ W.T``."""
+        swap = {0: 1, 1: 0}
+        return replace(self, codes=self.codes.T.copy(), axis=swap[self.axis],
+                       scale=self.scale.T.copy(), zero_point=self.zero_point.T.copy(),
+                       block_axis=None if self.block_axis is None else swap[self.block_axis])
 
     def dequantize(self) -> np.ndarray:
         """The float32 weight a runtime computes."""
-        shape = [1] * self.codes.ndim
-        shape[self.axis] = -1
-        zero = self.zero_point.astype(np.float32).reshape(shape)
-        return (self.codes.astype(np.float32) - zero) * self.scale.reshape(shape)
+        zero = self.expanded(self.zero_point).astype(np.float32)
+        return (self.codes.astype(np.float32) - zero) * self.expanded(self.scale)
 
 
 def weight_codes(name: str, module: torch.nn.Module) -> WeightCodes:
@@ -58,32 +93,49 @@ def weight_codes(name: str, module: torch.nn.Module) -> WeightCodes:
     re-quantized on a range widened to include 0, with a warning naming the layer.
 
     Raises:
-        QuantizationError: a layout ONNX's per-axis ``DequantizeLinear`` cannot hold (grouped
-            ConvTranspose, group-wise grids).
+        QuantizationError: a grouped ConvTranspose (its channels span two axes, which no
+            ``DequantizeLinear`` holds), or a group-wise grid of more than 6 bits whose range
+            excludes 0 (named).
     """
-    if module.scale.dim() != 1:
-        raise QuantizationError(
-            f"layer '{name}': group-wise scales {tuple(module.scale.shape)} have no per-axis "
-            "DequantizeLinear form")
     if module.groups_of_codes != 1:
         raise QuantizationError(
-            f"layer '{name}': a grouped ConvTranspose's channels span two axes, which per-axis "
+            f"layer '{name}': a grouped ConvTranspose's channels span two axes, which ONNX's "
             "DequantizeLinear cannot hold")
     codes = module.codes.detach().cpu().to(torch.int16)
-    scale_inv = module.scale.detach().cpu().double()
     zero = module.zero_point.detach().cpu().double().round().to(torch.int16)
-    scale = (1.0 / scale_inv).float().numpy()
-    shape = [1] * codes.dim()
-    shape[module.axis] = -1
+    scale = (1.0 / module.scale.detach().cpu().double()).float().numpy()
+    grouped = dict(zip(("block_axis", "block_size"), _blocks(name, module)))
+    layout = WeightCodes(codes.numpy(), scale, zero.numpy(), module.axis, module.bits, False,
+                         **grouped)
+    expanded_zero = torch.from_numpy(np.ascontiguousarray(layout.expanded(zero.numpy())))
     if module.bits <= FOLD_MAX_BITS:
-        folded = codes + zero.reshape(shape)
-        return WeightCodes(folded.to(torch.int8).numpy(), scale,
-                           np.zeros(len(scale), np.int8), module.axis, module.bits, True)
-    outside = torch.nonzero((zero < -127) | (zero > 128)).flatten().tolist()
-    if outside:
-        codes, scale, zero = _widened(name, module, outside, codes, scale, zero)
+        return replace(layout, codes=(codes + expanded_zero).to(torch.int8).numpy(),
+                       zero_point=np.zeros_like(zero.numpy(), np.int8), folded=True)
+    outside = (zero < -127) | (zero > 128)
+    if grouped and bool(outside.any()):
+        raise QuantizationError(
+            f"layer '{name}': {int(outside.sum())} group(s) have {module.bits}-bit ranges that "
+            "exclude 0, which no int8 zero point holds: quantize with bits <= 6 or "
+            "scheme='symmetric' for ONNX export")
+    channels = torch.nonzero(outside).flatten().tolist()
+    if channels:
+        codes, scale, zero = _widened(name, module, channels, codes, scale, zero)
     return WeightCodes(codes.to(torch.int8).numpy(), scale, (-zero).to(torch.int8).numpy(),
-                       module.axis, module.bits, False, len(outside))
+                       module.axis, module.bits, False, len(channels))
+
+
+def _blocks(name: str, module: torch.nn.Module) -> tuple[int, int] | tuple[()]:
+    """``(block_axis, block_size)`` of a group-wise grid in the weight's own layout (groups of
+    ``group_size`` elements: whole kernels of a conv, so ``group_size / kernel size`` input
+    channels), or ``()`` per channel."""
+    group_size = getattr(module, "group_size", None)
+    if group_size is None:
+        return ()
+    if module.axis != 0:
+        raise QuantizationError(f"layer '{name}': group-wise grids of a transposed layout have "
+                                "no DequantizeLinear form")
+    kernel = int(np.prod(module.codes.shape[2:], dtype=np.int64))
+    return 1, group_size // kernel
 
 
 def _widened(name: str, module: torch.nn.Module, channels: list[int], codes: torch.Tensor,
@@ -116,46 +168,6 @@ def _widened(name: str, module: torch.nn.Module, channels: list[int], codes: tor
         "with SQuant on ranges widened to include 0, from their dequantized weights (quantize "
         "with bits <= 6 or scheme='symmetric' to export them unchanged)", stacklevel=5)
     return moved.movedim(0, module.axis), scale, zero
-
-
-def matmul_nbits_weight(module: torch.nn.Module
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int] | None:
-    """``com.microsoft.MatMulNBits`` inputs for a quantized Linear of at most 4 bits, one block
-    per row (the smallest power of two >= max(K, 16)); None when a channel's zero point does not
-    fit the container (its range excludes 0).
-
-    Returns ``(B, scales, zero_points, block_size, container_bits)``: ``B`` uint8
-    ``(N, 1, block * bits / 8)`` of unsigned codes ``u = q + 2**(bits-1)`` packed low bits first
-    (padding dequantizes to 0), ``scales`` float32 ``(N,)`` = ``fl32(1 / S)``, ``zero_points``
-    uint8 ``2**(bits-1) - Z`` one byte per row (onnxruntime's contrib op: the weight is
-    ``(u - zero_point) * scale``). 3-bit codes use the 4-bit container.
-    """
-    codes = module.codes.detach().cpu().to(torch.int16).numpy()
-    n, k = codes.shape
-    bits = 2 if module.bits <= 2 else 4
-    offset = 2 ** (bits - 1)
-    zero = offset - module.zero_point.detach().cpu().double().round().numpy().astype(np.int64)
-    if zero.min() < 0 or zero.max() >= 2 ** bits:
-        return None
-    block = max(16, 1 << (k - 1).bit_length())
-    unsigned = np.full((n, block), 0, dtype=np.uint8)
-    unsigned[:, :k] = codes + offset
-    unsigned[:, k:] = zero[:, None]  # padding: u == zero point, weight 0
-    packed = _pack(unsigned, bits).reshape(n, 1, block * bits // 8)
-    zeros = np.zeros((n, 8 // bits), dtype=np.uint8)
-    zeros[:, 0] = zero
-    scale = (1.0 / module.scale.detach().cpu().double()).float().numpy()
-    return packed, scale, _pack(zeros, bits).reshape(-1), block, bits
-
-
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """Rows of ``bits``-bit unsigned values packed into bytes, the first value in the low bits."""
-    per_byte = 8 // bits
-    grouped = values.reshape(values.shape[0], -1, per_byte).astype(np.uint8)
-    packed = np.zeros(grouped.shape[:2], dtype=np.uint8)
-    for index in range(per_byte):
-        packed |= grouped[:, :, index] << (bits * index)
-    return packed
 
 
 def _some(indices: list[int]) -> str:
