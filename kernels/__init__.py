@@ -8,6 +8,7 @@ from .grid import RANGE_FLOOR
 from .passes import (
     CHANNEL_PASS,
     GIVEN_RANGE,
+    INCLUDE_ZERO,
     KERNEL_PASS,
     NO_MOMENTS,
     RANGE_SEARCH,
@@ -19,6 +20,7 @@ from .passes import (
 __all__ = [
     "CHANNEL_PASS",
     "GIVEN_RANGE",
+    "INCLUDE_ZERO",
     "KERNEL_PASS",
     "NO_MOMENTS",
     "RANGE_FLOOR",

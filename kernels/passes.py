@@ -22,6 +22,7 @@ CHANNEL_PASS = 2  # run CQ
 SYMMETRIC = 4  # symmetric grid instead of the asymmetric default
 GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel's min and max
 RANGE_SEARCH = 16  # also try shrunk ranges; keep the one with the least reconstruction error
+INCLUDE_ZERO = 32  # widen each range to include 0 (int8 runtimes need an integer zero point)
 NO_MOMENTS = -1  # a channel's start in the input-moment table when it has none: plain error
 
 # Range search: the channel's range scaled by each factor, in this order (1.0 first, so that
@@ -182,6 +183,8 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
             return np.float32(0.0), np.float32(0.0), False
         range_floats = range_scratch.view(np.float32)
         lo, hi = range_floats[0], range_floats[1]
+    if flags & INCLUDE_ZERO:
+        lo, hi = min(lo, np.float32(0.0)), max(hi, np.float32(0.0))
     scale, zero = _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value,
                                     scratch)
     # S = 0 (max - min overflows float32) is the caller's to report: no search then

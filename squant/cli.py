@@ -97,7 +97,7 @@ def _quantize(args: argparse.Namespace) -> None:
     source = open_source(source_path)
     _check_output(out, (SAFETENSORS_SUFFIX,), *source.files)
     items = plan(source, QuantOptions(args.bits, args.mode, args.scheme, args.granularity,
-                                       args.range, args.group_size),
+                                       args.range, args.group_size, args.include_zero),
                  args.skip, dict(args.layer_bits), args.transposed)
     stats = Statistics() if report_path else None
     total = sum(item.spec.nbytes for item in items)
@@ -262,6 +262,9 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
                         help="a grid per group of G consecutive inputs of each output channel "
                              "(G >= 2; for convolutions a multiple of the kernel size); default: "
                              "one grid per output channel")
+    parser.add_argument("--include-zero", action="store_true",
+                        help="widen every range to include 0 (an integer zero point inside the "
+                             "codes' range, as int8 runtimes need)")
     parser.add_argument("--skip", nargs="+", action="extend", default=[], metavar="PATTERN",
                         help="tensors left in float")
     parser.add_argument("--layer-bits", nargs="+", action="extend", default=[],

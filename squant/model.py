@@ -42,6 +42,7 @@ def quantize(
     granularity: str = "channel",
     range: str = "minmax",
     group_size: int | None = None,
+    include_zero: bool = False,
     inplace: bool = False,
     cache_weights: bool = True,
     report: bool = False,
@@ -93,6 +94,9 @@ def quantize(
             per group of ``g`` consecutive inputs of each output channel (README, "Group-wise
             grids"); for convolutions ``g`` counts elements and must be a multiple of the
             kernel size (else give the layer its own through ``layer_options``).
+        include_zero: widen every range to include 0, so that each zero point is an integer
+            inside the codes' range: what int8 runtimes need (``squant.export_onnx`` otherwise
+            re-quantizes such channels of more than 6 bits, with a warning).
         inplace: modify and return ``model`` itself instead of a copy.
         cache_weights: quantized modules keep their dequantized weight after first use
             (faster forward) instead of recomputing it each time (less memory).
@@ -124,7 +128,7 @@ def quantize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
-    default = QuantOptions(bits, mode, scheme, granularity, range, group_size)
+    default = QuantOptions(bits, mode, scheme, granularity, range, group_size, include_zero)
     activations = _activation_options(activations, act_bits=act_bits, input_shape=input_shape,
                                       range=act_range, sigma=sigma,
                                       calibration_batch=calibration_batch, seed=seed)

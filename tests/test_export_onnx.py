@@ -252,3 +252,15 @@ def test_group_wise_convs_use_blocked_dequantize_and_stay_float_with_activations
         expected = qmodel(x).numpy()
     error = np.linalg.norm(run(tmp_path / "m.onnx", x) - expected) / np.linalg.norm(expected)
     assert error < 0.05
+
+
+def test_include_zero_exports_without_widening(tmp_path, recwarn):
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[1] = torch.linspace(0.5, 1.0, 6)
+    qmodel = squant.quantize(model, 8, include_zero=True)
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", torch.rand(2, 6))
+    assert not [w for w in recwarn if "exclude 0" in str(w.message)]
+    assert "widened" not in report.layers[0].reason
+    stored = stored_codes(tmp_path / "m.onnx")["0.weight_quantized"]
+    assert np.array_equal(stored, qmodel[0].codes.numpy())

@@ -443,3 +443,21 @@ def test_the_input_weight_is_not_modified(case: Case, form: str) -> None:
     before = _value_bytes(weight)
     quantize(case, weight=weight)
     assert _value_bytes(weight) == before
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.sampled_from(["KC", "E"]), st.integers(1, 6), st.integers(2, 12),
+       st.floats(0.01, 5.0), st.floats(-3.0, 3.0), st.integers(0, 2**31 - 1))
+def test_include_zero_puts_zero_on_every_grid(bits, mode, rows, cols, spread, shift, seed):
+    """Every channel's range contains 0, so the code ``-Z`` (which dequantizes to 0 exactly)
+    lies in the code range; channels whose range already held 0 are quantized as without the
+    option."""
+    weight = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) * spread
+    weight = weight + shift  # all-positive or all-negative channels too
+    wide = squant.quantize_weight(weight, bits, mode, include_zero=True)
+    plain = squant.quantize_weight(weight, bits, mode)
+    n = 2 ** (bits - 1)
+    assert bool(((-wide.zero_point >= -n) & (-wide.zero_point <= n - 1)).all())
+    holds_zero = (weight.min(1).values <= 0) & (weight.max(1).values >= 0)
+    assert torch.equal(wide.codes[holds_zero], plain.codes[holds_zero])
+    assert torch.equal(wide.scale[holds_zero], plain.scale[holds_zero])

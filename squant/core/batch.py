@@ -54,6 +54,8 @@ def _flags(options: QuantOptions) -> int:
         flags |= kernels.GIVEN_RANGE
     if options.range == "search":
         flags |= kernels.RANGE_SEARCH
+    if options.include_zero:
+        flags |= kernels.INCLUDE_ZERO
     return flags
 
 

@@ -64,7 +64,9 @@ class QuantOptions:
     group shorter when ``g`` does not divide them), each group with its own grid, and CQ (and
     ``range="search"``) runs within each group. For convolutions ``g`` counts elements and
     must be a multiple of the kernel size (groups of whole kernels). Not with granularity
-    ``"tensor"``.
+    ``"tensor"``. include_zero: widen every range (channel, group or tensor) to include 0, so
+    that each zero point is an integer inside the codes' range, as int8 runtimes (ONNX
+    ``DequantizeLinear``, ``QLinearConv``) require; off by default (the paper's grid).
     """
 
     bits: int = 4
@@ -73,10 +75,14 @@ class QuantOptions:
     granularity: str = "channel"
     range: str = "minmax"
     group_size: int | None = None
+    include_zero: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", check_bits(self.bits))
         object.__setattr__(self, "group_size", check_group_size(self.group_size))
+        if not isinstance(self.include_zero, bool):
+            raise TypeError(f"include_zero must be a bool, got "
+                            f"{type(self.include_zero).__name__}")
         _check_choice(self.mode, "mode", MODES)
         _check_choice(self.scheme, "scheme", SCHEMES)
         _check_choice(self.granularity, "granularity", GRANULARITIES)

@@ -146,13 +146,15 @@ def quantize_weights(
     granularity: str = "channel",
     range: str = "minmax",
     group_size: int | None = None,
+    include_zero: bool = False,
     names: Sequence[str] | None = None,
 ) -> list[QuantizedTensor]:
     """Quantize many weights with SQuant in one parallel kernel call.
 
     ``bits`` and ``axes`` are one value for all or one per weight; ``axes`` gives each weight's
     output-channel axis (default 0; 1 for ConvTranspose weights). ``scheme``, ``granularity``,
-    ``range`` and ``group_size`` are as in :class:`squant.QuantOptions`. ``names`` label the
+    ``range``, ``group_size`` and ``include_zero`` are as in :class:`squant.QuantOptions`.
+    ``names`` label the
     weights in error messages. numpy and torch inputs give identical codes; float16, bfloat16
     and float64 are quantized from their float32 value. Inputs are never modified.
     """
@@ -168,7 +170,7 @@ def quantize_weights(
         raise QuantizationError(f"got {len(names)} names for {count} weights")
     bits_list = _per_weight(bits, count, "bits")
     options = [QuantOptions(check_bits(b, f"bits of {n}"), mode, scheme, granularity, range,
-                            group_size) for b, n in zip(bits_list, names)]
+                            group_size, include_zero) for b, n in zip(bits_list, names)]
     return quantize_with_options(weights, _per_weight(0 if axes is None else axes, count, "axes"),
                                  options, names)
 
@@ -270,6 +272,7 @@ def quantize_weight(
     granularity: str = "channel",
     range: str = "minmax",
     group_size: int | None = None,
+    include_zero: bool = False,
 ) -> QuantizedTensor:
     """Quantize one weight with SQuant (the paper's method: ``mode="KC"``, asymmetric per channel).
 
@@ -278,11 +281,12 @@ def quantize_weight(
     per output channel. ``range="search"`` tries shrunk ranges per channel and keeps the one
     that reconstructs the weight best (see :class:`squant.QuantOptions`). ``group_size=g``: a
     grid per group of ``g`` consecutive elements of each output channel (scale and zero point
-    ``(O, n_groups)``; for convolutions ``g`` is a multiple of the kernel size). Raises
+    ``(O, n_groups)``; for convolutions ``g`` is a multiple of the kernel size).
+    ``include_zero=True`` widens every range to include 0 (for int8 runtimes). Raises
     ``TypeError``/``QuantizationError`` (a ``ValueError``) for bad input: a non-float dtype,
     NaN/Inf, bits outside 2..8, fewer than 2 dims, an empty weight, an axis out of range or an
     unknown mode, a group_size below 2 or not a multiple of the kernel size.
     """
     return quantize_weights([weight], bits, mode, [axis], scheme=scheme,
                             granularity=granularity, range=range, group_size=group_size,
-                            names=["weight"])[0]
+                            include_zero=include_zero, names=["weight"])[0]

@@ -66,7 +66,7 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
         if unknown:
             raise QuantizationError(f"layer_options[{pattern!r}]: unknown option(s) "
                                     f"{', '.join(sorted(map(str, unknown)))}; use bits, mode, "
-                                    "scheme, granularity, range or group_size")
+                                    "scheme, granularity, range, group_size or include_zero")
     by_module: dict[int, Layer] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if quantized_class(module) is None:  # left_in_float() names it, with the reason
