@@ -3,7 +3,9 @@
 For the demo CNN (its 2,000 bundled Fashion-MNIST test images), a ResNet-18-shaped net (random
 weights, BatchNorms unfolded: the exporter folds them) and MobileNetV2 with its real ImageNet
 weights (BatchNorms unfolded), the last two on the real photo crops of bench/accuracy.py, at
-W8A8, W4A8 and W4 weight-only (all squant KC, data-free activation ranges), it prints:
+W8A8 (symmetric grid: onnxruntime runs non-zero weight zero points on a slow path), W4A8 and W4
+weight-only (all squant KC, data-free activation ranges), it prints (W8A8 twice: with squant's
+session options, exact, and in a plain session):
 - file size against the float ONNX file;
 - onnxruntime latency against the float ONNX model at batch 1 and 8, with 1 and 2 threads:
   sessions interleaved in one process, each timed for >= 0.2 s per round, median over rounds;
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +47,11 @@ from accuracy_data import missing_requirements, photo_crops  # noqa: E402
 from mobilenet_v2 import mobilenet_v2_imagenet  # noqa: E402
 from resnet import resnet18  # noqa: E402
 
-CONFIGS = {"W8A8": {"bits": 8, "act_bits": 8}, "W4A8": {"bits": 4, "act_bits": 8},
-           "W4": {"bits": 4}}
+CONFIGS = {"W8A8": {"bits": 8, "act_bits": 8, "scheme": "symmetric"},
+           "W4A8": {"bits": 4, "act_bits": 8}, "W4": {"bits": 4}}
+# The same W8A8 file in a plain session (without the x64quantprecision option squant's
+# session options set for 8-bit codes): faster on x86 without VNNI, not exact (saturation).
+PLAIN_SESSION = "W8A8 plain session"
 BATCHES = (1, 8)
 THREADS = (1, 2)
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx.json"
@@ -93,17 +98,18 @@ def tasks(names: list[str]) -> list[Task]:
     return built
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = squant.onnx_session_options(path, threads=threads) if "squant" in path.name \
-        else ort.SessionOptions()
+def session(path: Path, threads: int, plain: bool = False) -> ort.InferenceSession:
+    options = (squant.onnx_session_options(path, threads=threads)
+               if "squant" in path.name and not plain else ort.SessionOptions())
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def outputs(path: Path, inputs: torch.Tensor, batch: int = 50) -> np.ndarray:
-    runner = session(path, 2)
+def outputs(path: Path, inputs: torch.Tensor, batch: int = 50, plain: bool = False
+            ) -> np.ndarray:
+    runner = session(path, 2, plain)
     name = runner.get_inputs()[0].name
     return np.concatenate([runner.run(None, {name: inputs[i:i + batch].numpy()})[0]
                            for i in range(0, len(inputs), batch)])
@@ -113,7 +119,8 @@ def latencies(paths: dict[str, Path], sample: torch.Tensor, rounds: int) -> dict
     """``{file: {"b1/t1": median seconds per call, ...}}``, all files interleaved per round."""
     times: dict[str, dict[str, list[float]]] = {key: {} for key in paths}
     for threads in THREADS:
-        sessions = {key: session(path, threads) for key, path in paths.items()}
+        sessions = {key: session(path, threads, key == PLAIN_SESSION)
+                    for key, path in paths.items()}
         for batch in BATCHES:
             feed = sample[:batch].numpy()
             label = f"b{batch}/t{threads}"
@@ -138,18 +145,20 @@ def rss():
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
 before = rss()
 import squant
+plain = sys.argv[2] == "plain"
 options = squant.onnx_session_options(sys.argv[1], threads=1) if "squant" in sys.argv[1] \\
-    else ort.SessionOptions()
+    and not plain else ort.SessionOptions()
 s = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-shape = [1] + [int(d) for d in sys.argv[2:]]
+shape = [1] + [int(d) for d in sys.argv[3:]]
 s.run(None, {s.get_inputs()[0].name: np.random.rand(*shape).astype(np.float32)})
 print(rss() - before)
 """
 
 
-def session_memory(path: Path, shape: tuple[int, ...]) -> int:
+def session_memory(path: Path, shape: tuple[int, ...], plain: bool = False) -> int:
     """RSS growth (bytes) of a fresh process that creates the session and runs one sample."""
-    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), *map(str, shape)],
+    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path),
+                           "plain" if plain else "squant", *map(str, shape)],
                           capture_output=True, text=True, check=True)
     return int(done.stdout.strip().splitlines()[-1])
 
@@ -184,6 +193,15 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
             float((onnx_top1 == torch_top1).float().mean()), accuracy, export_s,
             f"{report.integer_layers}/{len(report.layers)}", dict(report.optimized_ops))
         paths[config] = path
+        if config == "W8A8":
+            plain_top1 = torch.from_numpy(outputs(path, task.inputs, plain=True).argmax(1))
+            rows[PLAIN_SESSION] = replace(
+                rows[config], config=PLAIN_SESSION,
+                agree_fp32=float((plain_top1 == fp32).float().mean()),
+                agree_torch=float((plain_top1 == torch_top1).float().mean()),
+                accuracy=(None if task.labels is None
+                          else float((plain_top1 == task.labels).float().mean())))
+            paths[PLAIN_SESSION] = path
     timed = latencies(paths, task.inputs, rounds)
     for config, row in rows.items():
         row.latency = {label: timed[config][label] / timed["float"][label]

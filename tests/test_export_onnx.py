@@ -71,6 +71,9 @@ def test_weight_only_cnn_is_the_dequantized_model(cnn, tmp_path, bits):
     with torch.no_grad():
         expected = qmodel(x).numpy()
     np.testing.assert_allclose(run(tmp_path / "m.onnx", x), expected, rtol=1e-4, atol=1e-5)
+    # the session options fold the weights once at load, not at every run
+    assert report.session_config == {"session.disable_quant_qdq": "1"}
+    assert "DequantizeLinear" not in report.optimized_ops
     assert [layer.name for layer in report.layers] == ["conv1", "conv2", "conv3", "fc"]
     initializers = stored_codes(tmp_path / "m.onnx")
     for name, module in qmodel.named_modules():
@@ -120,9 +123,9 @@ def test_matmul_nbits_packing_reads_back_squants_weight():
                                atol=1e-9)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_activation_quantized_cnn_runs_integer_kernels(cnn, tmp_path, bits):
-    qmodel = squant.quantize(cnn, bits, act_bits=8, input_shape=(3, 12, 12))
+@pytest.mark.parametrize(("bits", "scheme"), [(4, "asymmetric"), (8, "symmetric")])
+def test_activation_quantized_cnn_runs_integer_kernels(cnn, tmp_path, bits, scheme):
+    qmodel = squant.quantize(cnn, bits, act_bits=8, input_shape=(3, 12, 12), scheme=scheme)
     x = torch.rand(64, 3, 12, 12)
     report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2])
     by_name = {layer.name: layer for layer in report.layers}
@@ -130,6 +133,7 @@ def test_activation_quantized_cnn_runs_integer_kernels(cnn, tmp_path, bits):
     assert all(by_name[n].integer for n in ("conv2", "conv3", "fc"))
     assert report.optimized_ops["QLinearConv"] == 2 and report.optimized_ops["QGemm"] == 1
     assert report.session_config == ({"session.x64quantprecision": "1"} if bits == 8 else {})
+    assert "slow path" not in str(report)
     with torch.no_grad():
         expected = qmodel(x).numpy()
     # Beyond squant's own fake-quantization, the file quantizes layer outputs and residual adds
@@ -264,3 +268,10 @@ def test_include_zero_exports_without_widening(tmp_path, recwarn):
     assert "widened" not in report.layers[0].reason
     stored = stored_codes(tmp_path / "m.onnx")["0.weight_quantized"]
     assert np.array_equal(stored, qmodel[0].codes.numpy())
+
+
+def test_asymmetric_eight_bit_codes_warn_of_the_slow_path(cnn, tmp_path):
+    qmodel = squant.quantize(cnn, 8, act_bits=8, input_shape=(3, 12, 12), include_zero=True)
+    with pytest.warns(UserWarning, match="non-zero zero points"):
+        report = squant.export_onnx(qmodel, tmp_path / "m.onnx", torch.rand(2, 3, 12, 12))
+    assert "slow path" in {layer.name: layer for layer in report.layers}["conv2"].reason

@@ -135,10 +135,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
                                                any(getattr(m, "act_enabled", False)
                                                    for m in layers.values()))
     results = _annotated(results, layers, ties, folded, codes)
-    session_config = {"session.x64quantprecision": "1"} if any(
-        layers[name].bits > 7 for name in active) else {}
-    if accuracy_level != 4:  # onnxruntime's own DequantizeLinear -> MatMul rewrite: the same
-        session_config["session.qdq_matmulnbits_accuracy_level"] = str(accuracy_level)
+    session_config = _session_config(layers, active, codes, accuracy_level)
     onnx.helper.set_model_props(model, {CONFIG_KEY: json.dumps(session_config),
                                         "squant.producer": "squant.export_onnx"})
     report = ExportReport(str(path), [results[name] for name in layers],
@@ -267,7 +264,33 @@ def _fused_layer(model, name: str, module, codes, site) -> LayerExport:
     ops = f"Q/DQ → {node.op_type}" + (" → Q/DQ" if output_quantized else "")
     reason = (f"fused by onnxruntime into {fused}" if integer else
               "its output is not quantized, so onnxruntime runs it in float")
+    if integer and np.any(codes.zero_point != 0):
+        reason += ("; non-zero weight zero points take onnxruntime's slow path (5-10x float "
+                   "latency measured on x86 AVX2): scheme='symmetric' runs at int8 speed")
     return LayerExport(name, module.bits, ops, integer, reason)
+
+
+def _session_config(layers: dict, active: list[str], codes: dict,
+                    accuracy_level: int) -> dict[str, str]:
+    """The onnxruntime session config entries the file needs (see onnx_session_options)."""
+    if not active:
+        # No activation Q/DQ: let onnxruntime fold each DequantizeLinear into a float weight at
+        # load (it keeps them, and dequantizes at every run, otherwise); MatMulNBits stays.
+        return {"session.disable_quant_qdq": "1"}
+    config = {}
+    if any(layers[name].bits > 7 for name in active):  # U8S8 saturation on x86 without VNNI
+        config["session.x64quantprecision"] = "1"
+    if accuracy_level != 4:  # onnxruntime's own DequantizeLinear -> MatMul rewrite: the same
+        config["session.qdq_matmulnbits_accuracy_level"] = str(accuracy_level)
+    slow = [name for name in active if np.any(codes[name].zero_point != 0)]
+    if slow:
+        shown = ", ".join(slow[:3]) + (", ..." if len(slow) > 3 else "")
+        warnings.warn(f"{len(slow)} layer(s) ({shown}) hold codes with non-zero zero points "
+                      "(asymmetric, more than 6 bits), "
+                      "which onnxruntime's integer kernels run on a slow path (5-10x float "
+                      "latency measured on x86 AVX2): quantize with scheme='symmetric' for "
+                      "int8 speed", stacklevel=3)
+    return config
 
 
 def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: int,
@@ -286,10 +309,6 @@ def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: in
                                f"{packed[4]}-bit weights, {how}")
     graph.replace_with_dequantize(model, name, site, codes)
     op = site.nodes[0].op_type
-    if op == "MatMul" and not act_model:
-        return LayerExport(name, module.bits, "DequantizeLinear → MatMul", accuracy_level > 0,
-                           "onnxruntime rewrites it to its MatMulNBits (8-bit container) at "
-                           f"accuracy_level {accuracy_level}")
     if codes.block_size is not None:
         reason = ("group-wise grids: blocked DequantizeLinear (onnxruntime's QLinearConv/QGemm "
                   "take per-channel scales only)")
@@ -298,7 +317,8 @@ def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: in
     elif is_linear and module.bits <= _MATMUL_NBITS_MAX_BITS:
         reason = "a zero point outside the 4-bit range, or not a plain x @ W.T"
     else:
-        reason = "weight-only: onnxruntime folds the DequantizeLinear into a float weight"
+        reason = ("weight-only: the session folds the DequantizeLinear into a float weight at "
+                  "load (float compute; the file keeps the codes)")
     return LayerExport(name, module.bits, f"DequantizeLinear → {op}", False, reason)
 
 

@@ -10,7 +10,10 @@ def onnx_session_options(path: str | os.PathLike, *, threads: int | None = None)
     """An ``onnxruntime.SessionOptions`` for the squant ONNX file at ``path``.
 
     It applies the session config entries the export recorded in the file's metadata
-    (``squant.session_config``): ``session.x64quantprecision = 1`` when a layer with
+    (``squant.session_config``): for a weight-only file ``session.disable_quant_qdq = 1``, so
+    that onnxruntime folds each ``DequantizeLinear`` into a float weight once at load (without
+    it, it dequantizes at every run: 3x the float latency measured on the demo CNN);
+    ``session.x64quantprecision = 1`` when a layer with
     activation Q/DQ holds 8-bit weight codes, because x86 CPUs with AVX2 but no VNNI saturate
     int16 sums in their U8S8 kernels (1-180% error measured; exact with this option at ~0.7x
     float latency instead of ~0.55x; DEPLOY_NOTES.md B3). Codes of <= 7 bits (W4A8, W6A8) need
