@@ -275,3 +275,19 @@ def test_asymmetric_eight_bit_codes_warn_of_the_slow_path(cnn, tmp_path):
     with pytest.warns(UserWarning, match="non-zero zero points"):
         report = squant.export_onnx(qmodel, tmp_path / "m.onnx", torch.rand(2, 3, 12, 12))
     assert "slow path" in {layer.name: layer for layer in report.layers}["conv2"].reason
+
+
+@pytest.mark.parametrize(("accuracy_level", "ops"), [(4, "MatMulNBits"),
+                                                     (0, "DequantizeLinear → MatMul")])
+def test_eight_bit_linears_use_matmul_nbits_only_with_int8_activations(tmp_path, accuracy_level,
+                                                                       ops):
+    torch.manual_seed(6)
+    model = MLP().eval()
+    qmodel = squant.quantize(model, 8, include_zero=True)
+    x = torch.randn(3, 7, 48)
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x, accuracy_level=accuracy_level)
+    assert [layer.ops for layer in report.layers] == [ops, ops]
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    error = np.linalg.norm(run(tmp_path / "m.onnx", x) - expected) / np.linalg.norm(expected)
+    assert error < (0.02 if accuracy_level else 1e-5)  # int8 activations on the fly, or exact

@@ -15,14 +15,15 @@ import torch
 
 def matmul_nbits_weight(module: torch.nn.Module
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int] | None:
-    """``MatMulNBits`` inputs for a quantized Linear of at most 4 bits, or None when it has no
-    exact form: a zero point outside the container (a range excluding 0), or groups whose size
-    is not a power of two >= 16.
+    """``MatMulNBits`` inputs for a quantized Linear, or None when it has no exact form: a zero
+    point outside the container (a range excluding 0), or groups whose size is not a power of
+    two >= 16.
 
     Returns ``(B, scales, zero_points, block_size, bits)``: ``B`` uint8
     ``(N, n_blocks, block_size * bits / 8)`` of unsigned codes packed low bits first (padding
     dequantizes to 0), ``scales`` float32 ``(N * n_blocks,)``, ``zero_points`` uint8 packed
-    per row (``ceil(n_blocks * bits / 8)`` bytes each); 3-bit codes use the 4-bit container.
+    per row (``ceil(n_blocks * bits / 8)`` bytes each); 3-bit codes use the 4-bit container,
+    5- to 7-bit codes the 8-bit one.
     """
     codes = module.codes.detach().cpu().to(torch.int16).numpy()
     n, k = codes.shape
@@ -33,7 +34,7 @@ def matmul_nbits_weight(module: torch.nn.Module
         block = group_size
     else:
         return None
-    bits = 2 if module.bits <= 2 else 4
+    bits = 2 if module.bits <= 2 else 4 if module.bits <= 4 else 8
     offset = 2 ** (bits - 1)
     zero_point = module.zero_point.detach().cpu().double().round().numpy().astype(np.int64)
     zero = (offset - zero_point).reshape(n, -1)

@@ -299,7 +299,9 @@ def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: in
     from . import graph, nbits
 
     is_linear = isinstance(module, nn.Linear)
-    if is_linear and module.bits <= _MATMUL_NBITS_MAX_BITS:
+    # 8-bit MatMulNBits is fast only with int8 activations (accuracy_level 4: 0.34x float at
+    # batch 1; at level 0, 17-34x slower than float: DEPLOY_NOTES.md B4).
+    if is_linear and (module.bits <= _MATMUL_NBITS_MAX_BITS or accuracy_level == 4):
         packed = nbits.matmul_nbits_weight(module)
         if packed is not None and graph.replace_with_matmul_nbits(model, name, site, packed,
                                                                   accuracy_level):
