@@ -3,9 +3,10 @@
 For the demo CNN (its 2,000 bundled Fashion-MNIST test images), a ResNet-18-shaped net (random
 weights, BatchNorms unfolded: the exporter folds them) and MobileNetV2 with its real ImageNet
 weights (BatchNorms unfolded), the last two on the real photo crops of bench/accuracy.py, at
-W8A8 (symmetric grid: onnxruntime runs non-zero weight zero points on a slow path), W4A8 and W4
-weight-only (all squant KC, data-free activation ranges), it prints (W8A8 twice: with squant's
-session options, exact, and in a plain session):
+W8A8 (symmetric grid; and the default asymmetric one with ``include_zero=True``, whose non-zero
+weight zero points onnxruntime runs on a slow path), W4A8 and W4 weight-only (all squant KC,
+data-free activation ranges), it prints (symmetric W8A8 twice: with squant's session options,
+exact, and in a plain session):
 - file size against the float ONNX file;
 - onnxruntime latency against the float ONNX model at batch 1 and 8, with 1 and 2 threads:
   sessions interleaved in one process, each timed for >= 0.2 s per round, median over rounds;
@@ -48,6 +49,7 @@ from mobilenet_v2 import mobilenet_v2_imagenet  # noqa: E402
 from resnet import resnet18  # noqa: E402
 
 CONFIGS = {"W8A8": {"bits": 8, "act_bits": 8, "scheme": "symmetric"},
+           "W8A8 asymmetric": {"bits": 8, "act_bits": 8, "include_zero": True},
            "W4A8": {"bits": 4, "act_bits": 8}, "W4": {"bits": 4}}
 # The same W8A8 file in a plain session (without the x64quantprecision option squant's
 # session options set for 8-bit codes): faster on x86 without VNNI, not exact (saturation).
