@@ -129,7 +129,7 @@ def calibrate_from_data(model: nn.Module, layers: list[tuple[str, nn.Module, int
     data = options.calibration_data
     method = options.range
     two_pass = method not in ONE_PASS
-    if two_pass and iter(data) is data:
+    if two_pass and isinstance(data, Iterator):
         raise QuantizationError(
             f"act_range={method!r} reads calibration_data twice (min/max, then histograms), but "
             f"it is a one-shot {type(data).__name__}: pass a list of batches or a DataLoader")
