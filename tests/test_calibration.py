@@ -124,6 +124,39 @@ def test_kl_keeps_exactly_the_bins_that_hold_data_at_2048_bins() -> None:
     assert cm.kl_range(mirrored, 8) == (pytest.approx(-1.28), pytest.approx(1.28))
 
 
+def reference_kl(counts: np.ndarray, levels: int) -> list[float]:
+    """The published description, one candidate at a time, in plain Python."""
+    out = []
+    for i in range(levels, len(counts) + 1):
+        p = list(counts[:i])
+        p[-1] += sum(counts[i:])
+        q = [0.0] * i
+        for g in range(levels):
+            members = [k for k in range(i) if k * levels // i == g]
+            kept = [k for k in members if counts[k] > 0]
+            for k in kept:
+                q[k] = sum(counts[k] for k in members) / len(kept)
+        if any(pk > 0 and qk == 0 for pk, qk in zip(p, q)):
+            out.append(math.inf)
+            continue
+        p_total, q_total = sum(p), sum(q)
+        out.append(sum(pk / p_total * math.log(pk / p_total / (qk / q_total))
+                       for pk, qk in zip(p, q) if pk > 0))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kl_divergences_follow_the_description_on_random_histograms(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 4, 40).astype(float) * (rng.random(40) < 0.7)
+    levels = int(rng.integers(2, 9))
+    expected = reference_kl(counts, levels)
+    got = cm.kl_divergences(counts, levels)
+    assert [math.isinf(v) for v in got] == [math.isinf(v) for v in expected]
+    finite = [k for k, v in enumerate(expected) if math.isfinite(v)]
+    np.testing.assert_allclose(got[finite], np.array(expected)[finite], atol=1e-12)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_mse_on_a_uniform_histogram_is_the_closed_form(bits: int) -> None:
     # Uniform on [0, 1]: error(T) = T * (T s)**2 / 12 + (1 - T)**3 / 3, s = 1/(2**b - 1);

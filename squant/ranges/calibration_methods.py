@@ -93,38 +93,39 @@ def kl_divergences(counts: np.ndarray, levels: int) -> np.ndarray:
     """``KL(P || Q)`` for each candidate threshold of ``i = levels .. len(counts)`` bins (entry
     ``i - levels``), as :mod:`this module <squant.ranges.calibration_methods>` describes.
 
-    ``counts``: float ``(n,)``, ``n >= levels``. Bins ``k`` of the first ``i`` fall in group
+    ``counts``: float ``(n,)``, ``n >= levels``. Bin ``k`` of the first ``i`` falls in group
     ``floor(k * levels / i)``. A candidate whose last bin is empty but receives outliers has no
     ``Q`` mass there: its divergence is ``inf`` (never chosen). All-zero counts give zeros.
+    Every candidate at once, from prefix sums: ``(n - levels + 1, levels + 1)`` arrays.
     """
     counts = np.asarray(counts, dtype=np.float64)
     n = len(counts)
     if n < levels:
         raise ValueError(f"{n} bins cannot be merged into {levels} levels")
-    suffix = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])  # suffix[i] = sum(counts[i:])
-    out = np.zeros(n - levels + 1)
-    for i in range(levels, n + 1):
-        p = counts[:i].copy()
-        p[-1] += suffix[i]
-        total = p.sum()
-        if total <= 0:
-            continue
-        starts = np.searchsorted((np.arange(i) * levels) // i, np.arange(levels), side="left")
-        kept = counts[:i]
-        nonzero = kept > 0
-        group_mass = np.add.reduceat(kept, starts)
-        group_nonzero = np.add.reduceat(nonzero.astype(np.float64), starts)
-        per_bin = np.divide(group_mass, group_nonzero, out=np.zeros(levels),
-                            where=group_nonzero > 0)
-        q = np.repeat(per_bin, np.diff(np.append(starts, i))) * nonzero
-        q_total = q.sum()
-        has_p = p > 0
-        if np.any(has_p & (q <= 0)):
-            out[i - levels] = np.inf
-            continue
-        p_norm, q_norm = p[has_p] / total, q[has_p] / q_total
-        out[i - levels] = float(np.sum(p_norm * np.log(p_norm / q_norm)))
-    return out
+    total = counts.sum()
+    if total <= 0:
+        return np.zeros(n - levels + 1)
+    mass = np.concatenate([[0.0], np.cumsum(counts)])
+    nonzero = np.concatenate([[0.0], np.cumsum(counts > 0)])
+    safe = np.where(counts > 0, counts, 1.0)
+    c_log_c = np.concatenate([[0.0], np.cumsum(counts * np.log(safe))])
+    i = np.arange(levels, n + 1)
+    # Group g of candidate i holds bins [ceil(g * i / levels), ceil((g + 1) * i / levels)).
+    bounds = (np.arange(levels + 1)[None, :] * i[:, None] + levels - 1) // levels
+    group_mass = np.diff(mass[bounds], axis=1)
+    group_average = np.divide(group_mass, np.diff(nonzero[bounds], axis=1),
+                              out=np.zeros_like(group_mass), where=group_mass > 0)
+    last = counts[i - 1]
+    group_mass[:, -1] -= last  # the last bin's own term is written apart: P gets the outliers
+    log_average = np.log(np.where(group_average > 0, group_average, 1.0))
+    p_last = last + (total - mass[i])
+    q_last = np.where(last > 0, group_average[:, -1], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        last_term = np.where(p_last > 0, p_last * np.log(p_last / q_last), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # no Q mass at all: -inf + inf
+        divergence = ((c_log_c[i - 1] - (group_mass * log_average).sum(axis=1) + last_term)
+                      / total + np.log(mass[i] / total))
+    return np.where(np.isfinite(divergence), np.maximum(divergence, 0.0), np.inf)
 
 
 def kl_threshold(counts: np.ndarray, width: float, levels: int) -> float:
