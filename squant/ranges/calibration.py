@@ -89,8 +89,8 @@ class LayerObserver:
         zeros = 0
         for chunk in x.flatten().split(CHUNK):
             chunk = chunk.float()
-            zeros += int((chunk == 0).sum())
-            index = ((chunk - low) * per_unit).floor_().clamp_(0, bins - 1).long()
+            zeros += chunk.numel() - int(torch.count_nonzero(chunk))
+            index = ((chunk - low) * per_unit).clamp_(0, bins - 1).long()  # floor: all >= 0
             counts += torch.bincount(index, minlength=bins)
         hist.counts += counts.cpu().numpy().astype(np.float64)
         hist.zeros += zeros
