@@ -189,21 +189,21 @@ def run_act_task(act_task: ActTask, ranges: tuple[str, ...], methods: tuple[str,
     reference = logits(task.model, task.inputs)
     rows = []
 
-    def add(weight_bits: int, act_bits: int, act_range: str, count: int, real: bool,
+    def add(setting: tuple[int, int], label: str, count: int, real: bool,
             **options: object) -> None:
         start = time.perf_counter()
-        quantized = squant.quantize(task.model, weight_bits, "KC", **options)
+        quantized = squant.quantize(task.model, setting[0], "KC", **options)
         seconds = time.perf_counter() - start
         scores = compare(task, reference, logits(quantized, task.inputs))
-        rows.append(ActRow(task.name, act_task.variant, weight_bits, act_bits, act_range,
+        rows.append(ActRow(task.name, act_task.variant, *setting, label,
                            count, **scores, seconds=seconds, real_data=real))
         print(format_act_row(rows[-1]), flush=True)
 
     for weight_bits, act_bits in WEIGHT_ACT_BITS:
         if not any(r.weight_bits == weight_bits and r.act_range == WEIGHTS_ONLY for r in rows):
-            add(weight_bits, 32, WEIGHTS_ONLY, 0, False)
+            add((weight_bits, 32), WEIGHTS_ONLY, 0, False)
         for act_range in ranges:
-            add(weight_bits, act_bits, act_range, act_task.calibration_batch, False,
+            add((weight_bits, act_bits), act_range, act_task.calibration_batch, False,
                 act_bits=act_bits, input_shape=act_task.input_shape, act_range=act_range,
                 calibration_batch=act_task.calibration_batch)
         if act_task.calibration is None:
@@ -211,7 +211,7 @@ def run_act_task(act_task: ActTask, ranges: tuple[str, ...], methods: tuple[str,
         for count in CALIBRATION_IMAGES:
             data = list(act_task.calibration[:count].split(CALIBRATION_SPLIT))
             for method in methods:
-                add(weight_bits, act_bits, method, count, True, act_bits=act_bits,
+                add((weight_bits, act_bits), method, count, True, act_bits=act_bits,
                     calibration_data=data, act_range=method)
     return rows
 
