@@ -102,7 +102,7 @@ WEIGHT_ACT_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
 CALIBRATION_BATCH = {"MobileNetV2": 64, "Fashion-MNIST CNN": 256}
 # Real calibration images per run of the data methods, fed in batches of CALIBRATION_SPLIT.
 CALIBRATION_IMAGES = (16, 64)
-CALIBRATION_SPLIT = 16
+CALIBRATION_SPLIT = 8
 Quantizer = Callable[[nn.Module, int], nn.Module]
 
 

@@ -157,6 +157,19 @@ def test_kl_divergences_follow_the_description_on_random_histograms(seed: int) -
     np.testing.assert_allclose(got[finite], np.array(expected)[finite], atol=1e-12)
 
 
+def test_kl_leaves_the_exact_zeros_out() -> None:
+    """A spike of exact zeros in bin 0 would force the smallest threshold (its group's Q spreads
+    it); counted as zeros, it changes nothing against the histogram without it."""
+    counts = np.exp(-np.linspace(0, 6, 2048)) * 1e4
+    plain = cm.Histogram(counts.copy(), 6.0, signed=False)
+    spiked = cm.Histogram(counts.copy(), 6.0, signed=False)
+    spiked.counts[0] += 1e7
+    assert cm.kl_range(spiked, 8)[1] == pytest.approx(256 * plain.width)  # the smallest
+    spiked.zeros = 1e7
+    assert cm.kl_range(spiked, 8) == cm.kl_range(plain, 8)
+    assert cm.kl_range(plain, 8)[1] > 4 * 256 * plain.width
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_mse_on_a_uniform_histogram_is_the_closed_form(bits: int) -> None:
     # Uniform on [0, 1]: error(T) = T * (T s)**2 / 12 + (1 - T)**3 / 3, s = 1/(2**b - 1);

@@ -16,7 +16,8 @@ squant makes does: the fake quantizer then represents 0 (ReLU's zeros) exactly.
   gets ``[0, T]`` with ``levels = 2**bits`` (the fake quantizer's unsigned grid); a signed one
   the ``|x|`` histogram and ``[-T, T]`` with ``levels = 2**(bits-1)`` (TensorRT's symmetric
   int8 uses 128). ``T`` is the upper edge of the last bin kept (the slides' ``m + 0.5`` bins
-  puts it half a bin further; the edge is where ``P`` stops).
+  puts it half a bin further; the edge is where ``P`` stops). Exact zeros are left out (they
+  sit on every grid; ReLU's spike at 0 would otherwise force the smallest threshold).
 - :func:`mse_range`: the ``(lo, hi)`` on bin edges with the least expected squared error of
   the fake quantizer, each bin's mass spread evenly over it: a value outside the range costs its
   squared distance to the nearer end, one inside ``step**2 / 12`` (uniform rounding noise,
@@ -137,11 +138,19 @@ def kl_threshold(counts: np.ndarray, width: float, levels: int) -> float:
 
 def kl_range(hist: Histogram, bits: int) -> tuple[float, float]:
     """``(lo, hi)`` by entropy calibration: ``[0, T]`` on a non-negative input with
-    ``2**bits`` levels, else ``[-T, T]`` on the ``|x|`` histogram with ``2**(bits-1)``."""
+    ``2**bits`` levels, else ``[-T, T]`` on the ``|x|`` histogram with ``2**(bits-1)``.
+
+    The exact zeros are taken out of the first bin first: every candidate represents them
+    exactly, but left in, ReLU's spike at 0 (often half the values) would make ``Q`` spread
+    it over its group and force the smallest threshold (MobileNetV2 W8A8: 31% top-1 agreement
+    instead of 90%+)."""
     if not hist.signed:
-        return 0.0, kl_threshold(hist.counts, hist.width, 2**bits)
+        counts = hist.counts.copy()
+        counts[0] = max(counts[0] - hist.zeros, 0.0)
+        return 0.0, kl_threshold(counts, hist.width, 2**bits)
     half = len(hist.counts) // 2
     folded = hist.counts[half:] + hist.counts[:half][::-1]
+    folded[0] = max(folded[0] - hist.zeros, 0.0)
     threshold = kl_threshold(folded, hist.width, 2 ** (bits - 1))
     return -threshold, threshold
 
