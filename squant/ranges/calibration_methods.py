@@ -142,8 +142,8 @@ def kl_range(hist: Histogram, bits: int) -> tuple[float, float]:
 
     The exact zeros are taken out of the first bin first: every candidate represents them
     exactly, but left in, ReLU's spike at 0 (often half the values) would make ``Q`` spread
-    it over its group and force the smallest threshold (MobileNetV2 W8A8: 31% top-1 agreement
-    instead of 90%+)."""
+    it over its group and force the smallest threshold (MobileNetV2 W8A8, 16 images: 31.9%
+    top-1 agreement with FP32 instead of 91.9%)."""
     if not hist.signed:
         counts = hist.counts.copy()
         counts[0] = max(counts[0] - hist.zeros, 0.0)
