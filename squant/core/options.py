@@ -96,8 +96,9 @@ class ActivationOptions:
 
     From data: calibration_data: an iterable of input batches (each a tensor, run as
     ``model(batch)``; a tuple/list, ``model(*batch)``; or a dict, ``model(**batch)``; one
-    tensor alone is one batch); input_shape and sigma are then not used and must be left out
-    (calibration_batch and seed, which have defaults, are not used either).
+    tensor alone is one batch; left out of ``==`` and ``repr``); input_shape and sigma are then
+    not used and must be left out (calibration_batch and seed, which have defaults, are not
+    used either).
     range: ``"minmax"`` (min and max over all batches), ``"ema"`` (moving average of each
     batch's min and max: the first batch's, then ``momentum * previous + (1 - momentum) *
     batch``), ``"kl"`` (TensorRT's entropy calibration), ``"percentile"`` (the ``percentile``
