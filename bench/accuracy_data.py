@@ -27,6 +27,8 @@ OPENCV_SKIP = frozenset({
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle",
                   "hubble_deep_field", "immunohistochemistry", "retina")
 RESIZE, CROP = 256, 224
+# Every 5th photo (7 of 34) is kept apart for calibration: 70 crops with their mirror images.
+CALIBRATION_EVERY = 5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -108,6 +110,32 @@ def fashion_mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
     images = read_idx(DATASET_DIR / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(DATASET_DIR / "t10k-labels-idx1-ubyte.gz")
     return normalize_images(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def split_photos(photos: dict[str, np.ndarray], every: int = CALIBRATION_EVERY
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(calibration, evaluation)``: every ``every``-th photo (in name order, starting with the
+    third) is kept apart for calibration, the others are for evaluation."""
+    names = sorted(photos)
+    apart = set(names[2::every])
+    return ({n: photos[n] for n in names if n in apart},
+            {n: photos[n] for n in names if n not in apart})
+
+
+def calibration_crops(photos: dict[str, np.ndarray]) -> torch.Tensor:
+    """The five crops of each photo and their mirror images, ordered crop by crop (every
+    photo's centre crop, then every photo's first corner, ...) so that the first 16 images
+    already come from every photo: ``(10 * len(photos), 3, 224, 224)``."""
+    crops = torch.stack([five_crops(photos[name]) for name in sorted(photos)])  # (P, 5, ...)
+    crops = torch.cat([crops, crops.flip(-1)], dim=1)[:, [4, 0, 1, 2, 3, 9, 5, 6, 7, 8]]
+    return crops.transpose(0, 1).reshape(-1, *crops.shape[2:]).contiguous()
+
+
+def fashion_mnist_train(count: int) -> torch.Tensor:
+    """The first ``count`` Fashion-MNIST training images, normalised as in training (the
+    calibration images of the CNN, apart from the test set)."""
+    images = read_idx(DATASET_DIR / "train-images-idx3-ubyte.gz")[:count]
+    return normalize_images(images)
 
 
 def photo_crops() -> torch.Tensor:

@@ -24,8 +24,8 @@ from .nn.base import quantized_class
 from .nn.module_tree import copy_replacing, swap_modules
 from .nn.multi_weight import QuantizedMultiWeight
 from .nn.selection import Layer, left_in_float, relocate, select_layers
-from .ranges.activations import calibrate, enable_activations
-from .ranges.batchnorm import Moments, bn_input_moments, bn_ranges
+from .ranges.activations import quantize_activations
+from .ranges.batchnorm import Moments, bn_input_moments
 from .ranges.bias_correction import correct_bias
 from .weights import layer_weights, quantize_shared, report_rows
 
@@ -53,6 +53,9 @@ def quantize(
     sigma: float | None = None,
     calibration_batch: int | None = None,
     seed: int | None = None,
+    calibration_data: Iterable | None = None,
+    momentum: float | None = None,
+    percentile: float | None = None,
     bias_correction: bool = False,
 ) -> nn.Module:
     """Quantize every weight matrix of ``model``'s Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
@@ -101,14 +104,17 @@ def quantize(
         cache_weights: quantized modules keep their dequantized weight after first use
             (faster forward) instead of recomputing it each time (less memory).
         report: attach a :class:`squant.QuantizationReport` as ``qmodel.squant_report``.
-        activations: quantize activations too, data-free (:class:`squant.ActivationOptions`:
-            bits, input_shape, range ``"paper"`` or ``"bn"``, sigma, calibration batch and
-            seed); ``None``: weights only. The input of every quantized layer but the first
-            (which stays float) is fake-quantized per tensor, the last layer's with 8 bits.
-        act_bits, input_shape, act_range, sigma, calibration_batch, seed: the same options as
-            keywords (``act_bits=4, input_shape=(3, 224, 224)`` is
-            ``activations=ActivationOptions(4, (3, 224, 224))``); not together with
-            ``activations``, and none of them without ``act_bits``.
+        activations: quantize activations too (:class:`squant.ActivationOptions`: bits;
+            data-free: input_shape, range ``"paper"`` or ``"bn"``, sigma, calibration batch and
+            seed; from real inputs: calibration_data, range ``"minmax"``, ``"ema"``, ``"kl"``,
+            ``"percentile"`` or ``"mse"``, momentum, percentile); ``None``: weights only. The
+            input of every quantized layer but the first (which stays float) is fake-quantized
+            per tensor, the last layer's with 8 bits.
+        act_bits, input_shape, act_range, sigma, calibration_batch, seed, calibration_data,
+            momentum, percentile: the same options as keywords (``act_bits=4,
+            input_shape=(3, 224, 224)`` is ``activations=ActivationOptions(4, (3, 224, 224))``;
+            ``act_bits=8, calibration_data=batches`` calibrates on real inputs); not together
+            with ``activations``, and none of them without ``act_bits``.
         bias_correction: add to each layer's bias the mean shift its quantized weight causes
             in its output, ``sum_c mean_c * sum_k (W - Q)[o, c, k]`` per output channel, where
             BatchNorms determine the layer's input means (as for ``range="search"``; a
@@ -124,14 +130,17 @@ def quantize(
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``, or a bits value is not an int.
         QuantizationError: an option out of its domain, a pattern matching no layer, nothing
-            to quantize, or a calibration batch the model does not run (named in the message).
+            to quantize, a calibration batch the model does not run, or calibration data that
+            cannot calibrate (no batch, mismatched shapes, NaN/Inf reaching a layer: named).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     default = QuantOptions(bits, mode, scheme, granularity, range, group_size, include_zero)
     activations = _activation_options(activations, act_bits=act_bits, input_shape=input_shape,
                                       range=act_range, sigma=sigma,
-                                      calibration_batch=calibration_batch, seed=seed)
+                                      calibration_batch=calibration_batch, seed=seed,
+                                      calibration_data=calibration_data, momentum=momentum,
+                                      percentile=percentile)
     skip = [skip] if isinstance(skip, str) else list(skip)
     layers = select_layers(model, skip, dict(layer_bits or {}), dict(layer_options or {}),
                             default)
@@ -155,11 +164,7 @@ def quantize(
     if bias_correction:
         _correct_biases(layers, replacements, moments)
     if activations is not None:
-        quantized = [m for m in model.modules()
-                     if isinstance(m, QuantizedModule) and m.float_input]
-        active = enable_activations(quantized, activations.bits)
-        fixed = bn_ranges(model, active) if activations.range == "bn" and active else {}
-        calibrate(model, active, activations, fixed)
+        quantize_activations(model, activations)
     if report:
         model.squant_report = QuantizationReport(report_rows(model, shared), seconds, left_float)
     return model

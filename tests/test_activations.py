@@ -195,7 +195,9 @@ def test_without_act_bits_modules_have_no_activation_state() -> None:
     ({"act_bits": 9, "input_shape": SHAPE}, "act_bits must be in 2..8"),
     ({"act_bits": 4}, "needs input_shape"),
     ({"act_bits": 4, "input_shape": (5,)}, r"calibration batch of shape \(256, 5\) does not run"),
-    ({"act_bits": 4, "input_shape": SHAPE, "act_range": "minmax"}, "unknown act_range .minmax."),
+    ({"act_bits": 4, "input_shape": SHAPE, "act_range": "entropy"}, "unknown act_range .entropy."),
+    ({"act_bits": 4, "input_shape": SHAPE, "act_range": "minmax"},
+     "act_range='minmax' sets the ranges from real inputs: give calibration_data"),
     ({"act_bits": 4, "input_shape": SHAPE, "sigma": -1.0}, "sigma must be a positive"),
     ({"act_bits": 4, "input_shape": (0,)}, "input_shape must be"),
 ])

@@ -52,7 +52,8 @@ class LayerReport:
     """Statistics of one quantized weight. ``*_sum`` fields are ``|sum of (code - x)|`` over
     a kernel or a channel, with ``x`` the weight on the integer grid; ``eq`` is before the
     flips (round to nearest), ``squant`` after. ``act_*``: the layer's input quantization
-    (bits and range), None when its input stays float."""
+    (bits, range, and the method that found the range: ``"paper"``, ``"bn"``, ``"minmax"``,
+    ``"ema"``, ``"kl"``, ``"percentile"`` or ``"mse"``), None when its input stays float."""
 
     name: str
     kind: str
@@ -72,6 +73,7 @@ class LayerReport:
     act_bits: int | None = None
     act_lo: float | None = None
     act_hi: float | None = None
+    act_method: str | None = None
 
 
 def layer_report(name: str, kind: str, shape: torch.Size, blocks: list[torch.Tensor],
@@ -99,8 +101,9 @@ def layer_report(name: str, kind: str, shape: torch.Size, blocks: list[torch.Ten
         max_error = max(max_error, float(np.abs(dequantized - w).max()))
     stats = [f(np.concatenate(v)) for v in (kernel_eq, kernel_sq, channel_eq, channel_sq)
              for f in (np.mean, np.max)]
-    act = ((int(module.act_bits), float(module.act_lo), float(module.act_hi))
-           if getattr(module, "act_enabled", False) else (None, None, None))
+    act = ((int(module.act_bits), float(module.act_lo), float(module.act_hi),
+            getattr(module, "act_range_method", None))
+           if getattr(module, "act_enabled", False) else (None, None, None, None))
     return LayerReport(name, kind, tuple(shape), parts[0].bits, parts[0].mode,
                        *(float(s) for s in stats), max_error, seconds, *act)
 
@@ -155,7 +158,9 @@ class QuantizationReport:
 
 
 def _input_cell(row: LayerReport) -> str:
-    """``"A4 [0, 1.23]"`` for a quantized input, ``"float"`` otherwise."""
+    """``"A4 [0, 1.23] kl"`` for a quantized input (with the range's method), ``"float"``
+    otherwise."""
     if row.act_bits is None:
         return "float"
-    return f"A{row.act_bits} [{row.act_lo:.3g}, {row.act_hi:.3g}]"
+    method = f" {row.act_method}" if row.act_method else ""
+    return f"A{row.act_bits} [{row.act_lo:.3g}, {row.act_hi:.3g}]{method}"

@@ -6,7 +6,10 @@ without data, from one batch of uniform random inputs run through the weight-qua
 (see ACTIVATIONS_SPEC.md).
 
 ``act_range="bn"`` (:mod:`squant.ranges.batchnorm`) fixes some ranges from BatchNorm statistics
-instead; the others still come from this rule.
+instead; the others still come from this rule. With ``calibration_data`` the ranges come from
+real inputs instead (:mod:`squant.ranges.calibration`). :func:`quantize_activations` runs
+whichever applies and records on each layer, as ``act_range_method``, the method that gave its
+range (shown by the report).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from torch import nn
 from ..core.errors import QuantizationError
 from ..core.fake_quant import fake_quantize  # noqa: F401  (squant 0.1 exported it here)
 from ..core.options import ACT_RANGES, ActivationOptions  # noqa: F401  (ACT_RANGES: 0.1's path)
-from .batchnorm import Range
+from ..nn import QuantizedModule
+from .batchnorm import Range, bn_ranges
+from .calibration import calibrate_from_data
 
 LAST_LAYER_BITS = 8
 
@@ -51,14 +56,46 @@ def paper_range(x: torch.Tensor, bits: int, sigma: float | None = None
     return (-alpha if signed else torch.zeros_like(alpha)), alpha
 
 
+def input_bits(count: int, act_bits: int) -> list[int | None]:
+    """The input bits of ``count`` quantized layers in model order: None (float) for the
+    first, 8 for the last, ``act_bits`` for the others."""
+    return [None if index == 0 else LAST_LAYER_BITS if index == count - 1 else act_bits
+            for index in range(count)]
+
+
 def enable_activations(layers: list[nn.Module], act_bits: int) -> list[nn.Module]:
     """Turn on input quantization of every quantized layer of ``layers`` (in model order) but
     the first (float input); the last uses 8 bits, the others ``act_bits``. Returns the layers
     turned on."""
-    for index, layer in enumerate(layers[1:], start=1):
-        layer.enable_activation_quantization(
-            LAST_LAYER_BITS if index == len(layers) - 1 else act_bits)
+    for layer, bits in zip(layers[1:], input_bits(len(layers), act_bits)[1:]):
+        layer.enable_activation_quantization(bits)
     return layers[1:]
+
+
+def quantize_activations(model: nn.Module, options: ActivationOptions) -> None:
+    """Turn on input quantization in the weight-quantized ``model`` (:func:`enable_activations`)
+    and fix every range: from ``options.calibration_data`` by ``options.range``
+    (:func:`squant.ranges.calibration.calibrate_from_data`: observed with the activations in
+    float, then fixed), else data-free (:func:`calibrate`, with :func:`bn_ranges` for
+    ``"bn"``). Each layer quantizing its input gets ``act_range_method``, the method used."""
+    named = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, QuantizedModule) and module.float_input]
+    layers = [module for _, module in named]
+    if options.calibration_data is None:
+        active = enable_activations(layers, options.bits)
+        fixed = bn_ranges(model, active) if options.range == "bn" and active else {}
+        calibrate(model, active, options, fixed)
+        for layer in active:
+            layer.act_range_method = "bn" if id(layer) in fixed else "paper"
+        return
+    targets = [(name, module, bits) for (name, module), bits
+               in zip(named, input_bits(len(named), options.bits)) if bits is not None]
+    ranges = calibrate_from_data(model, targets, options)
+    for layer in enable_activations(layers, options.bits):
+        lo, hi = ranges[id(layer)]
+        layer.act_lo.copy_(lo)
+        layer.act_hi.copy_(hi)
+        layer.act_range_method = options.range
 
 
 def calibrate(model: nn.Module, layers: list[nn.Module], options: ActivationOptions,
