@@ -13,6 +13,9 @@ exact, and in a plain session):
 - session memory: RSS growth of a fresh process creating the session and running one batch;
 - top-1 agreement with the FP32 model and with the PyTorch quantized model (and accuracy on
   labelled data); the ops histogram of onnxruntime's optimized graph.
+"W8A8 calibrated" ranges activations from the first 16 inputs (``act_range="percentile"``, and
+``export_onnx(calibration_data=...)`` for the tensors squant does not range); every row is
+evaluated on the other inputs.
 
 Run: ``python bench/bench_onnx.py [--rounds 7] [--models demo,resnet18,mobilenet_v2]``.
 Needs ``pip install -e ".[onnx,bench]"`` and, for MobileNetV2 and the photos, what
@@ -50,7 +53,10 @@ from resnet import resnet18  # noqa: E402
 
 CONFIGS = {"W8A8": {"bits": 8, "act_bits": 8, "scheme": "symmetric"},
            "W8A8 asymmetric": {"bits": 8, "act_bits": 8, "include_zero": True},
+           "W8A8 calibrated": {"bits": 8, "act_bits": 8, "scheme": "symmetric",
+                               "act_range": "percentile"},
            "W4A8": {"bits": 4, "act_bits": 8}, "W4": {"bits": 4}}
+CALIBRATION_IMAGES = 16  # the first inputs, kept apart from the evaluation inputs
 # The same W8A8 file in a plain session (without the x64quantprecision option squant's
 # session options set for 8-bit codes): faster on x86 without VNNI, not exact (saturation).
 PLAIN_SESSION = "W8A8 plain session"
@@ -166,6 +172,9 @@ def session_memory(path: Path, shape: tuple[int, ...], plain: bool = False) -> i
 
 
 def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
+    calibration = list(task.inputs[:CALIBRATION_IMAGES].split(8))
+    labels = None if task.labels is None else task.labels[CALIBRATION_IMAGES:]
+    task = replace(task, inputs=task.inputs[CALIBRATION_IMAGES:], labels=labels)
     example = task.inputs[:2]
     shape = tuple(task.inputs.shape[1:])
     float_path = folder / f"{task.name}-float.onnx".replace(" ", "_")
@@ -176,11 +185,12 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
                           for i in range(0, len(task.inputs), 50)]).argmax(1)
     paths, rows = {"float": float_path}, {}
     for config, options in CONFIGS.items():
-        extra = {"input_shape": shape} if "act_bits" in options else {}
+        data = {"calibration_data": calibration} if "act_range" in options else {}
+        extra = {"input_shape": shape} if "act_bits" in options and not data else data
         qmodel = squant.quantize(task.model, **options, **extra)
         path = folder / f"{task.name}-{config}-squant.onnx".replace(" ", "_")
         start = time.perf_counter()
-        report = squant.export_onnx(qmodel, path, example)
+        report = squant.export_onnx(qmodel, path, example, **data)
         export_s = time.perf_counter() - start
         with torch.no_grad():
             torch_top1 = torch.cat([qmodel(task.inputs[i:i + 50])
@@ -199,6 +209,8 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
             plain_top1 = torch.from_numpy(outputs(path, task.inputs, plain=True).argmax(1))
             rows[PLAIN_SESSION] = replace(
                 rows[config], config=PLAIN_SESSION,
+                memory_ratio=session_memory(path, shape, plain=True) / session_memory(
+                    float_path, shape),
                 agree_fp32=float((plain_top1 == fp32).float().mean()),
                 agree_torch=float((plain_top1 == torch_top1).float().mean()),
                 accuracy=(None if task.labels is None

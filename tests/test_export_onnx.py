@@ -291,3 +291,22 @@ def test_eight_bit_linears_use_matmul_nbits_only_with_int8_activations(tmp_path,
         expected = qmodel(x).numpy()
     error = np.linalg.norm(run(tmp_path / "m.onnx", x) - expected) / np.linalg.norm(expected)
     assert error < (0.02 if accuracy_level else 1e-5)  # int8 activations on the fly, or exact
+
+
+def test_calibration_data_ranges_the_tensors_squant_does_not(cnn, tmp_path):
+    batches = [torch.rand(4, 3, 12, 12) for _ in range(2)]
+    qmodel = squant.quantize(cnn, 4, act_bits=8, calibration_data=batches,
+                             act_range="percentile")
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2],
+                                calibration_data=batches)
+    assert report.optimized_ops["QLinearConv"] == 2
+    x = torch.rand(16, 3, 12, 12)
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    error = np.linalg.norm(run(tmp_path / "m.onnx", x) - expected) / np.linalg.norm(expected)
+    assert error < 0.05
+    with pytest.raises(TypeError, match="calibration_data batch 0"):
+        squant.export_onnx(qmodel, tmp_path / "n.onnx", batches[0], calibration_data=[[1, 2]])
+    with pytest.raises(squant.QuantizationError, match="no batch"):
+        squant.export_onnx(qmodel, tmp_path / "n.onnx", batches[0], calibration_data=[])
+    assert not (tmp_path / "n.onnx").exists()

@@ -24,7 +24,7 @@ import os
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,7 +55,8 @@ def require_onnx() -> None:
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
                 example_inputs: torch.Tensor | Sequence[torch.Tensor], *, opset: int = 21,
                 dynamic_batch: bool = True, accuracy_level: int = 4,
-                calibration_batch: int = 32, seed: int = 0) -> ExportReport:
+                calibration_data: Iterable | None = None, calibration_batch: int = 32,
+                seed: int = 0) -> ExportReport:
     """Write ``qmodel`` (from :func:`squant.quantize`) to ``path`` as ONNX with squant's codes.
 
     Args:
@@ -68,9 +69,12 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
         accuracy_level: ``MatMulNBits``' ``accuracy_level`` for weight-only Linears of <= 4 bits:
             4 (default) quantizes their activations to int8 on the fly (fastest, measured 0.21x
             float latency at batch 1 in DEPLOY_NOTES.md), 0 computes in float32 (exact).
-        calibration_batch, seed: the data-free batch (uniform [0, 1) float inputs of the example
-            inputs' shapes) whose activations give the 8-bit ranges of tensors squant does not
-            range itself (layer outputs, residual adds), by the SQuant paper's rule.
+        calibration_data: real input batches (each a tensor or a tuple of tensors, as
+            ``example_inputs``), e.g. those ``squant.quantize`` calibrated on: the tensors
+            squant does not range itself (layer outputs, residual adds) then get the 0.01% ..
+            99.99% percentiles of their values (widest over the batches). Without it, data-free:
+        calibration_batch, seed: a batch of uniform [0, 1) float inputs of the example inputs'
+            shapes whose activations give those tensors the SQuant paper's 8-bit range.
 
     Returns:
         An :class:`ExportReport`: per layer the ONNX ops it became, integer or float, and why;
@@ -121,9 +125,10 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     active = [name for name in owners.values() if getattr(layers[name], "act_enabled", False)
               and len(sites[name].nodes) == 1 and codes[name].block_size is None]
     if active:
-        feeds = _calibration_feeds(model, inputs, calibration_batch, seed)
+        batches, rule = _calibration_batches(model, inputs, calibration_data,
+                                             calibration_batch, seed)
         with _quiet():
-            model = qdq.quantize_qdq(model, layers, codes, sites, active, feeds)
+            model = qdq.quantize_qdq(model, layers, codes, sites, active, batches, rule)
         for name in active:
             results[name] = _fused_layer(model, name, layers[name], codes[name], sites[name])
         sites = graph.find_sites(model, {name: float_weights[name] for name in owners.values()
@@ -221,6 +226,26 @@ def _export_float(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], opset: in
             raise QuantizationError(f"torch.onnx.export could not export "
                                     f"{type(qmodel).__name__}: {first}") from error
         return onnx.load(str(target))
+
+
+def _calibration_batches(model, inputs: tuple[torch.Tensor, ...], data: Iterable | None,
+                         batch: int, seed: int) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The graph inputs' feeds for ranging activations, and the rule: ``data``'s batches by
+    percentiles, else squant's data-free batch by the paper's rule."""
+    if data is None:
+        return [_calibration_feeds(model, inputs, batch, seed)], "paper"
+    names = [info.name for info in model.graph.input]
+    batches = []
+    for index, item in enumerate([data] if isinstance(data, torch.Tensor) else data):
+        tensors = (item,) if isinstance(item, torch.Tensor) else tuple(item)
+        if len(tensors) != len(names) or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError(f"calibration_data batch {index}: expected {len(names)} tensor(s), "
+                            "as example_inputs")
+        batches.append({n: (t.float() if t.is_floating_point() else t).detach().cpu().numpy()
+                        for n, t in zip(names, tensors)})
+    if not batches:
+        raise QuantizationError("calibration_data holds no batch")
+    return batches, "percentile"
 
 
 def _calibration_feeds(model, inputs: tuple[torch.Tensor, ...], batch: int,

@@ -35,6 +35,7 @@ from .graph import WEIGHT_OPS, LayerSite, drop_initializer, in_layout
 from .weights import WeightCodes
 
 OUTPUT_BITS = 8
+PERCENTILE = 99.99  # the ranges from real inputs: as squant.quantize's act_range="percentile"
 # What onnxruntime's quantizer may put Q/DQ around (its CPU kernels fuse these); never ops with
 # weights of their own that are not squant's (Gather, LSTM, ...).
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPool",
@@ -54,10 +55,13 @@ def activation_grid(lo: float, hi: float, bits: int) -> tuple[np.float32, np.uin
     return np.float32(1.0 / float(inverse)), np.uint8(zero)
 
 
-def float_tensor_ranges(model: onnx.ModelProto, feeds: dict[str, np.ndarray]
-                        ) -> dict[str, tuple[float, float]]:
-    """``{tensor: (lo, hi)}``: the paper's 8-bit range of every float tensor the graph computes
-    when ``feeds`` run through it (onnxruntime, all intermediate tensors made outputs)."""
+def float_tensor_ranges(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
+                        rule: str = "paper") -> dict[str, tuple[float, float]]:
+    """``{tensor: (lo, hi)}`` for every float tensor the graph computes when ``batches`` run
+    through it (onnxruntime, all intermediate tensors made outputs): by ``rule`` ``"paper"``, the
+    SQuant paper's 8-bit range (:func:`squant.ranges.activations.paper_range`), or
+    ``"percentile"``, the 0.01% and 99.99% percentiles (``PERCENTILE``); the widest over the
+    batches."""
     import onnxruntime as ort
 
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -76,21 +80,27 @@ def float_tensor_ranges(model: onnx.ModelProto, feeds: dict[str, np.ndarray]
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
-    values = session.run(names, feeds)
-    ranges = {}
-    for name, value in zip(names, values):
-        if value.dtype == np.float32 and value.size:
-            lo, hi = paper_range(torch.from_numpy(value), OUTPUT_BITS)
-            ranges[name] = (float(lo), float(hi))
+    ranges: dict[str, tuple[float, float]] = {}
+    for feeds in batches:
+        for name, value in zip(names, session.run(names, feeds)):
+            if value.dtype != np.float32 or not value.size:
+                continue
+            if rule == "paper":
+                lo, hi = (float(v) for v in paper_range(torch.from_numpy(value), OUTPUT_BITS))
+            else:
+                lo, hi = (float(v) for v in np.percentile(value, (100 - PERCENTILE, PERCENTILE)))
+            seen = ranges.get(name, (lo, hi))
+            ranges[name] = (min(seen[0], lo), max(seen[1], hi))
     return ranges
 
 
 def quantize_qdq(model: onnx.ModelProto, layers: dict, codes: dict[str, WeightCodes],
                  sites: dict[str, LayerSite], active: list[str],
-                 feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+                 batches: list[dict[str, np.ndarray]], rule: str) -> onnx.ModelProto:
     """``model`` with Q/DQ pairs by onnxruntime's quantizer around the ``active`` layers (those
     that quantize their input: one node each), told squant's codes and input grids; other
-    weight ops stay float, other activations get the paper's 8-bit ranges on ``feeds``."""
+    weight ops stay float, other activations get the 8-bit ranges of ``rule`` on ``batches``
+    (:func:`float_tensor_ranges`)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -103,7 +113,7 @@ def quantize_qdq(model: onnx.ModelProto, layers: dict, codes: dict[str, WeightCo
     exclude = [node.name for node in model.graph.node if node.name not in fused
                and (node.name in weight_nodes or node.op_type in WEIGHT_OPS)]
     overrides: dict[str, list[dict]] = {}
-    for name, (lo, hi) in float_tensor_ranges(model, feeds).items():
+    for name, (lo, hi) in float_tensor_ranges(model, batches, rule).items():
         overrides[name] = [{"rmin": np.array(min(lo, 0.0), np.float32),
                             "rmax": np.array(max(hi, 0.0), np.float32)}]
     for name in active:
@@ -119,7 +129,7 @@ def quantize_qdq(model: onnx.ModelProto, layers: dict, codes: dict[str, WeightCo
 
     class OneBatch(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([feeds])
+            self.batches = iter(batches[:1])
 
         def get_next(self) -> dict | None:
             return next(self.batches, None)
