@@ -35,7 +35,7 @@ from .io.checkpoint import (
     plan,
     quantize_chunk,
 )
-from .io.file_format import FORMAT_VERSION, QuantizedEntry, squant_metadata
+from .io.file_format import QuantizedEntry, squant_metadata
 from .io.file_io import SafetensorsWriter, SquantReader, atomic_path
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def _quantize(args: argparse.Namespace) -> None:
     source = open_source(source_path)
     _check_output(out, (SAFETENSORS_SUFFIX,), *source.files)
     items = plan(source, QuantOptions(args.bits, args.mode, args.scheme, args.granularity,
-                                       args.range),
+                                       args.range, args.group_size),
                  args.skip, dict(args.layer_bits), args.transposed)
     stats = Statistics() if report_path else None
     total = sum(item.spec.nbytes for item in items)
@@ -137,6 +137,7 @@ def _report_json(source: Path, out: Path, entries: list[QuantizedEntry],
     """The per-tensor statistics as JSON (the same ones the file's metadata holds)."""
     tensors = {e.name: {"bits": e.bits, "mode": e.mode, "axis": e.axis, "shape": list(e.shape),
                         "scheme": e.scheme, "granularity": e.granularity, "range": e.range,
+                        "group_size": e.group_size,
                         **stats[e.name]}
                for e in entries}
     report = {"input": str(source), "output": str(out), "seconds": seconds, "tensors": tensors}
@@ -205,7 +206,7 @@ def _inspect_table(reader: SquantReader) -> str:
     original = sum(reader.spec(name).nbytes for name in reader.names if name not in reader.ties)
     lines.append(f"{len(reader.entries)} quantized and {len(reader.float_names)} float tensors; "
                  f"{_size(reader.path.stat().st_size)} on disk, {_size(original)} unquantized; "
-                 f"squant format {FORMAT_VERSION}, written by squant "
+                 f"squant format {reader.format_version}, written by squant "
                  f"{reader.squant_version}")
     return "\n".join(lines)
 
@@ -257,6 +258,10 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--range", choices=RANGES, default="minmax",
                         help="minmax: each channel's full range (the paper's); search: also "
                              "try shrunk ranges, keep the one closest to the weight")
+    parser.add_argument("--group-size", type=int, default=None, metavar="G",
+                        help="a grid per group of G consecutive inputs of each output channel "
+                             "(G >= 2; for convolutions a multiple of the kernel size); default: "
+                             "one grid per output channel")
     parser.add_argument("--skip", nargs="+", action="extend", default=[], metavar="PATTERN",
                         help="tensors left in float")
     parser.add_argument("--layer-bits", nargs="+", action="extend", default=[],

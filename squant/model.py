@@ -42,6 +42,7 @@ def quantize(
     scheme: str = "asymmetric",
     granularity: str = "channel",
     range: str = "minmax",
+    group_size: int | None = None,
     inplace: bool = False,
     cache_weights: bool = True,
     report: bool = False,
@@ -68,8 +69,9 @@ def quantize(
             covers every layer inside it, in ``layer_bits`` and ``layer_options`` too.
         layer_bits: ``{pattern: bits}``; the first pattern matching a layer's name wins.
         layer_options: ``{pattern: {option: value}}`` with options among ``bits``, ``mode``,
-            ``scheme``, ``granularity``, ``range`` (e.g. ``{"fc": {"scheme": "symmetric"}}``); the
-            first matching pattern's options override the others for that layer.
+            ``scheme``, ``granularity``, ``range``, ``group_size`` (e.g. ``{"fc": {"scheme":
+            "symmetric"}}``); the first matching pattern's options override the others for
+            that layer.
         scheme, granularity, range: the grid (see :class:`squant.QuantOptions`). With
             ``range="search"`` each channel keeps, of its full range and ranges shrunk to 0.94 ..
             0.52 of it, the one with the least error after SQuant's flips. For a layer whose
@@ -81,6 +83,10 @@ def quantize(
             squared error ``sum(d**2)``. If no searched layer has BN inputs, a warning says
             so: by the weight's error alone the search can lose to minmax (README, "Accuracy
             on real models").
+        group_size: None (one grid per output channel, the paper's) or an int ``g >= 2``: a grid
+            per group of ``g`` consecutive inputs of each output channel (README, "Group-wise
+            grids"); for convolutions ``g`` counts elements and must be a multiple of the
+            kernel size (else give the layer its own through ``layer_options``).
         inplace: modify and return ``model`` itself instead of a copy.
         cache_weights: quantized modules keep their dequantized weight after first use
             (faster forward) instead of recomputing it each time (less memory).
@@ -111,7 +117,7 @@ def quantize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
-    default = QuantOptions(bits, mode, scheme, granularity, range)
+    default = QuantOptions(bits, mode, scheme, granularity, range, group_size)
     activations = _activation_options(activations, act_bits=act_bits, input_shape=input_shape,
                                       range=act_range, sigma=sigma,
                                       calibration_batch=calibration_batch, seed=seed)
@@ -332,7 +338,7 @@ def _join_blocks(parts: list[QuantizedTensor]) -> QuantizedTensor:
         scale=torch.cat([p.scale for p in parts]),
         zero_point=torch.cat([p.zero_point for p in parts]),
         bits=first.bits, mode=first.mode, axis=first.axis, scheme=first.scheme,
-        granularity=first.granularity, range=first.range)
+        granularity=first.granularity, range=first.range, group_size=first.group_size)
 
 
 def _report(model: nn.Module, shared: dict[int, _SharedWeight], seconds: float,

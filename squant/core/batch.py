@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import kernels
 from . import compile_notice
+from .groups import group_count, group_moments, group_rows
 from .options import QuantOptions
 
 _BLOCK_ELEMENTS = 1 << 15  # work per block: big enough to amortise its scratch
@@ -31,8 +32,9 @@ compile_notice.install()
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Kernel output for one weight: ``codes`` ``(O, I, K)``, ``scale``/``zero_point`` ``(O,)``;
-    ``finite`` is False if the weight (as float32) holds a NaN or Inf: then the rest is junk."""
+    """Kernel output for one weight: ``codes`` ``(O, I, K)``, ``scale``/``zero_point`` ``(O,)``
+    (``(O, n_groups)`` with a ``group_size``); ``finite`` is False if the weight (as float32)
+    holds a NaN or Inf: then the rest is junk."""
 
     codes: np.ndarray
     scale: np.ndarray
@@ -98,17 +100,19 @@ def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elemen
         helper.result()
 
 
-def _moment_table(arrays: list[np.ndarray], moments: list[np.ndarray | None]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """One flat float64 table of every weight's input moments, and per channel the start of its
-    group's ``2 * I`` values in it (``kernels.NO_MOMENTS`` for a channel without)."""
+def _moment_table(arrays: list[np.ndarray], moments: list[np.ndarray | None],
+                  options: list[QuantOptions]) -> tuple[np.ndarray, np.ndarray]:
+    """One flat float64 table of every weight's input moments, and per kernel channel (an output
+    channel, or one of its groups) the start of its ``2 * inner`` values in it
+    (``kernels.NO_MOMENTS`` for one without)."""
     parts = []
     starts = []
     offset = 0
-    for array, given in zip(arrays, moments):
-        o, i, _ = array.shape
+    for array, given, opts in zip(arrays, moments, options):
+        o, i, k = array.shape
         if given is None:
-            starts.append(np.full(o, kernels.NO_MOMENTS, np.int64))
+            starts.append(np.full(o * group_count(i * k, opts.group_size), kernels.NO_MOMENTS,
+                                  np.int64))
             continue
         given = np.ascontiguousarray(given, np.float64)
         groups = given.shape[0]
@@ -116,7 +120,14 @@ def _moment_table(arrays: list[np.ndarray], moments: list[np.ndarray | None]
             raise ValueError(f"input moments of shape {given.shape} do not fit a weight "
                              f"{array.shape} (expected (G, 2, {i}) with G dividing {o})")
         group_of_channel = np.arange(o, dtype=np.int64) // (o // groups)
-        starts.append(offset + group_of_channel * 2 * i)
+        channel_starts = offset + group_of_channel * 2 * i
+        if opts.group_size is not None:  # each group's moments contiguous, from 2 * j * m on
+            per_group = opts.group_size // k
+            given = group_moments(given, i, per_group)
+            within = 2 * per_group * np.arange(group_count(i * k, opts.group_size),
+                                               dtype=np.int64)
+            channel_starts = (channel_starts[:, None] + within).reshape(-1)
+        starts.append(channel_starts)
         parts.append(given.reshape(-1))
         offset += given.size
     table = np.concatenate(parts) if parts else np.empty(0, np.float64)
@@ -151,7 +162,9 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     sizes = np.array([a.size for a in arrays], np.int64)
     offsets = np.concatenate(([0], np.cumsum(sizes)))
     codes = np.empty(int(offsets[-1]), np.int8)
-    channels = sum(a.shape[0] for a in arrays)
+    counts = [group_count(a.shape[1] * a.shape[2], opts.group_size)
+              for a, opts in zip(arrays, options)]
+    channels = sum(a.shape[0] * c for a, c in zip(arrays, counts))
     ch_address = np.empty(channels, np.int64)
     ch_codes_address = np.empty(channels, np.int64)
     ch_inner = np.empty(channels, np.int64)
@@ -160,19 +173,22 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     ch_flags = np.empty(channels, np.int64)
     ch_lo = np.zeros(channels, np.float32)
     ch_hi = np.zeros(channels, np.float32)
-    table, ch_moments_start = _moment_table(arrays, moments)
+    table, ch_moments_start = _moment_table(arrays, moments, options)
     first = 0
-    for array, opts, given, start in zip(arrays, options, ranges, offsets[:-1]):
+    for array, opts, given, start, count in zip(arrays, options, ranges, offsets[:-1], counts):
         o, i, k = array.shape
-        rows = slice(first, first + o)
-        channel_bytes = np.arange(o, dtype=np.int64) * (i * k)
-        ch_address[rows] = array.ctypes.data + channel_bytes * 4
-        ch_codes_address[rows] = codes.ctypes.data + int(start) + channel_bytes
-        ch_inner[rows], ch_ksize[rows] = i, k
+        rows = slice(first, first + o * count)
+        if opts.group_size is None:
+            channel_elements, inner = np.arange(o, dtype=np.int64) * (i * k), i
+        else:  # each group is a channel of the kernels: contiguous, whole kernels
+            channel_elements, inner = group_rows(o, i * k, k, opts.group_size)
+        ch_address[rows] = array.ctypes.data + channel_elements * 4
+        ch_codes_address[rows] = codes.ctypes.data + int(start) + channel_elements
+        ch_inner[rows], ch_ksize[rows] = inner, k
         ch_bits[rows], ch_flags[rows] = opts.bits, _flags(opts)
         if opts.granularity == "tensor":
             ch_lo[rows], ch_hi[rows] = (array.min(), array.max()) if given is None else given
-        first += o
+        first += o * count
     scale = np.empty(channels, np.float32)
     zero = np.empty(channels, np.float32)
     finite = np.empty(channels, np.bool_)
@@ -183,12 +199,14 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
                 (table if searched else None, ch_moments_start), blocks, int(offsets[-1]))
     results = []
     first = 0
-    for array, start in zip(arrays, offsets[:-1]):
+    for array, start, opts, count in zip(arrays, offsets[:-1], options, counts):
         o = array.shape[0]
-        rows = slice(first, first + o)
+        rows = slice(first, first + o * count)
         all_finite = bool(finite[rows].all() and np.isfinite(ch_lo[rows]).all()
                           and np.isfinite(ch_hi[rows]).all())
+        shape = (o,) if opts.group_size is None else (o, count)
         results.append(BatchResult(codes[start : start + array.size].reshape(array.shape),
-                                   scale[rows], zero[rows], all_finite))
-        first += o
+                                   scale[rows].reshape(shape), zero[rows].reshape(shape),
+                                   all_finite))
+        first += o * count
     return results

@@ -28,6 +28,18 @@ def check_bits(bits: object, where: str = "bits") -> int:
     return int(bits)
 
 
+def check_group_size(group_size: object, where: str = "group_size") -> int | None:
+    """Return ``group_size`` as an int ``>= 2``, or None; else raise a clear error."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise TypeError(f"{where} must be an int >= 2 or None, got {group_size!r}")
+    if group_size < 2:
+        raise QuantizationError(f"{where} must be >= 2 (or None for one grid per channel), "
+                                f"got {group_size}")
+    return int(group_size)
+
+
 def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise QuantizationError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
@@ -47,6 +59,12 @@ class QuantOptions:
     keeps, per channel, the one whose quantized weight is closest to the float weight (never
     farther than minmax's; per-channel granularity only). In ``squant.quantize``, a layer whose
     input BatchNorms determine measures "closest" by the expected output error instead.
+    group_size: ``None`` (default) for one grid per output channel, or an int ``g >= 2``: each
+    output channel is cut into groups of ``g`` consecutive elements along its inputs (the last
+    group shorter when ``g`` does not divide them), each group with its own grid, and CQ (and
+    ``range="search"``) runs within each group. For convolutions ``g`` counts elements and
+    must be a multiple of the kernel size (groups of whole kernels). Not with granularity
+    ``"tensor"``.
     """
 
     bits: int = 4
@@ -54,9 +72,11 @@ class QuantOptions:
     scheme: str = "asymmetric"
     granularity: str = "channel"
     range: str = "minmax"
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", check_bits(self.bits))
+        object.__setattr__(self, "group_size", check_group_size(self.group_size))
         _check_choice(self.mode, "mode", MODES)
         _check_choice(self.scheme, "scheme", SCHEMES)
         _check_choice(self.granularity, "granularity", GRANULARITIES)
@@ -64,6 +84,9 @@ class QuantOptions:
         if self.range == "search" and self.granularity == "tensor":
             raise QuantizationError("range 'search' picks a range per output channel, so it "
                                     "needs granularity 'channel', not 'tensor'")
+        if self.group_size is not None and self.granularity == "tensor":
+            raise QuantizationError("group_size gives each group its own grid, so it needs "
+                                    "granularity 'channel', not 'tensor'")
 
     @property
     def kernel_pass(self) -> bool:

@@ -1,7 +1,8 @@
 """Per-layer error statistics of a quantization, as an aligned table and as JSON.
 
 For each layer: how far the rounding errors of each kernel and each output channel sum from
-zero with plain rounding (EQ) and after SQuant's flips, and the largest weight error.
+zero with plain rounding (EQ) and after SQuant's flips, and the largest weight error. With
+group-wise grids a "channel" is a group: the one whose sum CQ drives to zero.
 """
 
 from __future__ import annotations
@@ -13,7 +14,37 @@ import numpy as np
 import torch
 from torch import nn
 
+from .groups import group_count
 from .tensor import QuantizedTensor
+
+
+def channel_parts(weight: torch.Tensor, qweight: QuantizedTensor
+                  ) -> list[tuple[torch.Tensor, QuantizedTensor]]:
+    """The weight and its quantized tensor as parts with one grid per output channel: itself if
+    it has no ``group_size``; else each group as a channel, ``(channels, kernels, kernel)`` on
+    axis 0: the whole groups as one part, the shorter last groups (if any) as another."""
+    if qweight.group_size is None:
+        return [(weight, qweight)]
+    w = weight.detach().movedim(qweight.axis, 0)
+    codes = qweight.codes.movedim(qweight.axis, 0)
+    channels, ksize = w.shape[0], int(np.prod(w.shape[2:], dtype=np.int64))
+    w, codes = w.reshape(channels, -1), codes.reshape(channels, -1)
+    size, g = w.shape[1], qweight.group_size
+    whole, count = size // g, group_count(size, g)
+    scale = qweight.scale.reshape(channels, count)
+    zero = qweight.zero_point.reshape(channels, count)
+    parts = []
+    for first, last, length in ((0, whole, g), (whole, count, size - whole * g)):
+        if first == last:
+            continue
+        columns = slice(first * g, first * g + (last - first) * length)
+        shape = (channels * (last - first), length // ksize, ksize)
+        part = QuantizedTensor(codes[:, columns].reshape(shape),
+                               scale[:, first:last].reshape(-1),
+                               zero[:, first:last].reshape(-1), qweight.bits, qweight.mode, 0,
+                               qweight.scheme, qweight.granularity, qweight.range)
+        parts.append((w[:, columns].reshape(shape), part))
+    return parts
 
 
 @dataclass(frozen=True)
@@ -49,7 +80,8 @@ def layer_report(name: str, kind: str, shape: torch.Size, blocks: list[torch.Ten
     """Statistics of a weight quantized as ``blocks`` (one per ConvTranspose group), with the
     activation quantization of the quantized ``module`` using it (if any)."""
     kernel_eq, kernel_sq, channel_eq, channel_sq, max_error = [], [], [], [], 0.0
-    for block, q in zip(blocks, parts):
+    pairs = [pair for block, q in zip(blocks, parts) for pair in channel_parts(block, q)]
+    for block, q in pairs:
         w = np.moveaxis(block.detach().cpu().float().numpy(), q.axis, 0)
         w = w.reshape(w.shape[0], w.shape[1], -1)
         scale = q.scale.numpy()[:, None, None]

@@ -12,6 +12,7 @@ import torch
 from .. import kernels
 from .batch import quantize_batch
 from .errors import QuantizationError
+from .groups import check_whole_kernels, dequantize_groups
 from .options import QuantOptions, check_bits
 
 
@@ -21,7 +22,10 @@ class QuantizedTensor:
 
     ``codes`` (int8, the weight's shape), ``scale`` and ``zero_point`` (float32, one per output
     channel, i.e. along ``axis``): the weight is approximated by ``(codes + zero_point) / scale``.
-    ``range`` says how the grid's range was chosen (see :class:`squant.QuantOptions`).
+    ``range`` says how the grid's range was chosen (see :class:`squant.QuantOptions`). With a
+    ``group_size`` (group-wise grids), ``scale`` and ``zero_point`` are ``(O, n_groups)``: output
+    channel ``o``'s elements (inputs, then kernel positions, in C order) are cut into groups of
+    ``group_size``, the last one shorter, ``n_groups = ceil(I * K / group_size)``.
     """
 
     codes: torch.Tensor
@@ -33,6 +37,7 @@ class QuantizedTensor:
     scheme: str = "asymmetric"
     granularity: str = "channel"
     range: str = "minmax"
+    group_size: int | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -41,7 +46,8 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the codes stand for: ``(codes + zero_point) / scale``."""
-        return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis)
+        return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis,
+                                group_size=self.group_size)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """The same codes, scale and zero point on ``device`` (itself if already there)."""
@@ -52,20 +58,24 @@ class QuantizedTensor:
                        zero_point=self.zero_point.to(device))
 
     def __repr__(self) -> str:
+        grouped = "" if self.group_size is None else f", group_size={self.group_size}"
         return (f"QuantizedTensor(shape={tuple(self.shape)}, bits={self.bits}, mode={self.mode!r}, "
                 f"axis={self.axis}, scheme={self.scheme!r}, granularity={self.granularity!r}, "
-                f"range={self.range!r})")
+                f"range={self.range!r}{grouped})")
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                     axis: int, groups: int = 1) -> torch.Tensor:
+                     axis: int, groups: int = 1, group_size: int | None = None) -> torch.Tensor:
     """``(codes + zero_point) / scale`` in float32, the scale and zero point along ``axis``.
 
     With ``groups`` (grouped ConvTranspose weights), ``codes`` are ``groups`` equal blocks along
     dim 0, each with its own ``shape[axis]`` channels: ``scale`` and ``zero_point`` list them
-    block by block. The one place this arithmetic lives, so that every path that dequantizes
-    (tensors, modules, files) gives the same bits.
+    block by block. With ``group_size``, each channel has ``n_groups`` of them
+    (:func:`squant.core.groups.dequantize_groups`). The one place this arithmetic lives, so that
+    every path that dequantizes (tensors, modules, files) gives the same bits.
     """
+    if group_size is not None:
+        return dequantize_groups(codes, scale, zero_point, axis, groups, group_size)
     blocks = codes.to(torch.float32).reshape(groups, -1, *codes.shape[1:])
     view = [groups] + [1] * codes.dim()
     view[axis + 1] = -1
@@ -135,15 +145,16 @@ def quantize_weights(
     scheme: str = "asymmetric",
     granularity: str = "channel",
     range: str = "minmax",
+    group_size: int | None = None,
     names: Sequence[str] | None = None,
 ) -> list[QuantizedTensor]:
     """Quantize many weights with SQuant in one parallel kernel call.
 
     ``bits`` and ``axes`` are one value for all or one per weight; ``axes`` gives each weight's
-    output-channel axis (default 0; 1 for ConvTranspose weights). ``scheme``, ``granularity`` and
-    ``range`` are as in :class:`squant.QuantOptions`. ``names`` label the weights in
-    error messages. numpy and torch inputs give identical codes; float16, bfloat16 and float64
-    are quantized from their float32 value. Inputs are never modified.
+    output-channel axis (default 0; 1 for ConvTranspose weights). ``scheme``, ``granularity``,
+    ``range`` and ``group_size`` are as in :class:`squant.QuantOptions`. ``names`` label the
+    weights in error messages. numpy and torch inputs give identical codes; float16, bfloat16
+    and float64 are quantized from their float32 value. Inputs are never modified.
     """
     if isinstance(weights, (np.ndarray, torch.Tensor)):
         raise TypeError("quantize_weights takes a sequence of weights; for one weight use "
@@ -156,8 +167,8 @@ def quantize_weights(
     if len(names) != count:
         raise QuantizationError(f"got {len(names)} names for {count} weights")
     bits_list = _per_weight(bits, count, "bits")
-    options = [QuantOptions(check_bits(b, f"bits of {n}"), mode, scheme, granularity, range)
-               for b, n in zip(bits_list, names)]
+    options = [QuantOptions(check_bits(b, f"bits of {n}"), mode, scheme, granularity, range,
+                            group_size) for b, n in zip(bits_list, names)]
     return quantize_with_options(weights, _per_weight(0 if axes is None else axes, count, "axes"),
                                  options, names)
 
@@ -183,6 +194,8 @@ def quantize_with_options(
         return []
     moved = [np.moveaxis(a, ax, 0) for a, ax in zip(arrays, axes)]
     views = [m.reshape(m.shape[0], m.shape[1], -1) for m in moved]
+    for view, opts, name in zip(views, options, names):
+        check_whole_kernels(opts.group_size, view.shape[2], name)
     results = quantize_batch(views, list(options), None if ranges is None else list(ranges),
                              None if moments is None else list(moments))
     for result, array, name in zip(results, arrays, names):
@@ -193,7 +206,7 @@ def quantize_with_options(
                 f"{name}: its values span more than float32 arithmetic can hold (max - min "
                 f"overflows); rescale the weight or use scheme='symmetric'")
     for result, view, opts, name in zip(results, views, options, names):
-        _warn_below_floor(result.scale, view, opts, name)
+        _warn_below_floor(result.scale.reshape(-1), view, opts, name)
     out = []
     for result, m, ax, opts in zip(results, moved, axes, options):
         codes = np.moveaxis(result.codes.reshape(m.shape), 0, ax)
@@ -202,7 +215,7 @@ def quantize_with_options(
             scale=torch.from_numpy(result.scale),
             zero_point=torch.from_numpy(result.zero_point),
             bits=opts.bits, mode=opts.mode, axis=ax, scheme=opts.scheme,
-            granularity=opts.granularity, range=opts.range))
+            granularity=opts.granularity, range=opts.range, group_size=opts.group_size))
     return out
 
 
@@ -218,15 +231,23 @@ def _warn_below_floor(scale: np.ndarray, view: np.ndarray, options: QuantOptions
     if flagged.size == 0:
         return
     per_tensor = options.granularity == "tensor"  # then every channel has the tensor's range
-    values = view.reshape(1, -1) if per_tensor else view[flagged].reshape(flagged.size, -1)
+    if per_tensor:
+        groups = [view.reshape(-1)]
+    elif options.group_size is None:
+        groups = list(view[flagged].reshape(flagged.size, -1))
+    else:  # flagged index f: channel f // n_groups, group f % n_groups
+        g, flat = options.group_size, view.reshape(view.shape[0], -1)
+        count = scale.size // view.shape[0]
+        groups = [flat[f // count, f % count * g : f % count * g + g] for f in flagged]
     if symmetric:
-        spans = np.abs(values).max(axis=1)
+        spans = np.array([np.abs(v).max() for v in groups])
     else:
-        spans = values.max(axis=1).astype(np.float64) - values.min(axis=1)
+        spans = np.array([np.float64(v.max()) - v.min() for v in groups])
     tiny = flagged.size if per_tensor and spans[0] > 0 else int(np.count_nonzero(spans > 0))
+    what = "channel(s)" if options.group_size is None else "group(s)"
     if tiny:
         warnings.warn(
-            f"{name}: {tiny} of {scale.shape[0]} channel(s) span less than 1e-8 (the grid's "
+            f"{name}: {tiny} of {scale.shape[0]} {what} span less than 1e-8 (the grid's "
             f"floor), so their codes dequantize to about 0, as on the paper's grid; rescale "
             f"the weight if such small values matter", UserWarning, stacklevel=4)
 
@@ -248,16 +269,20 @@ def quantize_weight(
     scheme: str = "asymmetric",
     granularity: str = "channel",
     range: str = "minmax",
+    group_size: int | None = None,
 ) -> QuantizedTensor:
     """Quantize one weight with SQuant (the paper's method: ``mode="KC"``, asymmetric per channel).
 
     ``weight`` has output channels on ``axis`` (0 for Linear and Conv, 1 for ConvTranspose) and
     at least 2 dims. Returns a :class:`QuantizedTensor` of int8 codes with a scale and zero point
     per output channel. ``range="search"`` tries shrunk ranges per channel and keeps the one
-    that reconstructs the weight best (see :class:`squant.QuantOptions`). Raises
+    that reconstructs the weight best (see :class:`squant.QuantOptions`). ``group_size=g``: a
+    grid per group of ``g`` consecutive elements of each output channel (scale and zero point
+    ``(O, n_groups)``; for convolutions ``g`` is a multiple of the kernel size). Raises
     ``TypeError``/``QuantizationError`` (a ``ValueError``) for bad input: a non-float dtype,
     NaN/Inf, bits outside 2..8, fewer than 2 dims, an empty weight, an axis out of range or an
-    unknown mode.
+    unknown mode, a group_size below 2 or not a multiple of the kernel size.
     """
     return quantize_weights([weight], bits, mode, [axis], scheme=scheme,
-                            granularity=granularity, range=range, names=["weight"])[0]
+                            granularity=granularity, range=range, group_size=group_size,
+                            names=["weight"])[0]

@@ -58,7 +58,7 @@ class Item:
     def options(self) -> QuantOptions:
         """The quantization options of a quantized tensor."""
         e = self.entry
-        return QuantOptions(e.bits, e.mode, e.scheme, e.granularity, e.range)
+        return QuantOptions(e.bits, e.mode, e.scheme, e.granularity, e.range, e.group_size)
 
 
 def _is_quantizable(spec: TensorSpec) -> bool:
@@ -120,7 +120,8 @@ def plan(source: Source, default: QuantOptions, skip: Sequence[str],
                          if any(_matches(p, n) for n in names)), default.bits)
             axis = 1 if any(_matches(p, n) for p in transposed for n in names) else 0
             entry = QuantizedEntry(name, bits, default.mode, axis, spec.shape, spec.dtype,
-                                   default.scheme, default.granularity, range=default.range)
+                                   default.scheme, default.granularity, range=default.range,
+                                   group_size=default.group_size)
         items.append(Item(spec, entry, tuple(names[1:])))
     if not any(item.entry for item in items):
         raise QuantizationError(f"{source.path}: nothing to quantize (no floating tensor named "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.report import channel_parts
 from ..core.tensor import QuantizedTensor
 
 STAT_FIELDS = ("kernel_sum_eq_mean", "kernel_sum_eq_max", "kernel_sum_squant_mean",
@@ -148,8 +149,15 @@ def _add(totals: _Totals, work: _Workspace, weight: torch.Tensor, qweight: Quant
 def tensor_stats(name: str, weight: torch.Tensor, qweight: QuantizedTensor) -> dict[str, float]:
     """``squant.core.report``'s error statistics of one tensor ``name``."""
     totals = _Totals()
-    _add(totals, _Workspace(), weight, qweight)
+    _add_parts(totals, _Workspace(), weight, qweight)
     return totals.fields()
+
+
+def _add_parts(totals: _Totals, work: _Workspace, weight: torch.Tensor,
+               qweight: QuantizedTensor) -> None:
+    """Add a tensor; with group-wise grids each group counts as a channel."""
+    for part_weight, part in channel_parts(weight, qweight):
+        _add(totals, work, part_weight, part)
 
 
 class Statistics:
@@ -161,7 +169,7 @@ class Statistics:
 
     def add(self, name: str, weight: torch.Tensor, qweight: QuantizedTensor) -> None:
         """Add a tensor, or a block of its output channels (blocks come in any order)."""
-        _add(self._totals.setdefault(name, _Totals()), self._work, weight, qweight)
+        _add_parts(self._totals.setdefault(name, _Totals()), self._work, weight, qweight)
 
     def merged(self) -> dict[str, dict[str, float]]:
         """Each tensor's statistics, merged over its blocks."""

@@ -6,7 +6,9 @@ each quantized tensor ``NAME`` is stored as ``NAME.codes`` (uint8, its codes off
 and packed as a little-endian bit stream of ``bits`` bits each), ``NAME.scale`` and
 ``NAME.zero_point`` (float32); every other tensor is stored as it was. The safetensors
 metadata key ``squant`` holds JSON: the format version, the squant version, and per quantized
-tensor what is needed to dequantize it without the model.
+tensor what is needed to dequantize it without the model. Version 2 adds ``group_size`` (a
+tensor with group-wise grids: scale and zero point ``(channels, n_groups)``); files without such
+a tensor are still written as version 1, which older readers read.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import torch
 
 from .._version import __version__
 from ..core.errors import QuantizationError
+from ..core.groups import group_count
 from ..core.options import QuantOptions
 from ..core.tensor import QuantizedTensor, dequantize_codes
 from .packing import pack_codes, packed_size, unpack_codes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version, written when a tensor has group-wise grids
+READ_VERSIONS = (1, 2)
 METADATA_KEY = "squant"
 SUFFIXES = ("codes", "scale", "zero_point")
 
@@ -64,6 +68,9 @@ class QuantizedEntry:
     ConvTranspose weights: the tensor is then ``groups`` equal blocks along dim 0, each with its
     own ``shape[axis]`` channels, so ``scale`` and ``zero_point`` hold ``groups * shape[axis]``
     values, block by block. ``range`` is optional in the header (older files: ``"minmax"``).
+    ``group_size`` (format version 2; absent or None: one grid per channel): each channel's
+    elements are cut into ``n_groups`` groups, so ``scale`` and ``zero_point`` are
+    ``(channels, n_groups)``.
     """
 
     name: str
@@ -76,6 +83,7 @@ class QuantizedEntry:
     granularity: str = "channel"
     groups: int = 1
     range: str = "minmax"
+    group_size: int | None = None
 
     @property
     def count(self) -> int:
@@ -87,23 +95,32 @@ class QuantizedEntry:
         """Number of scales and zero points."""
         return self.groups * self.shape[self.axis]
 
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Shape of ``scale`` and ``zero_point``: ``(channels,)``, or ``(channels, n_groups)``."""
+        if self.group_size is None:
+            return (self.channels,)
+        return (self.channels, group_count(self.count // self.channels, self.group_size))
+
     def specs(self) -> list[TensorSpec]:
         """The three tensors of the file that hold this tensor."""
         return [TensorSpec(f"{self.name}.codes", torch.uint8,
                            (packed_size(self.count, self.bits),)),
-                TensorSpec(f"{self.name}.scale", torch.float32, (self.channels,)),
-                TensorSpec(f"{self.name}.zero_point", torch.float32, (self.channels,))]
+                TensorSpec(f"{self.name}.scale", torch.float32, self.grid_shape),
+                TensorSpec(f"{self.name}.zero_point", torch.float32, self.grid_shape)]
 
     def to_json(self) -> dict:
-        """The header entry (JSON-ready)."""
+        """The header entry (JSON-ready; ``group_size`` only for group-wise grids)."""
+        grouped = {} if self.group_size is None else {"group_size": self.group_size}
         return {"bits": self.bits, "mode": self.mode, "axis": self.axis, "shape": list(self.shape),
                 "dtype": str(self.dtype).removeprefix("torch."), "scheme": self.scheme,
                 "granularity": self.granularity, "groups": self.groups,
-                "range": self.range}
+                "range": self.range, **grouped}
 
     @classmethod
-    def from_json(cls, name: str, raw: object) -> QuantizedEntry:
-        """Parse and validate a header entry; raises ``QuantizationError`` naming the tensor."""
+    def from_json(cls, name: str, raw: object, version: int = FORMAT_VERSION) -> QuantizedEntry:
+        """Parse and validate a header entry of a file of format ``version``; raises
+        ``QuantizationError`` naming the tensor."""
         try:
             if not isinstance(raw, dict):
                 raise TypeError("entry is not a JSON object")
@@ -113,11 +130,13 @@ class QuantizedEntry:
                 raise ValueError(f"bad shape {raw['shape']!r}")
             if raw["dtype"] not in _FLOAT_DTYPES:
                 raise ValueError(f"dtype {raw['dtype']!r} is not one of {', '.join(_FLOAT_DTYPES)}")
+            if version < 2 and raw.get("group_size") is not None:
+                raise ValueError("group_size needs format version 2")
             options = QuantOptions(raw["bits"], raw["mode"], raw["scheme"], raw["granularity"],
-                                   raw.get("range", "minmax"))
+                                   raw.get("range", "minmax"), raw.get("group_size"))
             entry = cls(name, options.bits, options.mode, _json_int(raw["axis"], "axis"), shape,
                         _FLOAT_DTYPES[raw["dtype"]], options.scheme, options.granularity,
-                        _json_int(raw["groups"], "groups"), options.range)
+                        _json_int(raw["groups"], "groups"), options.range, options.group_size)
         except (KeyError, TypeError, ValueError) as error:
             raise QuantizationError(f"header entry of tensor {name!r} is invalid: "
                                     f"{_describe(error)}") from None
@@ -131,6 +150,11 @@ class QuantizedEntry:
         if self.groups < 1 or self.shape[0] % self.groups:
             raise QuantizationError(f"header entry of tensor {self.name!r} is invalid: groups "
                                     f"{self.groups} does not divide dim 0 of {self.shape}")
+        kernel = math.prod(self.shape[2:])
+        if self.group_size is not None and self.group_size % kernel:
+            raise QuantizationError(f"header entry of tensor {self.name!r} is invalid: "
+                                    f"group_size {self.group_size} is not a multiple of the "
+                                    f"kernel size {kernel}")
 
     def file_tensors(self, qweight: QuantizedTensor) -> dict[str, torch.Tensor]:
         """The file's tensors for ``qweight``: packed codes, float32 scale and zero point."""
@@ -153,9 +177,11 @@ class QuantizedEntry:
                                     f"from row {start} do not fit the entry's shape "
                                     f"{self.shape}")
         codes = pack_codes(qweight.codes.detach().cpu().numpy(), self.bits)
-        scale = qweight.scale.detach().cpu().to(torch.float32).reshape(-1)
-        zero_point = qweight.zero_point.detach().cpu().to(torch.float32).reshape(-1)
-        offsets = (start * row * self.bits // 8, 4 * start, 4 * start)
+        per_row = math.prod(self.grid_shape[1:])  # grids per channel
+        shape = (-1, *self.grid_shape[1:])
+        scale = qweight.scale.detach().cpu().to(torch.float32).reshape(shape)
+        zero_point = qweight.zero_point.detach().cpu().to(torch.float32).reshape(shape)
+        offsets = (start * row * self.bits // 8, 4 * start * per_row, 4 * start * per_row)
         return dict(zip((s.name for s in self.specs()),
                         zip((torch.from_numpy(codes), scale, zero_point), offsets)))
 
@@ -165,13 +191,14 @@ class QuantizedEntry:
         ConvTranspose weight: all groups joined, as ``squant.quantize`` holds them)."""
         codes = unpack_codes(packed.numpy(), self.bits, self.count).reshape(self.shape)
         return QuantizedTensor(torch.from_numpy(codes), scale, zero_point, self.bits, self.mode,
-                               self.axis, self.scheme, self.granularity, self.range)
+                               self.axis, self.scheme, self.granularity, self.range,
+                               self.group_size)
 
     def dequantize(self, qweight: QuantizedTensor) -> torch.Tensor:
         """``(codes + zero_point) / scale`` in float32, block by block, in the original dtype:
         the same arithmetic as the quantized modules, so the values are identical."""
         weight = dequantize_codes(qweight.codes, qweight.scale, qweight.zero_point, self.axis,
-                                  self.groups)
+                                  self.groups, self.group_size)
         return weight.to(self.dtype)
 
 
@@ -191,10 +218,12 @@ def _describe(error: Exception) -> str:
 def squant_metadata(entries: list[QuantizedEntry], report: Mapping[str, dict] | None = None,
                     ties: Mapping[str, str] | None = None,
                     user: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The safetensors metadata of a squant file: ``squant`` (the JSON header: entries, the
+    """The safetensors metadata of a squant file: ``squant`` (the JSON header: format version 2
+    if a tensor has group-wise grids, else 1, so that older readers read it; entries, the
     optional ``report`` and ``ties``, tied name -> stored name) and ``format``, beside the
     ``user`` metadata of the input (whose ``format`` and ``squant`` keys squant's replace)."""
-    header = {"format_version": FORMAT_VERSION, "squant_version": __version__,
+    grouped = any(e.group_size is not None for e in entries)
+    header = {"format_version": FORMAT_VERSION if grouped else 1, "squant_version": __version__,
               "tensors": {e.name: e.to_json() for e in entries}}
     if report:
         header["report"] = dict(report)

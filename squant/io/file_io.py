@@ -22,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 from ..core.errors import QuantizationError
 from ..core.tensor import QuantizedTensor
 from .file_format import (
-    FORMAT_VERSION,
     METADATA_KEY,
+    READ_VERSIONS,
     SAFETENSORS_DTYPES,
     TORCH_DTYPES,
     QuantizedEntry,
@@ -187,7 +187,8 @@ class SquantReader:
     def _read_header(self, names: list[str]) -> None:
         header = self._parse_header()
         self.squant_version = str(header.get("squant_version", "unknown"))
-        self.entries = {name: QuantizedEntry.from_json(name, raw)
+        self.format_version: int = header["format_version"]
+        self.entries = {name: QuantizedEntry.from_json(name, raw, self.format_version)
                         for name, raw in _object_field(header, "tensors", self.path).items()}
         self.report: dict[str, dict] = _object_field(header, "report", self.path, {})
         for entry in self.entries.values():
@@ -231,10 +232,11 @@ class SquantReader:
         if not isinstance(header, dict):
             raise QuantizationError(f"{self.path}: corrupt squant header (not a JSON object)")
         version = header.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in READ_VERSIONS:
             raise QuantizationError(
                 f"{self.path}: squant format version {version!r} is not supported (this squant "
-                f"reads version {FORMAT_VERSION}); upgrade squant or re-quantize")
+                f"reads versions {', '.join(map(str, READ_VERSIONS))}); upgrade squant or "
+                "re-quantize")
         return header
 
     def _check_stored(self, entry: QuantizedEntry) -> None:

@@ -34,7 +34,8 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedModule]:
 def _module_entry(prefix: str, module: QuantizedModule) -> QuantizedEntry:
     return QuantizedEntry(_join(prefix, "weight"), module.bits, module.mode, module.axis,
                           tuple(module.codes.shape), module.weight_dtype, module.scheme,
-                          module.granularity, module.groups_of_codes, module.range)
+                          module.granularity, module.groups_of_codes, module.range,
+                          getattr(module, "group_size", None))
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
@@ -62,7 +63,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
             module = modules[prefix]
             qweight = QuantizedTensor(module.codes, module.scale, module.zero_point, entry.bits,
                                       entry.mode, entry.axis, entry.scheme, entry.granularity,
-                                      entry.range)
+                                      entry.range, entry.group_size)
             for name, tensor in entry.file_tensors(qweight).items():
                 writer.write(name, tensor)
         for name, tensor in state.items():

@@ -85,7 +85,7 @@ class QuantizedModule:
         qmodule.register_buffer("zero_point", qweight.zero_point)
         qmodule.bits, qmodule.mode, qmodule.axis = qweight.bits, qweight.mode, qweight.axis
         qmodule.scheme, qmodule.granularity = qweight.scheme, qweight.granularity
-        qmodule.range = qweight.range
+        qmodule.range, qmodule.group_size = qweight.range, qweight.group_size
         qmodule.cache_weight = cache_weight
         qmodule.weight_dtype = module.weight.dtype
         qmodule.original_class = type(module)  # a subclass of float_class: dequantize gives it
@@ -113,7 +113,7 @@ class QuantizedModule:
     def dequantize_weight(self) -> torch.Tensor:
         """``(codes + zero_point) / scale`` in float32, scale and zero point along ``axis``."""
         return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis,
-                                self.groups_of_codes)
+                                self.groups_of_codes, getattr(self, "group_size", None))
 
     @property
     def groups_of_codes(self) -> int:
@@ -203,6 +203,9 @@ class QuantizedModule:
 
     def extra_repr(self) -> str:
         act = f", act_bits={int(self.act_bits)}" if self.act_enabled else ""
+        group_size = getattr(self, "group_size", None)  # modules pickled before group_size
+        if group_size is not None:
+            act = f", group_size={group_size}{act}"
         return (f"{super().extra_repr()}, bits={self.bits}, mode={self.mode}, "
                 f"scheme={self.scheme}, granularity={self.granularity}, range={self.range}{act}")
 

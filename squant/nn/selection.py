@@ -54,7 +54,7 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
         if unknown:
             raise QuantizationError(f"layer_options[{pattern!r}]: unknown option(s) "
                                     f"{', '.join(sorted(map(str, unknown)))}; use bits, mode, "
-                                    "scheme, granularity or range")
+                                    "scheme, granularity, range or group_size")
     by_module: dict[int, Layer] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if quantized_class(module) is None:  # left_in_float() names it, with the reason
