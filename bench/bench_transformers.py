@@ -82,8 +82,18 @@ def run_method(model_name: str, base: torch.nn.Module, names: list[str], method:
     return row
 
 
-def bench_model(model_name: str, args: argparse.Namespace, novels: dict) -> list[dict]:
-    """Every method at every bit width on one model."""
+def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
+    """The rows so far, written whole (a partial file, then renamed over ``path``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    partial.replace(path)
+
+
+def bench_model(model_name: str, args: argparse.Namespace, novels: dict, done: list[dict]
+                ) -> list[dict]:
+    """Every method at every bit width on one model; ``done`` (earlier rows) and the new ones
+    go to the JSON file after each method."""
     if model_name == "SmolLM2-135M":
         base, tokenizer = data.load_smollm2()
         inputs = {"windows": data.token_windows(tokenizer, novels, args.tokens)}
@@ -104,9 +114,10 @@ def bench_model(model_name: str, args: argparse.Namespace, novels: dict) -> list
     grouped = has_group_size()
     for bits in args.bits:
         for method in tm.methods(bits, grouped) + proto.methods(norms):
-            if args.only and not any(s in method.label for s in args.only):
+            if args.only and method.label not in args.only:
                 continue
             rows.append(run_method(model_name, base, names, method, bits, inputs, norms))
+            write_json(args.json, args.meta, done + rows)
     return rows
 
 
@@ -119,26 +130,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="SmolLM2 perplexity tokens (512-token windows)")
     parser.add_argument("--sentences", type=int, default=512, help="MiniLM sentences")
     parser.add_argument("--only", nargs="*", default=[],
-                        help="run only methods whose label contains one of these strings")
+                        help="run only the methods with these labels (FP32 always runs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=RESULTS / "transformers.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "transformers.png")
+    parser.add_argument("--table-from", nargs="+", type=Path, default=[],
+                        help="only print the table and draw the PNG of these JSON files")
     args = parser.parse_args(argv)
+    if args.table_from:
+        rows = [r for f in args.table_from for r in json.loads(f.read_text())["rows"]]
+        print(markdown_table(rows, args.bits))
+        plot(rows, args.png)
+        return 0
     requirements.exit_if_missing("bench_transformers.py", data.missing_requirements())
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Load squant's compiled kernels once, so that no method's time includes numba's cache load.
+    import squant
+
+    for options in ({}, {"range": "search"}):
+        squant.quantize_weights([torch.ones(2, 8)], 4, group_size=4, **options)
     novels = data.austen_novels()
-    rows = []
+    args.meta = {"threads": args.threads, "tokens": args.tokens, "sentences": args.sentences,
+                 "squant_group_size": has_group_size(), "torch": torch.__version__}
+    rows: list[dict] = []
     for key in args.models:
         rows += bench_model({"smollm2": "SmolLM2-135M", "minilm": "all-MiniLM-L6-v2"}[key],
-                            args, novels)
-    meta = {"threads": args.threads, "tokens": args.tokens, "sentences": args.sentences,
-            "squant_group_size": has_group_size(), "torch": torch.__version__}
+                            args, novels, rows)
     print(markdown_table(rows, args.bits))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.json.with_suffix(".json.partial")
-    partial.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    partial.replace(args.json)
+    write_json(args.json, args.meta, rows)
     plot(rows, args.png)
     print(f"wrote {args.json} and {args.png}")
     return 0

@@ -149,6 +149,9 @@ def methods(bits: int, squant_grouped: bool) -> list[Method]:
         else:
             out.append(Method(f"SQuant g{g} (groups as channels)", "SQuant", g,
                               squant_groups_as_channels(g)))
+    if squant_grouped:
+        out.append(Method("SQuant g64 range=search", "SQuant", 64,
+                          squant_model(64, range="search")))
     for g in (64, 128):
         out.append(Method(f"HQQ g{g}", "HQQ", g, hqq(g)) if importlib.util.find_spec("hqq")
                    else Method(f"HQQ g{g}", "HQQ", g, None,
