@@ -109,8 +109,9 @@ def bench_model(model_name: str, args: argparse.Namespace, novels: dict, done: l
     norms = proto.feeding_norms(base)
     print(f"  quantized: the {len(names)} Linears of the blocks; float: embeddings, norms, "
           "lm_head/pooler", flush=True)
-    rows = [{"model": model_name, "method": "FP32", "family": "FP32", "group": None,
-             "bits": 32, "seconds": 0.0, **evaluate(model_name, base, inputs)}]
+    rows = [] if args.skip_fp32 else [
+        {"model": model_name, "method": "FP32", "family": "FP32", "group": None, "bits": 32,
+         "seconds": 0.0, **evaluate(model_name, base, inputs)}]
     grouped = has_group_size()
     for bits in args.bits:
         for method in tm.methods(bits, grouped) + proto.methods(norms):
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="SmolLM2 perplexity tokens (512-token windows)")
     parser.add_argument("--sentences", type=int, default=512, help="MiniLM sentences")
     parser.add_argument("--only", nargs="*", default=[],
-                        help="run only the methods with these labels (FP32 always runs)")
+                        help="run only the methods with these labels")
+    parser.add_argument("--skip-fp32", action="store_true",
+                        help="do not evaluate the float model (another run's JSON has it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=RESULTS / "transformers.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "transformers.png")
