@@ -138,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=RESULTS / "transformers.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "transformers.png")
     parser.add_argument("--table-from", nargs="+", type=Path, default=[],
-                        help="only print the table and draw the PNG of these JSON files")
+                        help="no run: the table, JSON and PNG of these runs' JSON files together")
     args = parser.parse_args(argv)
     if args.table_from:
-        rows = [r for f in args.table_from for r in json.loads(f.read_text())["rows"]]
+        parts = [json.loads(f.read_text()) for f in args.table_from]
+        rows = [r for part in parts for r in part["rows"]]
         print(markdown_table(rows, args.bits))
+        if args.json not in args.table_from:
+            write_json(args.json, {"runs": [part["meta"] for part in parts]}, rows)
         plot(rows, args.png)
         return 0
     requirements.exit_if_missing("bench_transformers.py", data.missing_requirements())

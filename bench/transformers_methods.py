@@ -77,10 +77,10 @@ def rtn(group: int | None) -> Callable[[nn.Module, list[str], int], Weights]:
     return run
 
 
-def squant_model(group: int | None, **options: object
+def squant_model(group: int | None, mode: str = "KC", **options: object
                  ) -> Callable[[nn.Module, list[str], int], Weights]:
-    """``squant.quantize(model, bits, mode="KC", skip=<every other Linear>, inplace=True)``
-    (with ``group_size`` when given), then the dequantized weights of the named layers."""
+    """``squant.quantize(model, bits, mode, skip=<every other Linear>, inplace=True)`` (with
+    ``group_size`` when given), then the dequantized weights of the named layers."""
     def run(model: nn.Module, names: list[str], bits: int) -> Weights:
         chosen = set(names)
         skip = [n for n, m in model.named_modules()
@@ -88,7 +88,7 @@ def squant_model(group: int | None, **options: object
         extra = dict(options) if group is None else {"group_size": group, **options}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            qmodel = squant.quantize(model, bits, mode="KC", skip=skip, inplace=True, **extra)
+            qmodel = squant.quantize(model, bits, mode, skip=skip, inplace=True, **extra)
         float_model = squant.dequantize(qmodel, inplace=True)
         return {name: m.weight.detach().float() for name, m in
                 _linears(float_model, names).items()}
@@ -152,6 +152,9 @@ def methods(bits: int, squant_grouped: bool) -> list[Method]:
     if squant_grouped:
         out.append(Method("SQuant g64 range=search", "SQuant", 64,
                           squant_model(64, range="search")))
+        # squant's own range search without CQ (mode "E": round to nearest in each group)
+        out.append(Method("SQuant E g64 range=search", "SQuant", 64,
+                          squant_model(64, "E", range="search")))
     for g in (64, 128):
         out.append(Method(f"HQQ g{g}", "HQQ", g, hqq(g)) if importlib.util.find_spec("hqq")
                    else Method(f"HQQ g{g}", "HQQ", g, None,
