@@ -20,7 +20,8 @@ def _cell(row: dict | None, key: str, fmt: str) -> str:
 def markdown_table(rows: list[dict], bits: list[int]) -> str:
     """One line per method; per model its metric(s) at each bit width and the quantization time
     (seconds, wall) at each. '—': skipped or failed (the reason is printed and in the JSON)."""
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    present = {r["model"] for r in rows}
+    models = [m for m in METRICS if m in present]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     index = {(r["model"], r["method"], r["bits"]): r for r in rows}
     header = ["method"]
@@ -56,11 +57,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
     for ax, (model, key) in zip(axes[0], panels):
         done = [r for r in rows if r["model"] == model and "skipped" not in r]
-        for method in dict.fromkeys(r["method"] for r in done if r["method"] != "FP32"):
+        labels = list(dict.fromkeys(r["method"] for r in done if r["method"] != "FP32"))
+        for colour, method in enumerate(labels):
             points = sorted((r["bits"], r[key]) for r in done if r["method"] == method)
             style = {"RTN": "--", "SQuant": "-", "HQQ": ":", "quanto": "-.", "proto": "-"}
             family = next(r["family"] for r in done if r["method"] == method)
-            ax.plot(*zip(*points), style.get(family, "-"), marker="o", label=method)
+            ax.plot(*zip(*points), style.get(family, "-"), marker="o", label=method,
+                    color=plt.cm.tab20(colour % 20))
         fp32 = [r[key] for r in done if r["method"] == "FP32"]
         if fp32:
             ax.axhline(fp32[0], color="grey", lw=1, label="FP32")
