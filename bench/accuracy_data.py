@@ -4,10 +4,10 @@ crops, the Fashion-MNIST test set, and the check that all of it is installed."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
+import requirements
 import torch
 from mobilenet_v2 import WEIGHTS_INSTALL, weights_path
 from train_fashion_mnist import DATASET_DIR, read_idx
@@ -53,10 +53,7 @@ def missing_requirements() -> list[str]:
 
 def exit_if_missing(benchmark: str) -> None:
     """Print what is missing and how to get it, and exit with status 2, if anything is."""
-    missing = missing_requirements()
-    if missing:
-        print(f"missing, so {benchmark} cannot run:", *missing, sep="\n  ", file=sys.stderr)
-        raise SystemExit(2)
+    requirements.exit_if_missing(benchmark, missing_requirements())
 
 
 def opencv_photos() -> dict[str, np.ndarray]:
