@@ -58,6 +58,17 @@ def float_tensor_ranges(model: onnx.ModelProto, feeds: dict[str, np.ndarray]
                         ) -> dict[str, tuple[float, float]]:
     """``{tensor: (lo, hi)}``: the paper's 8-bit range of every float tensor the graph computes
     when ``feeds`` run through it (onnxruntime, all intermediate tensors made outputs)."""
+    ranges = {}
+    for name, value in float_tensors(model, feeds).items():
+        lo, hi = paper_range(torch.from_numpy(value), OUTPUT_BITS)
+        ranges[name] = (float(lo), float(hi))
+    return ranges
+
+
+def float_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                  wanted: set[str] | None = None) -> dict[str, np.ndarray]:
+    """``{tensor: value}`` of every non-empty float tensor the graph computes (or of those in
+    ``wanted``) when ``feeds`` run through it (onnxruntime, intermediate tensors made outputs)."""
     import onnxruntime as ort
 
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -71,18 +82,19 @@ def float_tensor_ranges(model: onnx.ModelProto, feeds: dict[str, np.ndarray]
     probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
                               for name in floats if name not in known)
     names = [out.name for out in probe.graph.output]
+    if wanted is not None:
+        names = [name for name in names if name in wanted] + sorted(
+            wanted & set(feeds) - set(names))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
-    values = session.run(names, feeds)
-    ranges = {}
-    for name, value in zip(names, values):
-        if value.dtype == np.float32 and value.size:
-            lo, hi = paper_range(torch.from_numpy(value), OUTPUT_BITS)
-            ranges[name] = (float(lo), float(hi))
-    return ranges
+    values = session.run([n for n in names if n not in feeds], feeds)
+    values = dict(zip([n for n in names if n not in feeds], values))
+    values.update({n: feeds[n] for n in names if n in feeds})
+    return {name: value for name, value in values.items()
+            if value.dtype == np.float32 and value.size}
 
 
 def quantize_qdq(model: onnx.ModelProto, layers: dict, codes: dict[str, WeightCodes],

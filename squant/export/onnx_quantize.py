@@ -1,0 +1,253 @@
+"""``squant quantize IN.onnx OUT.onnx`` and ``squant inspect OUT.onnx``: the steps of
+:mod:`.onnx_input` put together, and the export writer's storage of the codes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..core.errors import QuantizationError
+from ..core.options import ActivationOptions, QuantOptions
+from .onnx_input import (
+    LAYERS_KEY,
+    LINEAR_OPS,
+    OnnxJob,
+    OnnxLayer,
+    _first,
+    activation_feeds,
+    find_weights,
+    layers_metadata,
+    load_onnx,
+    quantize_layers,
+    set_activation_grids,
+    stopwatch,
+)
+from .report import ExportReport, LayerExport
+
+EXTERNAL_DATA_BYTES = 1 << 30  # models above this (or read with external data) write it too
+NBITS_MAX_BITS = 4
+
+
+def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
+                  options: QuantOptions, *, skip: Sequence[str] = (),
+                  layer_bits: Mapping[str, int] | None = None, act_bits: int | None = None,
+                  input_shape: Sequence[int] | None = None, accuracy_level: int = 4,
+                  activation: ActivationOptions | None = None) -> OnnxJob:
+    """Quantize the weights of the ONNX model ``source`` with SQuant and write ``output``.
+
+    Args:
+        source, output: ``.onnx`` paths (``output`` replaced atomically; with external data its
+            ``OUT.onnx.data`` beside it).
+        options: bits, mode, scheme, granularity, range, group_size for every weight.
+        skip, layer_bits: fnmatch patterns of node or initializer names left float, or given
+            other bits (first match wins).
+        act_bits: also quantize activations (data-free, the paper's ranges on squant's
+            calibration batch through the float model) so onnxruntime runs convs as
+            ``QLinearConv``; ``input_shape`` (no batch dim) for models with dynamic dims.
+        accuracy_level: ``MatMulNBits``' (4: int8 activations on the fly; 0: float).
+        activation: calibration batch, seed and sigma (default :class:`ActivationOptions`'s).
+
+    Returns:
+        An :class:`OnnxJob` with the :class:`ExportReport` (per layer: ops, integer or float).
+
+    Raises:
+        QuantizationError: an unreadable, invalid or unsupported model, a weight that is a graph
+            input, no quantizable weight, a bad pattern or option (named).
+    """
+    from .onnx_export import CONFIG_KEY, optimized_ops, require_onnx
+
+    require_onnx()
+    import onnx
+
+    start = stopwatch()
+    source, output = Path(source), Path(output)
+    model = load_onnx(source)
+    external = any(init.data_location == onnx.TensorProto.EXTERNAL
+                   for init in onnx.load(str(source), load_external_data=False).graph.initializer)
+    entries, left = find_weights(model, source)
+    if not entries:
+        raise QuantizationError(f"{source}: no Conv, ConvTranspose, Gemm or MatMul reads a "
+                                "float initializer weight: nothing to quantize")
+    layers = quantize_layers(model, entries, options, skip, dict(layer_bits or {}))
+    left.update({node: "skipped (--skip)" for e in entries if e["name"] not in layers
+                 for node in e["nodes"]})
+    active: list[str] = []
+    if act_bits is not None:
+        activation = activation or ActivationOptions(act_bits, tuple(input_shape or (1,)))
+        feeds = activation_feeds(model, source, input_shape, activation)
+        fixed = _free_batch(model)
+        try:
+            active = set_activation_grids(model, layers, feeds, act_bits, activation.sigma)
+        except Exception as error:  # onnxruntime's errors: a batch the graph cannot take
+            raise QuantizationError(
+                f"{source}: the calibration batch of shape {next(iter(feeds.values())).shape} "
+                f"does not run through the model: {_first(error)}") from None
+    model, results = _store(model, layers, active, accuracy_level,
+                            feeds if active else None)
+    if act_bits is not None:
+        _restore_batch(model, fixed)
+    config = {"session.x64quantprecision": "1"} if any(layers[n].bits > 7 for n in active) \
+        else {}
+    if accuracy_level != 4:  # onnxruntime's own DequantizeLinear -> MatMul rewrite: the same
+        config["session.qdq_matmulnbits_accuracy_level"] = str(accuracy_level)
+    onnx.helper.set_model_props(model, {CONFIG_KEY: json.dumps(config),
+                                        "squant.producer": "squant quantize (ONNX input)",
+                                        LAYERS_KEY: layers_metadata(results)})
+    report = ExportReport(str(output), results, session_config=config)
+    big = external or model.ByteSize() > EXTERNAL_DATA_BYTES
+    with _atomic_onnx(output, big) as temporary:
+        _save(model, temporary, big)
+        report.optimized_ops = optimized_ops(temporary, config)
+    report.file_bytes = _bytes(output)
+    return OnnxJob(report, left, _bytes(source), stopwatch() - start)
+
+
+def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_level: int,
+           feeds) -> tuple[object, list[LayerExport]]:
+    """Put each layer's codes in ``model``: Q/DQ for ``active`` (onnxruntime's quantizer told
+    squant's codes and grids), ``MatMulNBits`` or ``DequantizeLinear`` for the others."""
+    from . import graph, nbits, qdq, weights
+    from .onnx_export import _fused_layer, _quiet
+
+    codes = {name: weights.weight_codes(name, layer) for name, layer in layers.items()
+             if layer.groups_of_codes == 1}
+    sites = _sites(model, layers)
+    for name in codes:  # onnxruntime's quantizer rounds the weight it finds: give it squant's
+        if codes[name].widened or name in active:
+            graph.set_weight(model, sites[name], codes[name])
+    results: dict[str, LayerExport] = {}
+    if active:
+        with _quiet():
+            model = qdq.quantize_qdq(model, layers, codes, sites, active, feeds)
+        for name in active:
+            results[name] = _fused_layer(model, name, layers[name], codes[name], sites[name])
+        sites = _sites(model, {n: layer for n, layer in layers.items() if n not in results})
+    for name, layer in layers.items():
+        if name in results:
+            continue
+        if name not in codes:  # a grouped ConvTranspose: channels on two axes
+            results[name] = LayerExport(name, layer.bits, "float initializer", False,
+                                        "a grouped ConvTranspose's channels span two axes, "
+                                        "which no DequantizeLinear holds: left float")
+            continue
+        site = sites[name]
+        if layer.op in LINEAR_OPS and layer.bits <= NBITS_MAX_BITS:
+            packed = nbits.matmul_nbits_weight(layer)
+            if packed is not None and graph.replace_with_matmul_nbits(model, name, site, packed,
+                                                                      accuracy_level):
+                results[name] = LayerExport(name, layer.bits, "MatMulNBits", accuracy_level > 0,
+                                            f"{packed[4]}-bit weights, accuracy_level "
+                                            f"{accuracy_level}")
+                continue
+        graph.replace_with_dequantize(model, name, site, codes[name])
+        op = layer.op
+        if active:
+            reason = ("squant keeps the first layer's input float" if layer.act_bits is None
+                      and name == next(iter(layers)) else "onnxruntime cannot fuse it (several "
+                      "readers or group-wise grids): its input stays float")
+        elif op == "MatMul":
+            reason = "onnxruntime rewrites it to its MatMulNBits (8-bit container)"
+        else:
+            reason = ("weight-only: onnxruntime runs it in float (it folds the "
+                      "DequantizeLinear) unless activations are quantized (--act-bits)")
+        integer = op == "MatMul" and not active and accuracy_level > 0
+        results[name] = LayerExport(name, layer.bits, f"DequantizeLinear → {op}", integer,
+                                    reason)
+    return model, [results[name] for name in layers]
+
+
+def _free_batch(model) -> dict[str, int]:
+    """Make dim 0 of the graph's inputs and outputs dynamic (the calibration batch has
+    ``calibration_batch`` samples); returns the fixed sizes to restore afterwards."""
+    fixed = {}
+    for info in [*model.graph.input, *model.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            fixed[info.name] = dims[0].dim_value
+            dims[0].dim_param = "squant_batch"
+    del model.graph.value_info[:]
+    return fixed
+
+
+def _restore_batch(model, fixed: dict[str, int]) -> None:
+    for info in [*model.graph.input, *model.graph.output]:
+        if info.name in fixed:
+            info.type.tensor_type.shape.dim[0].dim_value = fixed[info.name]
+
+
+def _sites(model, layers: dict[str, OnnxLayer]) -> dict:
+    from .graph import LayerSite
+
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input[1:2]:
+            readers.setdefault(name, []).append(node)
+    missing = [name for name in layers if name not in readers]
+    if missing:
+        raise QuantizationError(f"initializer '{missing[0]}' is no longer read after "
+                                "onnxruntime's quantizer (please report this)")
+    return {name: LayerSite(name, layer.transposed, readers[name])
+            for name, layer in layers.items()}
+
+
+def _bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def _save(model, path: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
+@contextlib.contextmanager
+def _atomic_onnx(output: Path, external: bool):
+    """A temporary path in a private folder beside ``output``; on success the file (and its
+    ``.data``, renamed to ``OUT.onnx.data`` inside the proto) replace the outputs; on failure
+    nothing is left."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        temporary = folder / output.name
+        yield temporary
+        data = folder / (output.name + ".data")
+        if external and data.exists():
+            os.replace(data, output.with_name(output.name + ".data"))
+        os.replace(temporary, output)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def inspect_onnx(path: str | os.PathLike) -> str:
+    """A table of the quantized ONNX file at ``path``: per layer its bits, ops and whether
+    onnxruntime runs it with integer kernels (from the file's squant metadata), then the op
+    histogram of onnxruntime's optimized graph.
+
+    Raises:
+        QuantizationError: not a readable ONNX file, or one squant did not write.
+    """
+    from .onnx_export import CONFIG_KEY, optimized_ops, require_onnx
+
+    require_onnx()
+    import onnx
+
+    path = Path(path)
+    load_onnx(path)
+    model = onnx.load(str(path), load_external_data=False)
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    if LAYERS_KEY not in props:
+        raise QuantizationError(f"{path}: not written by squant quantize (no {LAYERS_KEY} "
+                                "metadata)")
+    rows = [LayerExport(*row) for row in json.loads(props[LAYERS_KEY])]
+    config = json.loads(props.get(CONFIG_KEY, "{}"))
+    report = ExportReport(str(path), rows, optimized_ops(path, config), _bytes(path), config)
+    return str(report)
