@@ -31,6 +31,7 @@ from .report import ExportReport, LayerExport
 
 LINEAR_OPS = ("Gemm", "MatMul")
 LAYERS_KEY = "squant.layers"
+MIN_OPSET = 13
 
 
 @dataclass
@@ -122,6 +123,14 @@ def load_onnx(path: Path):
     if not model.graph.node:
         raise QuantizationError(f"{path}: not an ONNX model (no graph nodes: not an ONNX "
                                 "file, or a truncated one)")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:  # per-axis DequantizeLinear
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as error:  # the converter raises C++ errors of several kinds
+            raise QuantizationError(f"{path}: opset {opset} could not be converted to "
+                                    f"{MIN_OPSET} (per-axis DequantizeLinear): "
+                                    f"{_first(error)}") from None
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -144,6 +153,7 @@ def find_weights(model, path: Path) -> tuple[list[dict], dict[str, str]]:
     from onnx import TensorProto, helper
 
     graph = model.graph
+    _constants_to_initializers(graph)
     inits = {init.name: init for init in graph.initializer}
     inputs = {info.name for info in graph.input} - set(inits)
     producers = {out: node for node in graph.node for out in node.output}
@@ -192,6 +202,21 @@ def find_weights(model, path: Path) -> tuple[list[dict], dict[str, str]]:
         elif label not in skipped:
             found[weight] = entry
     return list(found.values()), skipped
+
+
+def _constants_to_initializers(graph) -> None:
+    """Turn the ``Constant`` nodes that give a weight op its weight (some exporters, e.g.
+    paddle2onnx, store weights so) into initializers of the same name."""
+    weight_inputs = {node.input[1] for node in graph.node
+                     if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                     and len(node.input) > 1}
+    for node in list(graph.node):
+        if node.op_type == "Constant" and node.output[0] in weight_inputs \
+                and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = node.attribute[0].t
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            graph.node.remove(node)
 
 
 def _fold_transpose(graph, node, inits: dict) -> str:

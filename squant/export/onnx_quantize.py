@@ -92,7 +92,7 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
     if act_bits is not None:
         _restore_batch(model, fixed)
     config = {"session.x64quantprecision": "1"} if any(layers[n].bits > 7 for n in active) \
-        else {}
+        else {} if active else {"session.disable_quant_qdq": "1"}
     if accuracy_level != 4:  # onnxruntime's own DequantizeLinear -> MatMul rewrite: the same
         config["session.qdq_matmulnbits_accuracy_level"] = str(accuracy_level)
     onnx.helper.set_model_props(model, {CONFIG_KEY: json.dumps(config),
@@ -150,12 +150,11 @@ def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_leve
             reason = ("squant keeps the first layer's input float" if layer.act_bits is None
                       and name == next(iter(layers)) else "onnxruntime cannot fuse it (several "
                       "readers or group-wise grids): its input stays float")
-        elif op == "MatMul":
-            reason = "onnxruntime rewrites it to its MatMulNBits (8-bit container)"
         else:
-            reason = ("weight-only: onnxruntime runs it in float (it folds the "
-                      "DequantizeLinear) unless activations are quantized (--act-bits)")
-        integer = op == "MatMul" and not active and accuracy_level > 0
+            reason = ("weight-only: onnxruntime folds the DequantizeLinear into a float weight "
+                      "(session.disable_quant_qdq) and runs it in float unless activations "
+                      "are quantized (--act-bits)")
+        integer = False
         results[name] = LayerExport(name, layer.bits, f"DequantizeLinear → {op}", integer,
                                     reason)
     return model, [results[name] for name in layers]
