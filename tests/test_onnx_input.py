@@ -230,3 +230,54 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(tmp_path, capsys):
         assert not out.exists() and not list(tmp_path.glob(".out_*")), what
     error_of_input = capsys.readouterr().err
     del error_of_input
+
+
+def _torch_net():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
+                         nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_torch_exported_model_matches_squant_quantize_within_a_step(tmp_path, act_bits):
+    """The same codes as ``squant.quantize`` of the PyTorch model; with activations, the
+    same grids up to the calibration (squant's runs on quantized activations, the ONNX path on
+    the float model's), so within one output step."""
+    import torch
+
+    net = _torch_net()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    source = tmp_path / "net.onnx"
+    torch.onnx.export(net, (x,), str(source), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    quantize_onnx(source, tmp_path / "q.onnx", QuantOptions(8 if act_bits else 4),
+                  act_bits=act_bits, input_shape=(3, 8, 8), accuracy_level=0)
+    qmodel = squant.quantize(net, bits=8 if act_bits else 4, act_bits=act_bits,
+                             input_shape=(3, 8, 8) if act_bits else None)
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    got = _run(tmp_path / "q.onnx", x.numpy())
+    step = (expected.max() - expected.min()) / 255
+    tolerance = step if act_bits else 1e-4 * np.abs(expected).max()
+    assert np.abs(got - expected).max() <= tolerance
+
+
+def test_external_data_round_trip(tmp_path):
+    model = conv_net()
+    source = tmp_path / "big.onnx"
+    onnx.save(conv_net(), str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="big.onnx.data", size_threshold=0)
+    out = tmp_path / "q.onnx"
+    quantize_onnx(source, out, QuantOptions(8), accuracy_level=0)
+    assert (tmp_path / "q.onnx.data").is_file()
+    x = np.random.default_rng(4).random((1, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(_reference(model, 8), x), rtol=1e-4,
+                               atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data",
+                                                           "q.onnx", "q.onnx.data"]

@@ -316,7 +316,7 @@ def optimized_ops(path: str | os.PathLike, config: dict[str, str] | None = None)
     with tempfile.TemporaryDirectory() as folder:
         options.optimized_model_filepath = str(Path(folder, "optimized.onnx"))
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     return Counter(node.op_type for node in optimized.graph.node)
 
 

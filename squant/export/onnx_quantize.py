@@ -204,7 +204,7 @@ def _save(model, path: Path, external: bool) -> None:
 
     if external:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data", size_threshold=1024)
+                  location=path.name + ".data", size_threshold=0)
     else:
         onnx.save(model, str(path))
 
