@@ -130,19 +130,41 @@ def test_finds_every_weight_on_its_axis_and_codes_equal_quantize_weight():
         np.testing.assert_array_equal(layer.scale.numpy(), expected.scale.numpy())
 
 
-def test_grouped_conv_transpose_is_quantized_group_by_group():
-    weight = _weights()["up.weight"]  # (in 8, out/groups 4, 2, 2) with 2 groups
-    model = conv_net()
+def _grouped_up():
+    """The net with a ConvTranspose of 2 groups (8 -> 2 * 2 channels)."""
+    weights = _weights()
+    weights["up.weight"] = np.random.default_rng(6).standard_normal((8, 2, 2, 2)).astype(
+        np.float32)
+    model = conv_net(weights=weights)
     for node in model.graph.node:
         if node.op_type == "ConvTranspose":
             node.attribute.append(helper.make_attribute("group", 2))
+    return model
+
+
+def test_grouped_conv_transpose_is_quantized_group_by_group(tmp_path):
+    model = _grouped_up()
+    weight = numpy_helper.to_array(next(i for i in model.graph.initializer
+                                        if i.name == "up.weight"))  # (8 in, 2 out/group, 2, 2)
     entries, _ = find_weights(model, Path("net.onnx"))
     layer = quantize_layers(model, entries, QuantOptions(4), (), {})["up.weight"]
-    for group in range(2):
-        block = weight[4 * group:4 * group + 4]
-        expected = squant.quantize_weight(block, 4, "KC", 1)
+    blocks = [squant.quantize_weight(weight[4 * g:4 * g + 4], 4, "KC", 1) for g in range(2)]
+    assert layer.groups_of_codes == 2
+    for group, expected in enumerate(blocks):
         np.testing.assert_array_equal(layer.codes.numpy()[4 * group:4 * group + 4],
                                       expected.codes.numpy())
+    # The file computes the group-by-group dequantized weight.
+    source = _save(_grouped_up(), tmp_path / "net.onnx")
+    quantize_onnx(source, tmp_path / "q.onnx", QuantOptions(4), accuracy_level=0)
+    reference = _reference(_grouped_up(), 4)
+    dequantized = np.concatenate([b.dequantize().numpy() for b in blocks])
+    for index, init in enumerate(reference.graph.initializer):
+        if init.name == "up.weight":
+            reference.graph.initializer[index].CopyFrom(
+                numpy_helper.from_array(dequantized, "up.weight"))
+    x = np.random.default_rng(5).random((1, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "q.onnx", x), _run(reference, x), rtol=1e-4,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

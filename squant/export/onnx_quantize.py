@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from ..core.errors import QuantizationError
 from ..core.options import ActivationOptions, QuantOptions
 from .onnx_input import (
@@ -131,9 +133,7 @@ def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_leve
         if name in results:
             continue
         if name not in codes:  # a grouped ConvTranspose: channels on two axes
-            results[name] = LayerExport(name, layer.bits, "float initializer", False,
-                                        "a grouped ConvTranspose's channels span two axes, "
-                                        "which no DequantizeLinear holds: left float")
+            results[name] = _grouped_conv_transpose(model, name, layer, sites[name])
             continue
         site = sites[name]
         if layer.op in LINEAR_OPS and layer.bits <= NBITS_MAX_BITS:
@@ -158,6 +158,52 @@ def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_leve
         results[name] = LayerExport(name, layer.bits, f"DequantizeLinear → {op}", integer,
                                     reason)
     return model, [results[name] for name in layers]
+
+
+def _grouped_conv_transpose(model, name: str, layer: OnnxLayer, site) -> LayerExport:
+    """A grouped ConvTranspose weight ``(C, M/g, *k)`` whose channels are (group, j): its codes
+    regrouped to ``(C/g, g * M/g, *k)`` (one channel axis, 1) behind a ``DequantizeLinear``,
+    then ``Reshape -> Transpose -> Reshape`` back to the weight's layout (onnxruntime folds
+    them into a float weight)."""
+    from dataclasses import replace as replaced
+
+    from onnx import helper, numpy_helper
+
+    from . import graph, weights
+
+    if layer.group_size is not None:
+        return LayerExport(name, layer.bits, "float initializer", False, "group-wise grids "
+                           "of a grouped ConvTranspose have no DequantizeLinear form: left float")
+    groups, shape = layer.groups_of_codes, list(layer.codes.shape)
+    per_group, kernel = shape[0] // groups, shape[2:]
+    regrouped = layer.codes.reshape(groups, per_group, *shape[1:]).transpose(0, 1).reshape(
+        per_group, groups * shape[1], *kernel)
+    codes = weights.weight_codes(name, replaced(layer, codes=regrouped, groups_of_codes=1))
+    graph.replace_with_dequantize(model, name, site, codes)
+    prefix = name if name.endswith("weight") else f"{name}.weight"
+    dequantized = f"{prefix}_dequantized"
+    steps = [("Reshape", [per_group, groups, shape[1], *kernel]),
+             ("Transpose", [1, 0, *range(2, 1 + len(shape))]), ("Reshape", shape)]
+    nodes, current = [], dequantized
+    for index, (op, values) in enumerate(steps):
+        out = f"{prefix}_regrouped_{index}"
+        if op == "Reshape":
+            model.graph.initializer.append(numpy_helper.from_array(
+                np.array(values, dtype=np.int64), f"{out}_shape"))
+            nodes.append(helper.make_node(op, [current, f"{out}_shape"], [out], name=out))
+        else:
+            nodes.append(helper.make_node(op, [current], [out], name=out, perm=values))
+        current = out
+    for node in model.graph.node:
+        for position, value in enumerate(node.input):
+            if value == dequantized:
+                node.input[position] = current
+    anchor = next(i for i, node in enumerate(model.graph.node) if dequantized in node.output)
+    for offset, node in enumerate(nodes, start=1):
+        model.graph.node.insert(anchor + offset, node)
+    return LayerExport(name, layer.bits, "DequantizeLinear → Reshape/Transpose → "
+                       "ConvTranspose", False, f"{groups} groups, each with its own channels: "
+                       "codes regrouped on one channel axis; runs in float")
 
 
 def _free_batch(model) -> dict[str, int]:
