@@ -6,10 +6,11 @@ lines (words and numbers) rendered with the system's DejaVu and Liberation fonts
 preprocessed as rapidocr does; outputs decoded by greedy CTC with the model's own character
 list (its ``character`` metadata).
 
-For float, SQuant W8, SQuant W4 (KC) and round-to-nearest W4 (``--mode E``), all weight-only,
-it prints: line accuracy and character accuracy against the rendered text, agreement with the
-float model's reading, file size (x float), and onnxruntime latency at batch 1 (1 intra-op
-thread, sessions interleaved, median of the rounds' per-call medians).
+For float, SQuant W8, SQuant W4 (KC) and round-to-nearest W4 (``--mode E``), and W4 with the
+convs at 8 bits (``--layer-bits 'conv2d_*=8'``), all weight-only, it prints: line accuracy
+and character accuracy against the rendered text, agreement with the float model's reading,
+file size (x float), and onnxruntime latency at batch 1 (1 intra-op thread, sessions
+interleaved, median of the rounds' per-call medians).
 
 Run: ``pip install --no-deps rapidocr_onnxruntime pillow`` then
 ``python bench/bench_onnx_input.py [--lines 300] [--rounds 7] [--model PATH]``.
@@ -140,28 +141,30 @@ def main() -> None:
     lines = text_lines(args.lines)
     images = [render(text, FONTS[i % len(FONTS)]) for i, text in enumerate(lines)]
     variants = {"float": None, "SQuant W8": QuantOptions(8), "SQuant W4": QuantOptions(4),
-                "RTN W4 (--mode E)": QuantOptions(4, "E")}
+                "RTN W4 (--mode E)": QuantOptions(4, "E"), "SQuant W4, convs W8": QuantOptions(4),
+                "RTN W4, convs W8": QuantOptions(4, "E")}
     with tempfile.TemporaryDirectory() as folder:
         paths = {}
         for key, options in variants.items():
             if options is None:
                 paths[key] = model
                 continue
-            paths[key] = Path(folder, key.split()[0] + key.split()[1] + ".onnx")
-            quantize_onnx(model, paths[key], options)
+            paths[key] = Path(folder, f"{len(paths)}.onnx")
+            quantize_onnx(model, paths[key], options,
+                          layer_bits={"conv2d_*": 8} if "convs W8" in key else None)
         readings = {key: read_all(path, images, characters) for key, path in paths.items()}
         ms = latency(paths, images[0], args.rounds)
         sizes = {key: path.stat().st_size for key, path in paths.items()}
     total = sum(len(text) for text in lines)
     print(f"PP-OCRv4 rec ({model.name}), {len(lines)} rendered text lines; latency: batch 1, "
           f"1 thread, median of {args.rounds} interleaved rounds")
-    print(f"{'model':<18} {'line acc':>9} {'char acc':>9} {'= float':>8} {'MB':>6} "
+    print(f"{'model':<20} {'line acc':>9} {'char acc':>9} {'= float':>8} {'MB':>6} "
           f"{'x float':>8} {'ms':>7}")
     for key in variants:
         exact = np.mean([r == t for r, t in zip(readings[key], lines)])
         chars = 1 - sum(edit_distance(r, t) for r, t in zip(readings[key], lines)) / total
         same = np.mean([r == f for r, f in zip(readings[key], readings["float"])])
-        print(f"{key:<18} {exact:>9.1%} {chars:>9.2%} {same:>8.1%} {sizes[key] / 1e6:>6.2f} "
+        print(f"{key:<20} {exact:>9.1%} {chars:>9.2%} {same:>8.1%} {sizes[key] / 1e6:>6.2f} "
               f"{sizes[key] / sizes['float']:>7.2f}x {ms[key]:>7.2f}")
 
 

@@ -303,3 +303,16 @@ def test_external_data_round_trip(tmp_path):
                                atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data",
                                                            "q.onnx", "q.onnx.data"]
+
+
+def test_initializers_listed_as_graph_inputs_are_unlisted_once_replaced(tmp_path):
+    model = conv_net()
+    model.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                             for i in model.graph.initializer)
+    source = _save(model, tmp_path / "net.onnx")
+    quantize_onnx(source, tmp_path / "q.onnx", QuantOptions(4), accuracy_level=0)
+    x = np.random.default_rng(7).random((1, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "q.onnx", x), _run(_reference(conv_net(), 4), x),
+                               rtol=1e-4, atol=1e-5)
+    stored = onnx.load(str(tmp_path / "q.onnx"))
+    assert [i.name for i in stored.graph.input if i.name != "x"] == ["fc_t.bias"]

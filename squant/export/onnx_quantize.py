@@ -71,6 +71,8 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
     model = load_onnx(source)
     external = any(init.data_location == onnx.TensorProto.EXTERNAL
                    for init in onnx.load(str(source), load_external_data=False).graph.initializer)
+    listed = {info.name for info in model.graph.input} & {  # IR < 4: initializers as inputs
+        init.name for init in model.graph.initializer}
     entries, left = find_weights(model, source)
     if not entries:
         raise QuantizationError(f"{source}: no Conv, ConvTranspose, Gemm or MatMul reads a "
@@ -93,6 +95,9 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
                             feeds if active else None)
     if act_bits is not None:
         _restore_batch(model, fixed)
+    kept = {init.name for init in model.graph.initializer}
+    for info in [info for info in model.graph.input if info.name in listed - kept]:
+        model.graph.input.remove(info)
     config = {"session.x64quantprecision": "1"} if any(layers[n].bits > 7 for n in active) \
         else {} if active else {"session.disable_quant_qdq": "1"}
     if accuracy_level != 4:  # onnxruntime's own DequantizeLinear -> MatMul rewrite: the same
