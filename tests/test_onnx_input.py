@@ -316,3 +316,35 @@ def test_initializers_listed_as_graph_inputs_are_unlisted_once_replaced(tmp_path
                                rtol=1e-4, atol=1e-5)
     stored = onnx.load(str(tmp_path / "q.onnx"))
     assert [i.name for i in stored.graph.input if i.name != "x"] == ["fc_t.bias"]
+
+
+def test_batchnorms_after_convs_are_folded_before_quantizing(tmp_path):
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    gamma, beta, mean = (rng.standard_normal(4).astype(np.float32) for _ in range(3))
+    var = rng.random(4).astype(np.float32) + 0.5
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"],
+                              name="bn", epsilon=1e-3)]
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((weight, "w"), (gamma, "g"), (beta, "b"), (mean, "m"), (var, "v"))]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    source = _save(model, tmp_path / "bn.onnx")
+    job = quantize_onnx(source, tmp_path / "q.onnx", QuantOptions(8))
+    assert job.folded_batchnorms == 1
+    stored = onnx.load(str(tmp_path / "q.onnx"))
+    assert "BatchNormalization" not in {node.op_type for node in stored.graph.node}
+    k = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-3)
+    folded = (weight * k.reshape(-1, 1, 1, 1)).astype(np.float32)
+    codes = next(numpy_helper.to_array(i) for i in stored.graph.initializer
+                 if i.name == "w.weight_quantized")
+    expected = squant.quantize_weight(folded, 8)
+    assert np.abs(codes.astype(np.int16) - expected.codes.numpy()).max() == 0
+    x = rng.random((1, 3, 8, 8), dtype=np.float32)
+    float_out = _run(model, x)
+    assert np.abs(_run(tmp_path / "q.onnx", x) - float_out).max() <= \
+        0.02 * np.abs(float_out).max()

@@ -81,6 +81,7 @@ class OnnxJob:
     left_float: dict[str, str] = field(default_factory=dict)
     input_bytes: int = 0
     seconds: float = 0.0
+    folded_batchnorms: int = 0
 
     def summary(self, out: object) -> str:
         """What the CLI prints: counts, sizes, the note on float convs, the report table."""
@@ -89,7 +90,8 @@ class OnnxJob:
                        for r in report.layers)
         lines = [f"{out}: {len(report.layers)} weight initializers quantized "
                  f"({report.integer_layers} run as integer kernels), {len(self.left_float)} "
-                 f"weight node(s) left float, {self.input_bytes / 1e6:.2f} MB -> "
+                 f"weight node(s) left float, {self.folded_batchnorms} BatchNorm(s) folded, "
+                 f"{self.input_bytes / 1e6:.2f} MB -> "
                  f"{report.file_bytes / 1e6:.2f} MB in {self.seconds:.1f} s"]
         if dq_float and not any(r.ops.startswith("Q/DQ") for r in report.layers):
             lines.append(f"note: {dq_float} layer(s) store int codes behind DequantizeLinear: "

@@ -73,6 +73,7 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
                    for init in onnx.load(str(source), load_external_data=False).graph.initializer)
     listed = {info.name for info in model.graph.input} & {  # IR < 4: initializers as inputs
         init.name for init in model.graph.initializer}
+    folded_bn = fold_batchnorms(model)
     entries, left = find_weights(model, source)
     if not entries:
         raise QuantizationError(f"{source}: no Conv, ConvTranspose, Gemm or MatMul reads a "
@@ -111,7 +112,7 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
         _save(model, temporary, big)
         report.optimized_ops = optimized_ops(temporary, config)
     report.file_bytes = _bytes(output)
-    return OnnxJob(report, left, _bytes(source), stopwatch() - start)
+    return OnnxJob(report, left, _bytes(source), stopwatch() - start, folded_bn)
 
 
 def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_level: int,
@@ -163,6 +164,77 @@ def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_leve
         results[name] = LayerExport(name, layer.bits, f"DequantizeLinear → {op}", integer,
                                     reason)
     return model, [results[name] for name in layers]
+
+
+def fold_batchnorms(model) -> int:
+    """Fold each inference ``BatchNormalization`` that alone reads a ``Conv``'s output into that
+    conv's weight and bias (``W k``, ``(b - mean) k + beta``, ``k = gamma / sqrt(var + eps)``
+    per channel), as deployed models and ``squant.export_onnx``'s exporter have them: the
+    weights quantized are the deployed ones, and with ``--act-bits`` no float BatchNorm sits
+    between Q/DQ pairs. Returns how many were folded.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    values = {init.name: init for init in graph.initializer}
+    constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"
+                 and len(node.attribute) == 1 and node.attribute[0].name == "value"}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def array(name: str):
+        if name in values:
+            return numpy_helper.to_array(values[name])
+        if name in constants:
+            return numpy_helper.to_array(constants[name].attribute[0].t)
+        return None
+
+    count, unread = 0, set()
+    for bn in [node for node in graph.node if node.op_type == "BatchNormalization"]:
+        conv = producers.get(bn.input[0])
+        attributes = {a.name: a for a in bn.attribute}
+        if conv is None or conv.op_type != "Conv" or len(bn.output) != 1 or (
+                "training_mode" in attributes and attributes["training_mode"].i):
+            continue
+        weight = array(conv.input[1])
+        params = [array(name) for name in bn.input[1:5]]
+        bias = array(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        if (weight is None or weight.dtype != np.float32 or any(p is None for p in params)
+                or len(readers[conv.output[0]]) != 1 or len(readers[conv.input[1]]) != 1
+                or (len(conv.input) > 2 and conv.input[2] and bias is None)):
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        epsilon = attributes["epsilon"].f if "epsilon" in attributes else 1e-5
+        k = gamma / np.sqrt(var + epsilon)
+        shape = (-1,) + (1,) * (weight.ndim - 1)
+        new_weight = (weight.astype(np.float64) * k.reshape(shape)).astype(np.float32)
+        new_bias = (((bias if bias is not None else 0.0) - mean) * k + beta).astype(np.float32)
+        weight_name, bias_name = conv.input[1], f"{bn.output[0]}_folded_bias"
+        if weight_name in constants:
+            graph.node.remove(constants.pop(weight_name))
+        elif weight_name in values:
+            graph.initializer.remove(values.pop(weight_name))
+        values[weight_name] = numpy_helper.from_array(new_weight, weight_name)
+        values[bias_name] = numpy_helper.from_array(new_bias, bias_name)
+        graph.initializer.extend([values[weight_name], values[bias_name]])
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        graph.node.remove(bn)
+        unread.update(bn.input[1:5])
+        count += 1
+    still_read = {name for node in graph.node for name in node.input}
+    for name in unread - still_read:
+        if name in values:
+            graph.initializer.remove(values.pop(name))
+        elif name in constants:
+            graph.node.remove(constants.pop(name))
+    return count
 
 
 def _grouped_conv_transpose(model, name: str, layer: OnnxLayer, site) -> LayerExport:
