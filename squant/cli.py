@@ -141,14 +141,11 @@ def _quantize_onnx(args: argparse.Namespace, source: Path, out: Path,
         raise QuantizationError("--transposed is for checkpoints: ONNX graphs give the layout")
     options = QuantOptions(args.bits, args.mode, args.scheme, args.granularity, args.range,
                            args.group_size)
-    with _progress(1, args.quiet, "quantize") as bar, ExitStack() as stack:
-        report_file = stack.enter_context(atomic_path(report_path)) if report_path else None
+    with _progress(1, args.quiet, "quantize") as bar:
         job = quantize_onnx(source, out, options, skip=args.skip,
                             layer_bits=dict(args.layer_bits), act_bits=args.act_bits,
-                            input_shape=args.input_shape)
+                            input_shape=args.input_shape, report_path=report_path)
         bar.update()
-        if report_file:
-            report_file.write_text(job.json(source, out))
     if not args.quiet:
         print(job.summary(out))
 

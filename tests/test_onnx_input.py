@@ -121,13 +121,15 @@ def test_finds_every_weight_on_its_axis_and_codes_equal_quantize_weight():
     entries, left = find_weights(model, Path("net.onnx"))
     assert {e["name"] for e in entries} == set(AXES) and not left
     layers = quantize_layers(model, entries, QuantOptions(4), (), {})
-    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    arrays = {i.name: numpy_helper.to_array(i) for i in conv_net().graph.initializer}
+    arrays["tr_t"] = arrays["tr.weight"].T
     for name, axis in AXES.items():
         expected = squant.quantize_weight(arrays[name], 4, "KC", axis)
         layer = layers[name]
-        codes = layer.codes.numpy().T if layer.transposed else layer.codes.numpy()
+        codes = layer.codes.numpy().T if layer.transposed or name == "fc.weight" else \
+            layer.codes.numpy()  # fc: a Gemm's B [K, N], stored as B.T with transB
         np.testing.assert_array_equal(codes, expected.codes.numpy(), err_msg=name)
-        np.testing.assert_array_equal(layer.scale.numpy(), expected.scale.numpy())
+        np.testing.assert_array_equal(layer.scale.numpy(), expected.scale.numpy(), name)
 
 
 def _grouped_up():
@@ -225,6 +227,8 @@ def test_cli_quantize_inspect_report_and_patterns(tmp_path, capsys):
     table = capsys.readouterr().out
     assert re.search(r"conv1.weight +8b", table) and "MatMulNBits" in table
     assert "mm.weight" not in table
+    assert main(["inspect", str(source)]) == 1  # not written by squant: one line
+    assert capsys.readouterr().err.strip().count("\n") == 0
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, Path]:

@@ -187,6 +187,10 @@ def find_weights(model, path: Path) -> tuple[list[dict], dict[str, str]]:
         if node.op_type == "Gemm" and attributes.get("transA", 0):
             skipped[label] = "Gemm with transA"
             continue
+        if node.op_type == "Gemm" and not attributes.get("transB", 0) and weight not in found \
+                and sum(weight in other.input for other in graph.node) == 1:
+            _transpose_gemm_weight(node, init)  # B [K, N] -> B.T with transB: MatMulNBits' form
+            attributes["transB"] = 1
         transposed = node.op_type == "MatMul" or (node.op_type == "Gemm"
                                                    and not attributes.get("transB", 0))
         groups = int(attributes.get("group", 1)) if node.op_type == "ConvTranspose" else 1
@@ -204,6 +208,18 @@ def find_weights(model, path: Path) -> tuple[list[dict], dict[str, str]]:
         elif label not in skipped:
             found[weight] = entry
     return list(found.values()), skipped
+
+
+def _transpose_gemm_weight(node, init) -> None:
+    """Store a ``Gemm``'s ``B`` (``[K, N]``, ``transB = 0``) as ``B.T`` with ``transB = 1``:
+    the same product, its channels on axis 0 as ``MatMulNBits`` reads them."""
+    from onnx import helper, numpy_helper
+
+    array = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array.T), init.name))
+    kept = [a for a in node.attribute if a.name != "transB"]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute("transB", 1)])
 
 
 def _constants_to_initializers(graph) -> None:

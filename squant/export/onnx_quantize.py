@@ -15,6 +15,7 @@ import numpy as np
 
 from ..core.errors import QuantizationError
 from ..core.options import ActivationOptions, QuantOptions
+from ..io.file_io import atomic_path
 from .onnx_input import (
     LAYERS_KEY,
     LINEAR_OPS,
@@ -39,7 +40,8 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
                   options: QuantOptions, *, skip: Sequence[str] = (),
                   layer_bits: Mapping[str, int] | None = None, act_bits: int | None = None,
                   input_shape: Sequence[int] | None = None, accuracy_level: int = 4,
-                  activation: ActivationOptions | None = None) -> OnnxJob:
+                  activation: ActivationOptions | None = None,
+                  report_path: str | os.PathLike | None = None) -> OnnxJob:
     """Quantize the weights of the ONNX model ``source`` with SQuant and write ``output``.
 
     Args:
@@ -53,6 +55,8 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
             ``QLinearConv``; ``input_shape`` (no batch dim) for models with dynamic dims.
         accuracy_level: ``MatMulNBits``' (4: int8 activations on the fly; 0: float).
         activation: calibration batch, seed and sigma (default :class:`ActivationOptions`'s).
+        report_path: also write :meth:`OnnxJob.json` there (its temporary written before
+            ``output`` is renamed into place: a report that cannot be written leaves neither).
 
     Returns:
         An :class:`OnnxJob` with the :class:`ExportReport` (per layer: ops, integer or float).
@@ -108,11 +112,18 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
                                         LAYERS_KEY: layers_metadata(results)})
     report = ExportReport(str(output), results, session_config=config)
     big = external or model.ByteSize() > EXTERNAL_DATA_BYTES
-    with _atomic_onnx(output, big) as temporary:
-        _save(model, temporary, big)
-        report.optimized_ops = optimized_ops(temporary, config)
+    job = OnnxJob(report, left, _bytes(source), 0.0, folded_bn)
+    with contextlib.ExitStack() as stack:
+        report_file = stack.enter_context(atomic_path(Path(report_path))) if report_path \
+            else None
+        with _atomic_onnx(output, big) as temporary:
+            _save(model, temporary, big)
+            report.optimized_ops = optimized_ops(temporary, config)
+            job.seconds = stopwatch() - start
+            if report_file:
+                report_file.write_text(job.json(source, output))
     report.file_bytes = _bytes(output)
-    return OnnxJob(report, left, _bytes(source), stopwatch() - start, folded_bn)
+    return job
 
 
 def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_level: int,
