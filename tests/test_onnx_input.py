@@ -352,3 +352,16 @@ def test_batchnorms_after_convs_are_folded_before_quantizing(tmp_path):
     float_out = _run(model, x)
     assert np.abs(_run(tmp_path / "q.onnx", x) - float_out).max() <= \
         0.02 * np.abs(float_out).max()
+
+
+def test_group_wise_grids_leave_conv_transpose_float(tmp_path):
+    source = _save(conv_net(), tmp_path / "net.onnx")
+    job = quantize_onnx(source, tmp_path / "q.onnx", QuantOptions(4, group_size=9),
+                        accuracy_level=0)
+    assert "up" in job.left_float and "up.weight" not in {r.name for r in job.report.layers}
+    stored = onnx.load(str(tmp_path / "q.onnx"))
+    blocked = [n for n in stored.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    assert blocked  # the convs' groups of one kernel each
+    x = np.random.default_rng(9).random((1, 3, 8, 8), dtype=np.float32)
+    assert np.isfinite(_run(tmp_path / "q.onnx", x)).all()

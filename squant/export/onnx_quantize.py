@@ -82,6 +82,11 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
     if not entries:
         raise QuantizationError(f"{source}: no Conv, ConvTranspose, Gemm or MatMul reads a "
                                 "float initializer weight: nothing to quantize")
+    if options.group_size is not None:  # output channels on axis 1: no blocked DQ form
+        for entry in [e for e in entries if e["op"] == "ConvTranspose"]:
+            entries.remove(entry)
+            left.update({node: "group-wise grids of a ConvTranspose have no DequantizeLinear "
+                         "form" for node in entry["nodes"]})
     layers = quantize_layers(model, entries, options, skip, dict(layer_bits or {}))
     left.update({node: "skipped (--skip)" for e in entries if e["name"] not in layers
                  for node in e["nodes"]})
