@@ -179,11 +179,15 @@ def test_weight_only_output_equals_the_dequantized_weights(tmp_path, bits):
     np.testing.assert_allclose(_run(tmp_path / "q.onnx", x), expected, rtol=1e-4, atol=1e-5)
     ops = {row.name: row.ops for row in job.report.layers}
     assert ops["fc_t.weight"] == ("MatMulNBits" if bits <= 4 else "DequantizeLinear → Gemm")
-    assert ops["conv1.weight"] == "DequantizeLinear → Conv"
+    assert ops["conv1.weight"] == ("DequantizeLinear (uint4) → Conv" if bits <= 4 else
+                                   "DequantizeLinear → Conv")
     stored = onnx.load(str(tmp_path / "q.onnx"))
     floats = [i.name for i in stored.graph.initializer
               if i.data_type == TensorProto.FLOAT and len(i.dims) >= 2]
     assert not floats  # every weight stored as codes
+    types = {i.name: i.data_type for i in stored.graph.initializer}
+    assert types["conv1.weight_quantized"] == (TensorProto.UINT4 if bits <= 4 else
+                                               TensorProto.INT8)
 
 
 def test_activations_run_convs_as_qlinearconv_within_a_step(tmp_path):
@@ -365,3 +369,17 @@ def test_group_wise_grids_leave_conv_transpose_float(tmp_path):
     assert blocked  # the convs' groups of one kernel each
     x = np.random.default_rng(9).random((1, 3, 8, 8), dtype=np.float32)
     assert np.isfinite(_run(tmp_path / "q.onnx", x)).all()
+
+
+def test_a_channel_whose_grid_excludes_zero_keeps_int8_codes(tmp_path):
+    weights = _weights()
+    weights["conv1.weight"][0] = np.abs(weights["conv1.weight"][0]) + 0.5  # all positive
+    model = conv_net(weights=weights)
+    source = _save(model, tmp_path / "net.onnx")
+    quantize_onnx(source, tmp_path / "q.onnx", QuantOptions(4), accuracy_level=0)
+    types = {i.name: i.data_type for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    assert types["conv1.weight_quantized"] == TensorProto.INT8
+    assert types["grouped.weight_quantized"] == TensorProto.UINT4
+    x = np.random.default_rng(10).random((1, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "q.onnx", x), _run(_reference(model, 4), x),
+                               rtol=1e-4, atol=1e-5)

@@ -355,6 +355,25 @@ def set_activation_grids(model, layers: dict[str, OnnxLayer], feeds: dict[str, n
     return chosen
 
 
+def free_batch(model) -> dict[str, int]:
+    """Make dim 0 of the graph's inputs and outputs dynamic (the calibration batch has
+    ``calibration_batch`` samples); returns the fixed sizes to restore afterwards."""
+    fixed = {}
+    for info in [*model.graph.input, *model.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            fixed[info.name] = dims[0].dim_value
+            dims[0].dim_param = "squant_batch"
+    del model.graph.value_info[:]
+    return fixed
+
+
+def restore_batch(model, fixed: dict[str, int]) -> None:  # undo free_batch
+    for info in [*model.graph.input, *model.graph.output]:
+        if info.name in fixed:
+            info.type.tensor_type.shape.dim[0].dim_value = fixed[info.name]
+
+
 def _first(error: BaseException) -> str:
     text = str(error).strip()
     return " ".join(text.splitlines()[0].split()) if text else type(error).__name__

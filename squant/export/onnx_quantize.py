@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +25,20 @@ from .onnx_input import (
     _first,
     activation_feeds,
     find_weights,
+    free_batch,
     layers_metadata,
     load_onnx,
     quantize_layers,
+    restore_batch,
     set_activation_grids,
     stopwatch,
 )
+from .onnx_int4 import to_uint4, with_int4_opset
 from .report import ExportReport, LayerExport
 
 EXTERNAL_DATA_BYTES = 1 << 30  # models above this (or read with external data) write it too
 NBITS_MAX_BITS = 4
+UINT4_MAX_BITS = 4
 
 
 def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
@@ -75,6 +80,8 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
     model = load_onnx(source)
     external = any(init.data_location == onnx.TensorProto.EXTERNAL
                    for init in onnx.load(str(source), load_external_data=False).graph.initializer)
+    if min([options.bits, *(layer_bits or {}).values()]) <= UINT4_MAX_BITS:
+        model = with_int4_opset(model)
     listed = {info.name for info in model.graph.input} & {  # IR < 4: initializers as inputs
         init.name for init in model.graph.initializer}
     folded_bn = fold_batchnorms(model)
@@ -94,7 +101,7 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
     if act_bits is not None:
         activation = activation or ActivationOptions(act_bits, tuple(input_shape or (1,)))
         feeds = activation_feeds(model, source, input_shape, activation)
-        fixed = _free_batch(model)
+        fixed = free_batch(model)
         try:
             active = set_activation_grids(model, layers, feeds, act_bits, activation.sigma)
         except Exception as error:  # onnxruntime's errors: a batch the graph cannot take
@@ -104,7 +111,11 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
     model, results = _store(model, layers, active, accuracy_level,
                             feeds if active else None)
     if act_bits is not None:
-        _restore_batch(model, fixed)
+        restore_batch(model, fixed)
+    packed = set(to_uint4(model, {_prefix(name) + "_quantized" for name, layer in layers.items()
+                                  if layer.bits <= UINT4_MAX_BITS}))
+    results = [replace(r, ops=r.ops.replace("DequantizeLinear", "DequantizeLinear (uint4)"))
+               if _prefix(r.name) + "_quantized" in packed else r for r in results]
     kept = {init.name for init in model.graph.initializer}
     for info in [info for info in model.graph.input if info.name in listed - kept]:
         model.graph.input.remove(info)
@@ -258,8 +269,6 @@ def _grouped_conv_transpose(model, name: str, layer: OnnxLayer, site) -> LayerEx
     regrouped to ``(C/g, g * M/g, *k)`` (one channel axis, 1) behind a ``DequantizeLinear``,
     then ``Reshape -> Transpose -> Reshape`` back to the weight's layout (onnxruntime folds
     them into a float weight)."""
-    from dataclasses import replace as replaced
-
     from onnx import helper, numpy_helper
 
     from . import graph, weights
@@ -271,9 +280,9 @@ def _grouped_conv_transpose(model, name: str, layer: OnnxLayer, site) -> LayerEx
     per_group, kernel = shape[0] // groups, shape[2:]
     regrouped = layer.codes.reshape(groups, per_group, *shape[1:]).transpose(0, 1).reshape(
         per_group, groups * shape[1], *kernel)
-    codes = weights.weight_codes(name, replaced(layer, codes=regrouped, groups_of_codes=1))
+    codes = weights.weight_codes(name, replace(layer, codes=regrouped, groups_of_codes=1))
     graph.replace_with_dequantize(model, name, site, codes)
-    prefix = name if name.endswith("weight") else f"{name}.weight"
+    prefix = _prefix(name)
     dequantized = f"{prefix}_dequantized"
     steps = [("Reshape", [per_group, groups, shape[1], *kernel]),
              ("Transpose", [1, 0, *range(2, 1 + len(shape))]), ("Reshape", shape)]
@@ -299,23 +308,9 @@ def _grouped_conv_transpose(model, name: str, layer: OnnxLayer, site) -> LayerEx
                        "codes regrouped on one channel axis; runs in float")
 
 
-def _free_batch(model) -> dict[str, int]:
-    """Make dim 0 of the graph's inputs and outputs dynamic (the calibration batch has
-    ``calibration_batch`` samples); returns the fixed sizes to restore afterwards."""
-    fixed = {}
-    for info in [*model.graph.input, *model.graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
-            fixed[info.name] = dims[0].dim_value
-            dims[0].dim_param = "squant_batch"
-    del model.graph.value_info[:]
-    return fixed
-
-
-def _restore_batch(model, fixed: dict[str, int]) -> None:
-    for info in [*model.graph.input, *model.graph.output]:
-        if info.name in fixed:
-            info.type.tensor_type.shape.dim[0].dim_value = fixed[info.name]
+def _prefix(name: str) -> str:
+    """The prefix of the initializers :func:`.graph.replace_with_dequantize` writes."""
+    return name if name.endswith("weight") else f"{name}.weight"
 
 
 def _sites(model, layers: dict[str, OnnxLayer]) -> dict:
@@ -333,7 +328,7 @@ def _sites(model, layers: dict[str, OnnxLayer]) -> dict:
             for name, layer in layers.items()}
 
 
-def _bytes(path: Path) -> int:
+def _bytes(path: Path) -> int:  # with its external data
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
