@@ -14,7 +14,7 @@ from .core.errors import QuantizationError
 from .core.options import ActivationOptions, QuantOptions
 from .core.report import LayerReport, QuantizationReport
 from .core.tensor import QuantizedTensor, quantize_weight, quantize_weights
-from .export import ExportReport, export_onnx, onnx_session_options
+from .export import ExportReport, export_onnx, onnx_session_options, quantize_onnx
 from .io.storage import load, save
 from .model import dequantize, quantize
 
@@ -35,6 +35,7 @@ __all__ = [
     "nn",
     "onnx_session_options",
     "quantize",
+    "quantize_onnx",
     "quantize_weight",
     "quantize_weights",
     "save",

@@ -38,6 +38,8 @@ from .io.checkpoint import (
 from .io.file_format import QuantizedEntry, squant_metadata
 from .io.file_io import SafetensorsWriter, SquantReader, atomic_path
 
+ONNX_SUFFIX = ".onnx"
+
 # ---------------------------------------------------------------------------------------------
 # Paths.
 
@@ -89,6 +91,11 @@ def _progress(total: int, quiet: bool, what: str) -> tqdm:
 def _quantize(args: argparse.Namespace) -> None:
     source_path, out = Path(args.input), Path(args.output)
     report_path = Path(args.report) if args.report else None
+    if source_path.suffix.lower() == ONNX_SUFFIX:
+        return _quantize_onnx(args, source_path, out, report_path)
+    if args.act_bits is not None or args.input_shape is not None:
+        raise QuantizationError("--act-bits and --input-shape need an ONNX model (IN.onnx): "
+                                "a checkpoint holds no graph to run")
     _check_input(source_path, (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX), sharded=True)
     _check_output(out, (SAFETENSORS_SUFFIX,), source_path)
     if report_path:
@@ -119,6 +126,35 @@ def _quantize(args: argparse.Namespace) -> None:
             print(f"squant: {source.note}", file=sys.stderr)
         print(f"{out}: {len(entries)} of {len(items)} tensors quantized{_left_float(items)}, "
               f"{_size(total)} -> {_size(out.stat().st_size)} in {seconds:.1f} s")
+
+
+def _quantize_onnx(args: argparse.Namespace, source: Path, out: Path,
+                   report_path: Path | None) -> None:
+    """``squant quantize IN.onnx OUT.onnx`` (:func:`squant.export.onnx_quantize.quantize_onnx`)."""
+    from .export.onnx_quantize import quantize_onnx
+
+    _check_input(source, (ONNX_SUFFIX,))
+    _check_output(out, (ONNX_SUFFIX,), source)
+    if report_path:
+        _check_output(report_path, (".json",), source, out)
+    if args.transposed:
+        raise QuantizationError("--transposed is for checkpoints: ONNX graphs give the layout")
+    options = QuantOptions(args.bits, args.mode, args.scheme, args.granularity, args.range,
+                           args.group_size)
+    with _progress(1, args.quiet, "quantize") as bar:
+        job = quantize_onnx(source, out, options, skip=args.skip,
+                            layer_bits=dict(args.layer_bits), act_bits=args.act_bits,
+                            input_shape=args.input_shape, report_path=report_path)
+        bar.update()
+    if not args.quiet:
+        print(job.summary(out))
+
+
+def _shape(text: str) -> tuple[int, ...]:  # C,H,W of --input-shape
+    parts = text.replace("x", ",").split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected positive ints like 3,224,224, got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def _left_float(items: list[Item]) -> str:
@@ -176,6 +212,12 @@ def _save_torch(state: dict[str, torch.Tensor], out: Path) -> None:
 
 def _inspect(args: argparse.Namespace) -> None:
     path = Path(args.file)
+    if path.suffix.lower() == ONNX_SUFFIX:
+        from .export.onnx_quantize import inspect_onnx
+
+        _check_input(path, (ONNX_SUFFIX,))
+        print(inspect_onnx(path))
+        return
     _check_input(path, (SAFETENSORS_SUFFIX,))
     with SquantReader(path) as reader:
         print(_inspect_table(reader))
@@ -242,14 +284,17 @@ def _pattern_bits(text: str) -> tuple[str, int]:
 def _add_quantize(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "quantize", help="quantize a checkpoint (state_dict .pt/.pth/.bin/.ckpt, .safetensors, "
-        "or a sharded one) to a squant .safetensors file",
+        "or a sharded one) to a squant .safetensors file, or an ONNX model to an ONNX model",
         description="Quantize every floating tensor whose name ends in 'weight' and that has "
         ">= 2 dims (output channels on axis 0, or 1 with --transposed), but embedding tables "
         "(*embed*, wte, wpe); copy the others. "
-        "Patterns (fnmatch) match a tensor's name or its layer's ('fc' for 'fc.weight').")
+        "Patterns (fnmatch) match a tensor's name or its layer's ('fc' for 'fc.weight'). "
+        "IN.onnx OUT.onnx: every Conv, ConvTranspose, Gemm and MatMul weight initializer; "
+        "patterns match node or initializer names.")
     parser.add_argument("input", metavar="IN", help="checkpoint: .pt, .pth, .bin, .ckpt, "
                         ".safetensors, an *.index.json of shards, or a folder of shards")
-    parser.add_argument("output", metavar="OUT", help="the squant file to write (.safetensors)")
+    parser.add_argument("output", metavar="OUT", help="the squant file to write (.safetensors; "
+                        ".onnx for an .onnx input)")
     parser.add_argument("--bits", type=int, default=4, help="2..8 (default 4)")
     parser.add_argument("--mode", choices=MODES, default="KC",
                         help="E = round to nearest, K/C = + kernel/channel flips (default KC)")
@@ -273,6 +318,12 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--transposed", nargs="+", action="extend", default=[],
                         metavar="PATTERN", help="tensors with output channels on axis 1 "
                         "(ConvTranspose weights)")
+    parser.add_argument("--act-bits", type=int, default=None, metavar="A",
+                        help="ONNX input only: also quantize activations to A bits (data-free, "
+                        "the paper's ranges; the last layer 8 bits) so convs run as QLinearConv")
+    parser.add_argument("--input-shape", type=_shape, default=None, metavar="C,H,W",
+                        help="ONNX input only: one input's shape without the batch dim, for "
+                        "--act-bits on models with dynamic dims")
     parser.add_argument("--report", metavar="REPORT.json",
                         help="write per-tensor error statistics (also stored in OUT)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -294,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     dequantize.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     dequantize.set_defaults(run=_dequantize)
     inspect = commands.add_parser("inspect", help="per-tensor table of a squant file")
-    inspect.add_argument("file", metavar="FILE", help="a squant .safetensors file")
+    inspect.add_argument("file", metavar="FILE", help="a squant .safetensors file, or an .onnx "
+                         "file written by squant quantize")
     inspect.set_defaults(run=_inspect)
     return parser
 

@@ -5,8 +5,9 @@ called.
 """
 
 from .onnx_export import export_onnx, optimized_ops
+from .onnx_quantize import quantize_onnx
 from .report import ExportReport, LayerExport
 from .session import onnx_session_options
 
 __all__ = ["ExportReport", "LayerExport", "export_onnx", "onnx_session_options",
-           "optimized_ops"]
+           "optimized_ops", "quantize_onnx"]

@@ -283,11 +283,15 @@ def _fused_layer(model, name: str, module, codes, site) -> LayerExport:
     consumers = [n for n in model.graph.node if node.output[0] in n.input]
     input_quantized = input_dq is not None and input_dq.op_type == "DequantizeLinear"
     output_quantized = bool(consumers) and all(n.op_type == "QuantizeLinear" for n in consumers)
-    fused = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat",
-             "ConvTranspose": "QLinearConvTranspose"}.get(node.op_type, node.op_type)
-    integer = input_quantized and (output_quantized or node.op_type in ("Gemm", "MatMul"))
+    fused = {"Conv": "QLinearConv", "Gemm": "QGemm",
+             "MatMul": "QLinearMatMul" if output_quantized else "MatMulIntegerToFloat"
+             }.get(node.op_type)
+    # onnxruntime's CPU provider has no integer ConvTranspose: it stays float between Q/DQ.
+    integer = fused is not None and input_quantized and (
+        output_quantized or node.op_type in ("Gemm", "MatMul"))
     ops = f"Q/DQ → {node.op_type}" + (" → Q/DQ" if output_quantized else "")
     reason = (f"fused by onnxruntime into {fused}" if integer else
+              f"onnxruntime has no integer {node.op_type} on CPU" if fused is None else
               "its output is not quantized, so onnxruntime runs it in float")
     if integer and np.any(codes.zero_point != 0):
         reason += ("; non-zero weight zero points take onnxruntime's slow path (5-10x float "
@@ -363,7 +367,7 @@ def optimized_ops(path: str | os.PathLike, config: dict[str, str] | None = None)
     with tempfile.TemporaryDirectory() as folder:
         options.optimized_model_filepath = str(Path(folder, "optimized.onnx"))
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     return Counter(node.op_type for node in optimized.graph.node)
 
 

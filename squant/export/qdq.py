@@ -58,10 +58,25 @@ def activation_grid(lo: float, hi: float, bits: int) -> tuple[np.float32, np.uin
 def float_tensor_ranges(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
                         rule: str = "paper") -> dict[str, tuple[float, float]]:
     """``{tensor: (lo, hi)}`` for every float tensor the graph computes when ``batches`` run
-    through it (onnxruntime, all intermediate tensors made outputs): by ``rule`` ``"paper"``, the
-    SQuant paper's 8-bit range (:func:`squant.ranges.activations.paper_range`), or
-    ``"percentile"``, the 0.01% and 99.99% percentiles (``PERCENTILE``); the widest over the
-    batches."""
+    through it (:func:`float_tensors`): by ``rule`` ``"paper"``, the SQuant paper's 8-bit range
+    (:func:`squant.ranges.activations.paper_range`), or ``"percentile"``, the 0.01% and 99.99%
+    percentiles (``PERCENTILE``); the widest over the batches."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for feeds in batches:
+        for name, value in float_tensors(model, feeds).items():
+            if rule == "paper":
+                lo, hi = (float(v) for v in paper_range(torch.from_numpy(value), OUTPUT_BITS))
+            else:
+                lo, hi = (float(v) for v in np.percentile(value, (100 - PERCENTILE, PERCENTILE)))
+            seen = ranges.get(name, (lo, hi))
+            ranges[name] = (min(seen[0], lo), max(seen[1], hi))
+    return ranges
+
+
+def float_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                  wanted: set[str] | None = None) -> dict[str, np.ndarray]:
+    """``{tensor: value}`` of every non-empty float tensor the graph computes (or of those in
+    ``wanted``) when ``feeds`` run through it (onnxruntime, intermediate tensors made outputs)."""
     import onnxruntime as ort
 
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -75,23 +90,19 @@ def float_tensor_ranges(model: onnx.ModelProto, batches: list[dict[str, np.ndarr
     probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
                               for name in floats if name not in known)
     names = [out.name for out in probe.graph.output]
+    if wanted is not None:
+        names = [name for name in names if name in wanted] + sorted(
+            wanted & set(feeds) - set(names))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
-    ranges: dict[str, tuple[float, float]] = {}
-    for feeds in batches:
-        for name, value in zip(names, session.run(names, feeds)):
-            if value.dtype != np.float32 or not value.size:
-                continue
-            if rule == "paper":
-                lo, hi = (float(v) for v in paper_range(torch.from_numpy(value), OUTPUT_BITS))
-            else:
-                lo, hi = (float(v) for v in np.percentile(value, (100 - PERCENTILE, PERCENTILE)))
-            seen = ranges.get(name, (lo, hi))
-            ranges[name] = (min(seen[0], lo), max(seen[1], hi))
-    return ranges
+    values = session.run([n for n in names if n not in feeds], feeds)
+    values = dict(zip([n for n in names if n not in feeds], values))
+    values.update({n: feeds[n] for n in names if n in feeds})
+    return {name: value for name, value in values.items()
+            if value.dtype == np.float32 and value.size}
 
 
 def quantize_qdq(model: onnx.ModelProto, layers: dict, codes: dict[str, WeightCodes],
