@@ -179,7 +179,25 @@ def registered_base(cls: type) -> type[nn.Module] | None:
     return next((base for base in cls.__mro__ if base in QUANTIZED_CLASSES), None)
 
 
-class QuantizedModule:
+class CheckedCodes:
+    """Mixin of modules holding codes: torch's ``load_state_dict``, refusing codes outside the
+    module's ``bits`` (e.g. an 8-bit state_dict loaded into a 4-bit model, which ``squant.save``
+    would then pack into 4 bits and corrupt): the module is left as it was and
+    ``load_state_dict`` raises. A cached dequantized weight is dropped."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        self._cached_weight = None
+        message = check_codes(state_dict.get(prefix + "codes"), prefix, self.bits, self.scheme,
+                              type(self).__name__)
+        if message:
+            error_msgs.append(message)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class QuantizedModule(CheckedCodes):
     """What every quantized layer shares: code buffers, dequantization, conversions.
 
     ``weight`` is the dequantized weight ``(codes + zero_point) / scale`` in the float layer's
@@ -314,20 +332,6 @@ class QuantizedModule:
         self._cached_weight = None
         self.weight_dtype = applied_dtype(fn, self.weight_dtype)
         return apply_to_buffers(self, fn, lambda: super(QuantizedModule, self)._apply(fn, recurse))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        """torch's loading, refusing codes outside this layer's ``bits`` (e.g. an 8-bit
-        state_dict loaded into a 4-bit model, which ``squant.save`` would then pack into 4 bits
-        and corrupt): the layer is left as it was and ``load_state_dict`` raises."""
-        self._cached_weight = None
-        message = check_codes(state_dict.get(prefix + "codes"), prefix, self.bits, self.scheme,
-                              type(self).__name__)
-        if message:
-            error_msgs.append(message)
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         act = f", act_bits={int(self.act_bits)}" if self.act_enabled else ""

@@ -19,13 +19,13 @@ from torch import nn
 
 from ..core.errors import QuantizationError
 from ..core.tensor import QuantizedTensor, dequantize_codes
-from .base import applied_dtype, apply_to_buffers, check_codes
+from .base import CheckedCodes, applied_dtype, apply_to_buffers
 
 # What from_weights adds to a layer (not copied back by to_float).
 _OWN_ATTRIBUTES = {"quantized_names", "original_class", "parameter_order", "cache_weight"}
 
 
-class QuantizedWeight(nn.Module):
+class QuantizedWeight(CheckedCodes, nn.Module):
     """One quantized weight of a layer: int8 ``codes`` (the weight's shape), float32 ``scale``
     and ``zero_point`` per row (``axis`` 0), and the grid's options; :meth:`dequantized` is
     ``(codes + zero_point) / scale`` in the float weight's dtype."""
@@ -81,18 +81,6 @@ class QuantizedWeight(nn.Module):
         self._cached_weight = None
         self.weight_dtype = applied_dtype(fn, self.weight_dtype)
         return apply_to_buffers(self, fn, lambda: super(QuantizedWeight, self)._apply(fn, recurse))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        """torch's loading, refusing codes outside this weight's ``bits``."""
-        self._cached_weight = None
-        message = check_codes(state_dict.get(prefix + "codes"), prefix, self.bits, self.scheme,
-                              type(self).__name__)
-        if message:
-            error_msgs.append(message)
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (f"shape={tuple(self.codes.shape)}, bits={self.bits}, mode={self.mode}, "
