@@ -1,12 +1,13 @@
 """Benchmark: ``squant.export_onnx`` files run by onnxruntime, against the float ONNX model.
 
-For the demo CNN (its 2,000 bundled Fashion-MNIST test images), a ResNet-18-shaped net (random
-weights, BatchNorms unfolded: the exporter folds them) and MobileNetV2 with its real ImageNet
-weights (BatchNorms unfolded), the last two on the real photo crops of bench/accuracy.py, at
-W8A8 (symmetric grid; and the default asymmetric one with ``include_zero=True``, whose non-zero
-weight zero points onnxruntime runs on a slow path), W4A8 and W4 weight-only (all squant KC,
-data-free activation ranges), it prints (symmetric W8A8 twice: with squant's session options,
-exact, and in a plain session):
+For the demo CNN (its 2,000 bundled Fashion-MNIST test images), a Linear-heavy net (4
+transformer MLP blocks on 64 tokens and a classifier, random weights and Gaussian inputs), a
+ResNet-18-shaped net (random weights, BatchNorms unfolded: the exporter folds them) and
+MobileNetV2 with its real ImageNet weights (BatchNorms unfolded), the last two on the real photo
+crops of bench/accuracy.py, at W8A8 (symmetric grid; and the default asymmetric one with
+``include_zero=True``, whose non-zero weight zero points onnxruntime runs on a slow path), W4A8
+and W4 weight-only (all squant KC, data-free activation ranges), it prints (symmetric W8A8
+twice: with squant's session options, exact, and in a plain session):
 - file size against the float ONNX file;
 - onnxruntime latency against the float ONNX model at batch 1 and 8, with 1 and 2 threads:
   sessions interleaved in one process, each timed for >= 0.2 s per round, median over rounds;
@@ -88,8 +89,29 @@ class Row:
     ops: dict[str, int] = field(default_factory=dict)
 
 
+class TransformerMLP(nn.Module):
+    """A Linear-heavy net: 4 transformer MLP blocks (LayerNorm, 768 -> 3072, GELU, 3072 -> 768,
+    residual) on 64 tokens, mean-pooled into a 1000-way Linear classifier."""
+
+    def __init__(self, dim: int = 768, blocks: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                          nn.Linear(4 * dim, dim)) for _ in range(blocks))
+        self.head = nn.Linear(dim, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean(1))
+
+
 def tasks(names: list[str]) -> list[Task]:
     built = []
+    if "mlp" in names:
+        torch.manual_seed(0)
+        built.append(Task("transformer MLP", TransformerMLP().eval(),
+                          torch.randn(56, 64, 768), None))
     if "demo" in names:
         images, labels = load_demo_data()
         built.append(Task("demo CNN", load_demo_model().eval(), images, labels))
@@ -244,7 +266,7 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--models", default="demo,resnet18,mobilenet_v2")
+    parser.add_argument("--models", default="demo,mlp,resnet18,mobilenet_v2")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(2)
