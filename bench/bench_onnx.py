@@ -11,7 +11,8 @@ twice: with squant's session options, exact, and in a plain session):
 - file size against the float ONNX file;
 - onnxruntime latency against the float ONNX model at batch 1 and 8, with 1 and 2 threads:
   sessions interleaved in one process, each timed for >= 0.2 s per round, median over rounds;
-- session memory: RSS growth of a fresh process creating the session and running one batch;
+- session memory: RSS growth of a fresh process (its imports done) creating the session and
+  running one sample;
 - top-1 agreement with the FP32 model and with the PyTorch quantized model (and accuracy on
   labelled data); the ops histogram of onnxruntime's optimized graph.
 "W8A8 calibrated" ranges activations from the first 16 inputs (``act_range="percentile"``, and
@@ -170,11 +171,11 @@ def latencies(paths: dict[str, Path], sample: torch.Tensor, rounds: int) -> dict
 
 _RSS_SCRIPT = """
 import sys, numpy as np, onnxruntime as ort
+import squant
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
-before = rss()
-import squant
+before = rss()  # after the imports: the session's own memory
 plain = sys.argv[2] == "plain"
 options = squant.onnx_session_options(sys.argv[1], threads=1) if "squant" in sys.argv[1] \\
     and not plain else ort.SessionOptions()
