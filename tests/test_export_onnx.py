@@ -116,9 +116,13 @@ def test_matmul_nbits_packing_reads_back_squants_weight():
     qmodel = squant.quantize(nn.Sequential(nn.Linear(40, 8)), 4)
     module = qmodel[0]
     packed, scale, zero, block, bits = matmul_nbits_weight(module)
+    blocks = packed.shape[1]
+    assert bits == 4 and blocks == -(-40 // block)
     low, high = packed & 0x0F, packed >> 4
-    unsigned = np.stack([low, high], -1).reshape(8, block)[:, :40].astype(np.float32)
-    weight = (unsigned - (zero & 0x0F)[:, None]) * scale[:, None]
+    unsigned = np.stack([low, high], -1).reshape(8, blocks * block)[:, :40].astype(np.float32)
+    zeros = np.stack([zero & 0x0F, zero >> 4], -1).reshape(8, -1)[:, :blocks]
+    column_block = np.arange(40) // block
+    weight = ((unsigned - zeros[:, column_block]) * scale.reshape(8, blocks)[:, column_block])
     np.testing.assert_allclose(weight, module.dequantize_weight().numpy(), rtol=2e-7,
                                atol=1e-9)
 

@@ -4,7 +4,9 @@ The contrib op computes ``A @ W.T`` with ``W[n, k] = (u[n, k] - zero_point[n, b]
 for the block ``b = k // block_size`` (onnxruntime's ContribOperators doc; DEPLOY_NOTES.md B4):
 squant's ``w = (q + Z) / S`` maps exactly with ``u = q + 2**(bits-1)``, ``zero_point =
 2**(bits-1) - Z``, ``scale = fl32(1 / S)``. Per channel, one block spans the row; with
-group-wise grids a block is a group (``block_size = group_size``, a power of two >= 16).
+group-wise grids a block is a group (``block_size = group_size``, a power of two >= 16); per
+channel, blocks of up to 256 repeat the row's scale and zero point (one block spanning a padded
+row would cost up to 2x the codes).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ def matmul_nbits_weight(module: torch.nn.Module
     codes = module.codes.detach().cpu().to(torch.int16).numpy()
     n, k = codes.shape
     group_size = getattr(module, "group_size", None)
-    if group_size is None:
-        block = max(16, 1 << (k - 1).bit_length())
+    if group_size is None:  # the row's scale repeated over blocks of up to 256 (exact)
+        block = max(16, min(256, 1 << (k.bit_length() - 1)))
     elif group_size >= 16 and group_size & (group_size - 1) == 0:
         block = group_size
     else:
@@ -40,15 +42,17 @@ def matmul_nbits_weight(module: torch.nn.Module
     zero = (offset - zero_point).reshape(n, -1)
     if zero.min() < 0 or zero.max() >= 2 ** bits:
         return None
-    blocks = zero.shape[1]
+    blocks = -(-k // block)
+    scale = (1.0 / module.scale.detach().cpu().double()).float().numpy().reshape(n, -1)
+    if group_size is None:
+        zero, scale = np.repeat(zero, blocks, axis=1), np.repeat(scale, blocks, axis=1)
     unsigned = np.repeat(zero, block, axis=1).astype(np.uint8)  # padding: u == zero point
     unsigned[:, :k] = codes + offset
     packed = _pack(unsigned, bits).reshape(n, blocks, block * bits // 8)
     per_byte = 8 // bits
     zeros = np.zeros((n, -(-blocks // per_byte) * per_byte), dtype=np.uint8)
     zeros[:, :blocks] = zero
-    scale = (1.0 / module.scale.detach().cpu().double()).float().numpy().reshape(-1)
-    return packed, scale, _pack(zeros, bits).reshape(-1), block, bits
+    return packed, scale.reshape(-1), _pack(zeros, bits).reshape(-1), block, bits
 
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:
