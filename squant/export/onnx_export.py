@@ -7,9 +7,9 @@ quantized layer's float weight is swapped for its codes (:mod:`.graph`):
 * models quantized with ``act_bits``: QDQ (:mod:`.qdq`), fused by onnxruntime into
   ``QLinearConv``, ``QGemm``, ``QLinearAdd``...; the first layer, whose input squant keeps
   float, stores its codes behind a ``DequantizeLinear`` and runs float;
-* weight-only models: a Linear of at most 4 bits becomes ``com.microsoft.MatMulNBits``; other
-  layers store their codes behind a ``DequantizeLinear`` (small file; onnxruntime computes
-  them in float, or for ``MatMul`` rewrites them to its own integer kernel).
+* weight-only models: a Linear becomes ``com.microsoft.MatMulNBits`` (2-4 bits; 5-8 bits at
+  ``accuracy_level`` 4); other layers store their codes behind a ``DequantizeLinear`` that the
+  session options fold into a float weight at load (small file, float compute).
 
 Runtime conventions and measured speeds: DEPLOY_NOTES.md (onnxruntime 1.32 on x86 AVX2).
 """
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..core.errors import QuantizationError
+from ..io.file_io import atomic_path
 from ..model import dequantize
 from ..nn import QuantizedModule
 from ..nn.multi_weight import QuantizedWeight
@@ -66,9 +67,10 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
             takes them; their shapes (dim 0 = batch) define the graph's inputs.
         opset: the ONNX opset (>= 21: int4 types and blocked quantization).
         dynamic_batch: make dim 0 of every input dynamic.
-        accuracy_level: ``MatMulNBits``' ``accuracy_level`` for weight-only Linears of <= 4 bits:
-            4 (default) quantizes their activations to int8 on the fly (fastest, measured 0.21x
-            float latency at batch 1 in DEPLOY_NOTES.md), 0 computes in float32 (exact).
+        accuracy_level: ``MatMulNBits``' ``accuracy_level`` for weight-only Linears: 4 (default)
+            quantizes their activations to int8 on the fly (fastest, measured 0.21x float
+            latency at batch 1 in DEPLOY_NOTES.md; Linears of 5-8 bits too), 0 computes in
+            float32 (exact; Linears of more than 4 bits then stay behind DequantizeLinear).
         calibration_data: real input batches (each a tensor or a tuple of tensors, as
             ``example_inputs``), e.g. those ``squant.quantize`` calibrated on: the tensors
             squant does not range itself (layer outputs, residual adds) then get the 0.01% ..
@@ -133,12 +135,11 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
             results[name] = _fused_layer(model, name, layers[name], codes[name], sites[name])
         sites = graph.find_sites(model, {name: float_weights[name] for name in owners.values()
                                          if name not in results})  # a new graph
+    act_model = any(getattr(m, "act_enabled", False) for m in layers.values())
     for name in owners.values():
         if name not in results:
             results[name] = _weight_only_layer(model, name, layers[name], codes[name],
-                                               sites[name], accuracy_level,
-                                               any(getattr(m, "act_enabled", False)
-                                                   for m in layers.values()))
+                                               sites[name], accuracy_level, act_model)
     results = _annotated(results, layers, ties, folded, codes)
     session_config = _session_config(layers, active, codes, accuracy_level)
     onnx.helper.set_model_props(model, {CONFIG_KEY: json.dumps(session_config),
@@ -375,15 +376,8 @@ def _save_atomically(model, path: Path) -> None:
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        onnx.save(model, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    with atomic_path(path) as temporary:
+        onnx.save(model, str(temporary))
 
 
 @contextlib.contextmanager
