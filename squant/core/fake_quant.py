@@ -9,6 +9,20 @@ from __future__ import annotations
 import torch
 
 
+def grid(lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int
+         ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(scale, zero_point, low, high)`` of the grid spanning ``[lo, hi]`` at ``bits``, as
+    :func:`fake_quantize` uses it: float32 0-dim ``scale`` and ``zero_point``, code range
+    ``[low, high]`` (see there)."""
+    n = 2 ** (bits - 1)
+    lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+    signed = bool(lo < 0)
+    scale = (2**bits - 1) / torch.clamp(hi - lo, min=1e-8)
+    zero_point = torch.round(scale * lo) + (n if signed else 0)
+    low, high = (-n, n - 1) if signed else (0, 2 * n - 1)
+    return scale, zero_point, low, high
+
+
 def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
                   ) -> torch.Tensor:
     """``x`` quantized to ``bits`` on the grid spanning ``[lo, hi]``, then dequantized.
@@ -18,12 +32,7 @@ def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
     output ``(q + zp) / scale``, with ``n = 2**(b-1)``; computed in float32, returned in
     ``x``'s dtype.
     """
-    n = 2 ** (bits - 1)
-    lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
-    signed = bool(lo < 0)
-    scale = (2**bits - 1) / torch.clamp(hi - lo, min=1e-8)
-    zero_point = torch.round(scale * lo) + (n if signed else 0)
-    low, high = (-n, n - 1) if signed else (0, 2 * n - 1)
+    scale, zero_point, low, high = grid(lo, hi, bits)
     if torch.is_grad_enabled() and x.requires_grad:  # autograd needs the out-of-place ops
         q = torch.clamp(torch.round(scale * x.float() - zero_point), low, high)
         return ((q + zero_point) / scale).to(x.dtype)

@@ -30,6 +30,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..core.errors import QuantizationError
+from ..core.fake_quant import grid
 from ..ranges.activations import paper_range
 from .graph import WEIGHT_OPS, LayerSite, drop_initializer, in_layout
 from .weights import WeightCodes
@@ -46,9 +47,9 @@ QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPo
 def activation_grid(lo: float, hi: float, bits: int) -> tuple[np.float32, np.uint8]:
     """``(scale, zero_point)`` of the uint8 ``QuantizeLinear`` equal to squant's fake-quantizer
     on ``[lo, hi]`` at ``bits`` (:func:`squant.core.fake_quant.fake_quantize`)."""
-    inverse = torch.tensor(2**bits - 1, dtype=torch.float32) / torch.clamp(
-        torch.tensor(hi - lo, dtype=torch.float32), min=1e-8)
-    zero = -int(torch.round(inverse * torch.tensor(lo, dtype=torch.float32)))
+    inverse, zero_point, low, _ = grid(lo, hi, bits)
+    # uint8 codes u = q - low dequantize as (u - zero) / S = (q + zero_point) / S
+    zero = -int(zero_point) - low
     if not 0 <= zero <= 255:
         raise QuantizationError(f"an activation range [{lo}, {hi}] whose zero point {zero} "
                                 "fits no uint8")
