@@ -30,7 +30,6 @@ from .io.checkpoint import (
     Statistics,
     chunks,
     file_specs,
-    is_embedding,
     open_source,
     plan,
     quantize_chunk,
@@ -124,7 +123,7 @@ def _quantize(args: argparse.Namespace) -> None:
     if not args.quiet:  # the note only on success: an error stays one line
         if source.note:
             print(f"squant: {source.note}", file=sys.stderr)
-        print(f"{out}: {len(entries)} of {len(items)} tensors quantized{_left_float(items)}, "
+        print(f"{out}: {len(entries)} of {len(items)} tensors quantized{_ties_note(items)}, "
               f"{_size(total)} -> {_size(out.stat().st_size)} in {seconds:.1f} s")
 
 
@@ -157,15 +156,10 @@ def _shape(text: str) -> tuple[int, ...]:  # C,H,W of --input-shape
     return tuple(int(p) for p in parts)
 
 
-def _left_float(items: list[Item]) -> str:
-    """``" (2 embedding tables left float, 1 tied tensor stored once)"`` or ``""``."""
-    embeddings = sum(1 for item in items if item.entry is None
-                     and any(is_embedding(n) for n in (item.spec.name, *item.tied))
-                     and item.spec.dtype.is_floating_point and len(item.spec.shape) >= 2)
+def _ties_note(items: list[Item]) -> str:
+    """``" (1 tied tensor stored once)"`` or ``""``."""
     tied = sum(len(item.tied) for item in items)
-    notes = [f"{embeddings} embedding table{'s' * (embeddings > 1)} left float"] * bool(embeddings)
-    notes += [f"{tied} tied tensor{'s' * (tied > 1)} stored once"] * bool(tied)
-    return f" ({', '.join(notes)})" if notes else ""
+    return f" ({tied} tied tensor{'s' * (tied > 1)} stored once)" if tied else ""
 
 
 def _report_json(source: Path, out: Path, entries: list[QuantizedEntry],
@@ -286,8 +280,8 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
         "quantize", help="quantize a checkpoint (state_dict .pt/.pth/.bin/.ckpt, .safetensors, "
         "or a sharded one) to a squant .safetensors file, or an ONNX model to an ONNX model",
         description="Quantize every floating tensor whose name ends in 'weight' and that has "
-        ">= 2 dims (output channels on axis 0, or 1 with --transposed), but embedding tables "
-        "(*embed*, wte, wpe); copy the others. "
+        ">= 2 dims (output channels on axis 0, or 1 with --transposed; embedding tables per "
+        "row); copy the others. "
         "Patterns (fnmatch) match a tensor's name or its layer's ('fc' for 'fc.weight'). "
         "IN.onnx OUT.onnx: every Conv, ConvTranspose, Gemm and MatMul weight initializer; "
         "patterns match node or initializer names.")

@@ -129,54 +129,65 @@ class _Tied(nn.Module):
 
 
 def test_tied_weights_are_quantized_once_and_stored_once(capsys, tmp_path: Path) -> None:
+    """A GPT-style tie across kinds (``lm_head`` a Linear, ``wte`` an Embedding) and one between
+    Linears: each quantized once, stored once, and tied again by ``squant.load``."""
     torch.manual_seed(0)
     model = _Tied()
     source, out = tmp_path / "model.bin", tmp_path / "q.safetensors"
     torch.save(model.state_dict(), source)
     code, stdout, err = _run(capsys, "quantize", source, out)
     assert (code, err) == (0, "")
-    assert ("1 of 4 tensors quantized (1 embedding table left float, 2 tied tensors stored "
-            "once), 624 B" in stdout)  # 12x8 + 6x8 + 6 + 6 floats, each tie counted once
+    assert "2 of 4 tensors quantized (2 tied tensors stored once), 624 B" in stdout
+    # 12x8 + 6x8 + 6 + 6 floats, each tie counted once
     stored = _tensors(out)
-    assert "enc.weight.codes" in stored and "wte.weight" in stored
+    assert "enc.weight.codes" in stored and "wte.weight.codes" in stored
     assert not any(n.startswith(("dec.weight", "lm_head.weight")) for n in stored)
     state = squant.load(out)
     assert state["dec.weight"] is state["enc.weight"]
     assert state["lm_head.weight"] is state["wte.weight"]
-    assert torch.equal(state["wte.weight"], model.wte.weight)
-    assert torch.equal(state["enc.weight"],
-                       squant.quantize_weight(model.enc.weight.detach()).dequantize())
-    qmodel = squant.load(out, _Tied())
+    for name in ("wte", "enc"):
+        expected = squant.quantize_weight(getattr(model, name).weight.detach())
+        assert torch.equal(state[f"{name}.weight"], expected.dequantize())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qmodel = squant.load(out, _Tied())
+    assert isinstance(qmodel.wte, squant.nn.QuantizedEmbedding)
     assert qmodel.enc.codes is qmodel.dec.codes
-    assert torch.equal(qmodel.lm_head.weight, model.wte.weight)
+    assert qmodel.lm_head.codes is qmodel.wte.codes
+    assert torch.equal(qmodel.lm_head.weight, state["wte.weight"])
     code, table, _ = _run(capsys, "inspect", out)
-    assert code == 0 and "tied: enc.weight" in table
+    assert code == 0 and "tied: enc.weight" in table and "tied: wte.weight" in table
 
 
-def test_embeddings_left_float_or_loaded_quantized(capsys, tmp_path: Path) -> None:
-    """The command line leaves tables named as embeddings float; a quantized Embedding weight
-    (``table``) loads into the model as a QuantizedEmbedding holding the file's codes."""
+def test_embedding_tables_are_quantized_and_load_as_quantized_embeddings(
+        capsys, tmp_path: Path) -> None:
+    """Tables are quantized per row whatever their name, and ``squant.load`` makes them
+    ``QuantizedEmbedding`` modules holding the file's codes (no warning: nothing dequantized)."""
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("embed_tokens", nn.Embedding(10, 8))
-    model.add_module("table", nn.Embedding(10, 8))  # not an embedding by its name
+    model.add_module("table", nn.Embedding(10, 8, padding_idx=0))
     model.add_module("fc", nn.Linear(8, 4))
     source, out = tmp_path / "model.pt", tmp_path / "q.safetensors"
     torch.save(model.state_dict(), source)
     assert _run(capsys, "quantize", source, out, "--quiet")[0] == 0
-    assert sorted(_quantized(out)) == ["fc.weight", "table.weight"]
+    assert sorted(_quantized(out)) == ["embed_tokens.weight", "fc.weight", "table.weight"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qmodel = squant.load(out, model)
         state = squant.load(out)
-    assert torch.equal(qmodel.embed_tokens.weight, model.embed_tokens.weight)
-    assert isinstance(qmodel.table, squant.nn.QuantizedEmbedding)
-    assert isinstance(qmodel.fc, squant.nn.QuantizedLinear)
-    expected = squant.quantize_weight(model.table.weight.detach())
-    assert torch.equal(qmodel.table.codes, expected.codes)
-    assert torch.equal(qmodel.table.weight, state["table.weight"])
     tokens = torch.tensor([[0, 3, 9, 3]])
-    assert torch.equal(qmodel.table(tokens), F.embedding(tokens, state["table.weight"]))
+    for name in ("embed_tokens", "table"):
+        layer = getattr(qmodel, name)
+        assert isinstance(layer, squant.nn.QuantizedEmbedding)
+        expected = squant.quantize_weight(getattr(model, name).weight.detach())
+        assert torch.equal(layer.codes, expected.codes)
+        assert torch.equal(layer(tokens), F.embedding(tokens, state[f"{name}.weight"]))
+    assert isinstance(qmodel.fc, squant.nn.QuantizedLinear)
+    # --skip keeps a table float in the file too
+    assert _run(capsys, "quantize", source, out, "--quiet", "--skip", "embed_tokens")[0] == 0
+    assert sorted(_quantized(out)) == ["fc.weight", "table.weight"]
+    assert torch.equal(squant.load(out, model).embed_tokens.weight, model.embed_tokens.weight)
 
 
 def test_input_metadata_is_kept(capsys, tmp_path: Path) -> None:

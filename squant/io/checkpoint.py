@@ -26,13 +26,10 @@ from .file_io import SafetensorsWriter
 from .sources import INDEX_SUFFIX, SAFETENSORS_SUFFIX, TORCH_SUFFIXES, Source, open_source
 
 __all__ = ["CHUNK_BYTES", "INDEX_SUFFIX", "SAFETENSORS_SUFFIX", "STAT_FIELDS", "TORCH_SUFFIXES",
-           "Item", "Piece", "Statistics", "chunks", "file_specs", "is_embedding", "open_source",
+           "Item", "Piece", "Statistics", "chunks", "file_specs", "open_source",
            "plan", "quantize_chunk", "tensor_stats"]
 
 CHUNK_BYTES = 64 << 20  # bytes of one batched kernel call (and its float32 copies)
-# Layers whose weight is an embedding table by their name: left float, since squant has no
-# quantized embedding module (squant.load would have to dequantize them).
-EMBEDDING_PATTERNS = ("*embed*", "wte", "wpe")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,13 +69,6 @@ def _matches(pattern: str, name: str) -> bool:
             or fnmatch.fnmatchcase(name.removesuffix(".weight"), pattern))
 
 
-def is_embedding(name: str) -> bool:
-    """Whether a tensor's layer is an embedding table by its name (``*embed*``, ``wte``,
-    ``wpe``: ``model.embed_tokens.weight``, ``transformer.wte.weight``)."""
-    layer = name.removesuffix(".weight").rsplit(".", 1)[-1].lower()
-    return any(fnmatch.fnmatchcase(layer, p) for p in EMBEDDING_PATTERNS)
-
-
 def _check_patterns(patterns: Sequence[str], option: str, names: list[str]) -> None:
     """Each pattern matches some quantizable tensor: a typo must not pass silently."""
     for pattern in patterns:
@@ -93,11 +83,11 @@ def plan(source: Source, default: QuantOptions, skip: Sequence[str],
     """Every tensor of the checkpoint with what to do with it, in the checkpoint's order; a
     tensor tied to an earlier one is not an item of its own but one of its ``tied`` names.
 
-    Quantized: every floating tensor named ``*weight`` with at least 2 dims, unless ``skip``
-    matches it or it is an embedding table (:func:`is_embedding`); tied tensors are quantized
-    only if each of their names would be. ``layer_bits`` patterns set bits, ``transposed`` ones
-    put output channels on axis 1. Every pattern must match some such tensor (a typo must not
-    pass silently).
+    Quantized: every floating tensor named ``*weight`` with at least 2 dims (embedding tables
+    too, per row: ``squant.load`` makes them ``QuantizedEmbedding``), unless ``skip`` matches
+    it; tied tensors are quantized only if no ``skip`` pattern matches any of their names.
+    ``layer_bits`` patterns set bits, ``transposed`` ones put output channels on axis 1. Every
+    pattern must match some such tensor (a typo must not pass silently).
     """
     for pattern, bits in layer_bits.items():
         check_bits(bits, f"--layer-bits {pattern!r}")
@@ -114,7 +104,7 @@ def plan(source: Source, default: QuantOptions, skip: Sequence[str],
             continue
         names = [name, *tied.get(name, [])]
         entry = None
-        if _is_quantizable(spec) and not any(is_embedding(n) for n in names) and not any(
+        if _is_quantizable(spec) and not any(
                 _matches(p, n) for n in names for p in skip):
             bits = next((b for p, b in layer_bits.items()
                          if any(_matches(p, n) for n in names)), default.bits)
@@ -125,8 +115,7 @@ def plan(source: Source, default: QuantOptions, skip: Sequence[str],
         items.append(Item(spec, entry, tuple(names[1:])))
     if not any(item.entry for item in items):
         raise QuantizationError(f"{source.path}: nothing to quantize (no floating tensor named "
-                                "*weight with at least 2 dims that is not an embedding table, or "
-                                "every one is skipped)")
+                                "*weight with at least 2 dims, or every one is skipped)")
     return items
 
 
