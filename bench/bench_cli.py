@@ -6,21 +6,22 @@ as a child process, ``--runs`` times, and prints for each run:
 - throughput: input bytes / wall time of the child, and the same without the child's start-up
   (interpreter, torch and numba imports, timed alone in a child that only imports squant.cli);
 - peak RSS of the child (``os.wait4``'s rusage) against the input file size;
-then the same runs with ``--report`` and their time against the runs without it (best of
-``--runs`` each); and, measured in this process, a baseline: the same checkpoint read with
+each followed by the same run with ``--report``, and the median time with it against the median
+without it; and, measured in this process, a baseline: the same checkpoint read with
 ``safe_open`` and quantized with per-channel numpy round-to-nearest (no packing, no writing).
 
 The input file is in the page cache after being written (the machine has the memory), so the
 figures measure squant, not the disk. Targets: >= 200 MB/s, peak RSS <= 0.5x the file, and
 ``--report`` costing at most 1.3x the run without it.
 
-Run: ``python bench/bench_cli.py [--gigabytes 2] [--runs 2]``.
+Run: ``python bench/bench_cli.py [--gigabytes 2] [--runs 3]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,7 @@ def numpy_baseline(path: Path, names: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gigabytes", type=float, default=2.0, help="input size (default 2)")
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--bits", type=int, default=4)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="squant-bench-") as folder:
@@ -108,8 +109,8 @@ def main() -> None:
         print(f"child start-up alone: {startup:.2f} s, {startup_rss / 1e6:.0f} MB RSS")
         command = [sys.executable, "-m", "squant", "quantize", str(source), str(out), "--bits",
                    str(args.bits), "--quiet"]
-        plain = []
-        for run in range(1, args.runs + 1):
+        plain, report = [], []
+        for run in range(1, args.runs + 1):  # runs with and without --report interleaved
             seconds, rss = run_child(command)
             plain.append(seconds)
             rate = size / 1e6 / seconds
@@ -119,12 +120,12 @@ def main() -> None:
                   f"output {out.stat().st_size / size:.3f}x the input  "
                   f"[targets: >= {TARGET_MB_S:.0f} MB/s {'ok' if rate >= TARGET_MB_S else 'MISSED'}"
                   f", <= {TARGET_RSS}x {'ok' if rss <= TARGET_RSS * size else 'MISSED'}]")
-        report = [run_child([*command, "--report", str(Path(folder) / "r.json")])[0]
-                  for _ in range(args.runs)]
-        ratio = min(report) / min(plain)
-        print(f"with --report: {min(report):.2f} s (best of {args.runs}) = {ratio:.2f}x the run "
-              f"without it ({min(plain):.2f} s)  [target: <= {TARGET_REPORT}x "
-              f"{'ok' if ratio <= TARGET_REPORT else 'MISSED'}]")
+            report.append(run_child([*command, "--report", str(Path(folder) / "r.json")])[0])
+            print(f"run {run} with --report: {report[-1]:.2f} s")
+        ratio = statistics.median(report) / statistics.median(plain)
+        print(f"with --report: {statistics.median(report):.2f} s (median of {args.runs}) = "
+              f"{ratio:.2f}x the run without it ({statistics.median(plain):.2f} s)  [target: <= "
+              f"{TARGET_REPORT}x {'ok' if ratio <= TARGET_REPORT else 'MISSED'}]")
         baseline = numpy_baseline(source, [spec.name for spec in specs])
         print(f"numpy round-to-nearest baseline (this process, read + round, no packing or "
               f"writing): {size / 1e6 / baseline:.0f} MB/s")

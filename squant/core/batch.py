@@ -11,6 +11,7 @@ region it cannot use, and a busy machine's threads pick chunks as they come free
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -72,17 +73,25 @@ def _thread_count(elements: int, blocks: int) -> int:
 
 
 def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elements: int) -> None:
-    """Run ``kernels.quantize_blocks`` over every block, on the calling thread and pool threads
-    (``args`` before the block range, ``search_args`` after it).
-
-    Blocks are cut into ranges of about equal work, ``_CHUNKS_PER_THREAD`` per thread, which the
-    threads take in turn. Each channel is quantized by exactly one call, so the codes do not
-    depend on the number of threads or on which thread ran what.
+    """Run ``kernels.quantize_blocks`` over every block (``args`` before the block range,
+    ``search_args`` after it), with :func:`run_in_threads`. Each channel is quantized by exactly
+    one call, so the codes do not depend on the number of threads or on which thread ran what.
     """
-    count = block_start.shape[0] - 1
+    run_in_threads(lambda first, last: kernels.quantize_blocks(*args, first, last, *search_args),
+                   block_start.shape[0] - 1, elements)
+
+
+def run_in_threads(task: Callable[[int, int], None], count: int, elements: int) -> None:
+    """Call ``task(first, last)`` on ranges that cover ``range(count)`` once, on the calling
+    thread and pool threads (as many as ``numba.get_num_threads()`` and ``elements``, the work's
+    size, justify). ``task`` must release the GIL to run in parallel (a ``nogil`` kernel).
+
+    The items are cut into ranges of about equal count, ``_CHUNKS_PER_THREAD`` per thread, which
+    the threads take in turn. Exceptions of any thread are raised here.
+    """
     threads = _thread_count(elements, count)
     if threads == 1:
-        kernels.quantize_blocks(*args, 0, count, *search_args)
+        task(0, count)
         return
     chunks = min(count, threads * _CHUNKS_PER_THREAD)
     cuts = np.linspace(0, count, chunks + 1).round().astype(np.int64)
@@ -90,7 +99,7 @@ def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elemen
 
     def work() -> None:
         for first, last in pending:
-            kernels.quantize_blocks(*args, first, last, *search_args)
+            task(first, last)
 
     global _pool
     if _pool is None:
