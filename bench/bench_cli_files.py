@@ -3,7 +3,8 @@
 In a temporary folder (deleted at the end) this builds each input the issue lists (sharded
 checkpoints with and without an index, ``.bin`` shards, trainers' checkpoints, a GPT's tied
 head, embedding tables, user metadata, float8, reserved and invalid tensor names, nested JSON,
-corrupt scales and zero points, a 2 MB zip bomb declaring 2 GB, a pickle that would run code),
+corrupt scales and zero points, a 2 MB zip bomb declaring 2 GB and one whose record understates
+its size, a pickle that would run code),
 runs ``python -m squant ...`` on it in a child process as a user would (each case in its own
 folder, as the child's working directory), and checks what the user gets: the exit code, one
 line on stderr, whether the output exists, that no temporary file is left, and for accepted
@@ -17,7 +18,8 @@ Prints a markdown table (case | command | exit code | stderr's first line | what
 ok/FAIL) and the zip bomb child's peak RSS (its VmHWM, polled: see ``_peak_rss``). Cases
 run 4 at a time (each child mostly waits on its imports). Exits 1 if a row fails.
 
-Run: ``python bench/bench_cli_files.py`` (about 1-2 minutes on 2 busy cores).
+Run: ``python bench/bench_cli_files.py`` (3-5 minutes on 2 cores shared with other jobs: most
+of it is 37 children importing torch).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from cli_files_cases import (  # noqa: E402
     embeddings,
     float8,
     full_disk,
+    lying_zip_bomb,
     nested_index,
     nested_json,
     pickle_with_code,
@@ -89,6 +92,7 @@ def cases(base: Path, wide: Path, big: Path, results: dict) -> list[tuple]:
           for part, value in [("scale", 0.0), ("scale", -1.0), ("scale", nan), ("scale", inf),
                               ("zero_point", nan), ("zero_point", -inf)]],
         ("zip bomb .pt (2 MB, declares 2 GB)", zip_bomb, results),
+        ("zip bomb whose record understates its size", lying_zip_bomb),
         (".pt pickle that would run code", pickle_with_code, results),
         ("dequantize to .pt, full disk", full_disk, wide, "dequantize", "f.pt"),
         ("dequantize to .safetensors, full disk", full_disk, wide, "dequantize",

@@ -24,6 +24,7 @@ from cli_files_inputs import (
     embedding_model,
     expected_state,
     small_state,
+    understate_record,
     write_sharded,
     write_zip_bomb,
 )
@@ -292,6 +293,22 @@ def zip_bomb(case: Case, results: dict) -> None:
     case.check(f"peak RSS {run.rss / 1e6:.0f} MB < 1/4 of the {declared / 1e9:.1f} GB",
                lambda: 0 < run.rss < declared / 4)
     results["bomb"] = (size, declared, run.rss)
+
+
+def lying_zip_bomb(case: Case) -> None:
+    """The bomb's record declares the 64 bytes of its 4x4 tensor: the size check sees nothing;
+    torch must then read no more than declared (accepted, the tensor of zeros) or refuse."""
+    inflates = write_zip_bomb(case.folder / "liar.pt", 2048)
+    understate_record(case.folder / "liar.pt", 64)
+    run = case.run("quantize", "liar.pt", "q.safetensors")
+    lines = run.stderr.splitlines()
+    case.check("exit 0, or 1 with one line", lambda: run.code == 0 or (
+        run.code == 1 and len(lines) == 1 and lines[0].startswith("squant: error: ")))
+    if run.code == 0:
+        case.round_trip("q.safetensors", {"fc.weight": torch.zeros(4, 4)})
+    case.no_temporary()
+    case.check(f"peak RSS {run.rss / 1e6:.0f} MB < 1/4 of the {inflates / 1e9:.1f} GB",
+               lambda: 0 < run.rss < inflates / 4)
 
 
 def pickle_with_code(case: Case, results: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -169,3 +170,23 @@ def write_zip_bomb(path: Path, mebibytes: int) -> int:
         with archive.open(name) as record:
             assert record.read(1 << 22) == bytes(1 << 22)
         return sum(info.file_size for info in archive.infolist())
+
+
+def understate_record(path: Path, size: int) -> None:
+    """Make zip bomb ``path``'s data record declare ``size`` bytes (its local header's zip64
+    field and its central directory entry), hiding what it inflates to from the size check."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    local = info.header_offset
+    name_length = struct.unpack_from("<H", data, local + 26)[0]
+    extra = local + 30 + name_length
+    assert struct.unpack_from("<HH", data, extra) == (1, 16)  # zip64: sizes, 8 bytes each
+    struct.pack_into("<Q", data, extra + 4, size)
+    central = data.find(b"PK\x01\x02")
+    while data[central + 46:central + 46 + len(info.filename)] != info.filename.encode():
+        central = data.find(b"PK\x01\x02", central + 4)
+    struct.pack_into("<I", data, central + 24, size)
+    path.write_bytes(data)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo(info.filename).file_size == size
