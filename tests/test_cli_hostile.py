@@ -221,3 +221,22 @@ def test_a_report_that_cannot_be_written_fails_before_the_output(capsys, monkeyp
     _assert_refused(_run(capsys, "quantize", source, out, "--report", report), out,
                     "Read-only file system")
     assert not report.exists()
+
+
+def test_a_report_folder_that_refuses_new_files_names_the_report(capsys, monkeypatch,
+                                                                  tmp_path: Path) -> None:
+    """The report's temporary file cannot be created (a read-only folder, which root's tests
+    cannot make): the line names the report the user gave, not the hidden temporary."""
+    source, out, report = (tmp_path / n for n in ("m.pt", "q.safetensors", "r.json"))
+    torch.save(_state_dict(), source)
+    real_open = os.open
+
+    def refuse_temporaries(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_temporaries)
+    code, stdout, err = _run(capsys, "quantize", source, out, "--report", report)
+    _assert_refused((code, stdout, err), out, f"Permission denied: '{report}'")
+    assert ".tmp" not in err and not report.exists()

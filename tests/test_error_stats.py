@@ -27,6 +27,7 @@ def test_statistics_equal_the_report(case, group, blocks, transposed) -> None:
         group = case.weight[0].size if group > case.weight[0].size else group
         ksize = case.as_oik.shape[2]
         group = max(ksize, group // ksize * ksize)  # convs: groups of whole kernels
+        group = group if group >= 2 else None  # a channel of one weight has no groups
     granularity = "channel" if group is not None else case.granularity
     q = squant.quantize_weight(weight, case.bits, mode=case.mode, scheme=case.scheme,
                                granularity=granularity, axis=axis, group_size=group)

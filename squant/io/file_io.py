@@ -38,9 +38,13 @@ if sys.byteorder != "little":  # safetensors stores little-endian data; raw byte
 def atomic_path(path: Path) -> Iterator[Path]:
     """A new temporary path in ``path``'s folder that replaces ``path`` if the block succeeds
     and is removed if it fails: a failed write never leaves a partial or stale file behind.
-    The file is created with the usual permissions (``0o666`` less the umask)."""
+    The file is created with the usual permissions (``0o666`` less the umask); if it cannot
+    be, the ``OSError`` names ``path``, not the hidden temporary the user never asked for."""
     temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     try:
         yield temporary
         os.replace(temporary, path)
