@@ -101,7 +101,8 @@ def cases(base: Path, wide: Path, big: Path, results: dict) -> list[tuple]:
         *[(f"{signum.name} while writing", stopped, big, signum)
           for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)],
         ("--report r.json, r.json exists", report_exists),
-        ("--report path is a folder", report_unwritable, "r.json", "r.json: is a folder"),
+        ("--report path is a folder", report_unwritable, "r.json",
+         "r.json: is a folder; choose a file path for the report"),
         ("--report in a folder it cannot write (/sys)", report_unwritable,
          "/sys/squant-r.json", "Permission denied: '/sys/squant-r.json'"),
     ]

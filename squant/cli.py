@@ -60,21 +60,22 @@ def _check_input(path: Path, suffixes: Sequence[str], sharded: bool = False) -> 
         raise QuantizationError(f"{path}: the file is empty")
 
 
-def _check_output(path: Path, suffixes: Sequence[str], *inputs: Path) -> None:
-    """``path`` has one of ``suffixes``, its folder exists, it is not a folder, and it is none
-    of ``inputs``."""
+def _check_output(path: Path, suffixes: Sequence[str], *inputs: Path,
+                  what: str = "output") -> None:
+    """``path`` (the ``what`` file) has one of ``suffixes``, its folder exists, it is not a
+    folder, and it is none of ``inputs``."""
     if path.suffix.lower() not in suffixes:
-        raise QuantizationError(f"{path}: unknown output extension {path.suffix!r} (expected "
+        raise QuantizationError(f"{path}: unknown {what} extension {path.suffix!r} (expected "
                                 f"{', '.join(suffixes)})")
     if not path.parent.is_dir():
-        raise QuantizationError(f"{path}: the output folder {path.parent} does not exist")
+        raise QuantizationError(f"{path}: the {what} folder {path.parent} does not exist")
     if path.is_dir():
-        raise QuantizationError(f"{path}: is a folder; choose a file path for the output")
+        raise QuantizationError(f"{path}: is a folder; choose a file path for the {what}")
     for other in inputs:
         if path.resolve() == other.resolve() or (path.exists() and other.exists()
                                                  and path.samefile(other)):
-            raise QuantizationError(f"{path}: the output is the same file as the input {other}; "
-                                    "choose another output path")
+            raise QuantizationError(f"{path}: the {what} is the same file as {other}; "
+                                    f"choose another {what} path")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def _quantize(args: argparse.Namespace) -> None:
     _check_input(source_path, (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX), sharded=True)
     _check_output(out, (SAFETENSORS_SUFFIX,), source_path)
     if report_path:
-        _check_output(report_path, (".json",), source_path, out)
+        _check_output(report_path, (".json",), source_path, out, what="report")
     start = time.perf_counter()
     source = open_source(source_path)
     _check_output(out, (SAFETENSORS_SUFFIX,), *source.files)
@@ -135,7 +136,7 @@ def _quantize_onnx(args: argparse.Namespace, source: Path, out: Path,
     _check_input(source, (ONNX_SUFFIX,))
     _check_output(out, (ONNX_SUFFIX,), source)
     if report_path:
-        _check_output(report_path, (".json",), source, out)
+        _check_output(report_path, (".json",), source, out, what="report")
     if args.transposed:
         raise QuantizationError("--transposed is for checkpoints: ONNX graphs give the layout")
     options = QuantOptions(args.bits, args.mode, args.scheme, args.granularity, args.range,

@@ -211,7 +211,7 @@ def test_a_report_that_cannot_be_written_fails_before_the_output(capsys, monkeyp
     torch.save(_state_dict(), source)
     report.mkdir()
     _assert_refused(_run(capsys, "quantize", source, out, "--report", report), out,
-                    "r.json: is a folder")
+                    "r.json: is a folder; choose a file path for the report")
     report.rmdir()
 
     def unwritable(self, *_args, **_kwargs):
