@@ -2,7 +2,7 @@
 
 Writes a safetensors file holding one 50,000 x 4,096 float32 tensor (819 MB, an LLM's
 vocabulary-sized weight; and a 64 x 64 one) to a temporary folder (deleted at the end) and
-prints the peak RSS (``os.wait4``'s rusage) of child processes:
+prints the peak RSS (VmHWM, polled: ``bench_cli.run_child``) of child processes:
 - baseline: a child that imports squant and reads the tensor alone with ``safe_open``;
 - ``squant quantize`` of the tensor (``lm_head.weight``: quantized, 4 bits, in blocks of rows),
   and with ``--skip lm_head`` (copied as float, in blocks of rows).

@@ -5,7 +5,7 @@ temporary folder (deleted at the end), then runs ``python -m squant quantize IN 
 as a child process, ``--runs`` times, and prints for each run:
 - throughput: input bytes / wall time of the child, and the same without the child's start-up
   (interpreter, torch and numba imports, timed alone in a child that only imports squant.cli);
-- peak RSS of the child (``os.wait4``'s rusage) against the input file size;
+- peak RSS of the child (its VmHWM, polled) against the input file size;
 each followed by the same run with ``--report``, and the median time with it against the median
 without it; and, measured in this process, a baseline: the same checkpoint read with
 ``safe_open`` and quantized with per-channel numpy round-to-nearest (no packing, no writing).
@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,19 +67,37 @@ def write_checkpoint(path: Path, specs: list[TensorSpec]) -> None:
             writer.write(spec.name, torch.from_numpy(data))
 
 
+def poll_peak_rss(pid: int, done: threading.Event, peak: list[int]) -> None:
+    """Poll ``pid``'s VmHWM (its peak RSS since its exec) every 5 ms until ``done``, into
+    ``peak[0]`` (bytes). Not ``wait4``'s ``ru_maxrss``: Linux carries the parent's peak across
+    fork and exec into it."""
+    while not done.is_set():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            peak[0] = max(peak[0], int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024)
+        except (OSError, TypeError):  # gone, or a zombie without memory
+            return
+        time.sleep(0.005)
+
+
 def run_child(command: list[str], cwd: str | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (bytes) of one child process (run in ``cwd``); raises if it
-    fails."""
+    """Wall seconds and peak RSS (bytes, polled) of one child process (run in ``cwd``); raises
+    if it fails."""
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
-        _, status, usage = os.wait4(child.pid, 0)
+        done, peak = threading.Event(), [0]
+        poller = threading.Thread(target=poll_peak_rss, args=(child.pid, done, peak))
+        poller.start()
+        _, status, _ = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
+        done.set()
+        poller.join()
         child.returncode = os.waitstatus_to_exitcode(status)
         if child.returncode:
             stderr.seek(0)
             raise RuntimeError(f"{' '.join(command)} failed: {stderr.read().decode()}")
-    return seconds, usage.ru_maxrss * 1024.0
+    return seconds, float(peak[0])
 
 
 def numpy_baseline(path: Path, names: list[str]) -> float:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_cli import poll_peak_rss
 from cli_files_inputs import (
     GptLike,
     Payload,
@@ -39,19 +40,6 @@ COMPILE_NOTICE = "squant: compiling the numba kernels"
 FILE_SIZE_LIMIT = 4096  # bytes a "full disk" child may write to one file
 
 
-def _peak_rss(pid: int, done: threading.Event, peak: list[int]) -> None:
-    """Poll ``pid``'s VmHWM (its peak RSS since its exec) every 5 ms until ``done``. Not
-    ``wait4``'s ``ru_maxrss``: Linux carries the parent's peak across fork and exec into it,
-    and this process holds torch and a 256 MB tensor."""
-    while not done.is_set():
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            peak[0] = max(peak[0], int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024)
-        except (OSError, TypeError):  # gone, or a zombie without memory
-            return
-        time.sleep(0.005)
-
-
 class Run:
     """One finished child: exit code, stdout, stderr, peak RSS in bytes (polled)."""
 
@@ -66,7 +54,7 @@ class Run:
             child = subprocess.Popen([sys.executable, "-m", "squant", *argv], cwd=cwd,
                                      stdout=out, stderr=err, preexec_fn=preexec)
             timer, done, peak = threading.Timer(TIMEOUT_S, child.kill), threading.Event(), [0]
-            poller = threading.Thread(target=_peak_rss, args=(child.pid, done, peak))
+            poller = threading.Thread(target=poll_peak_rss, args=(child.pid, done, peak))
             timer.start()
             poller.start()
             self.note = on_start(child) if on_start else ""
