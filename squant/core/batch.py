@@ -11,6 +11,7 @@ region it cannot use, and a busy machine's threads pick chunks as they come free
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -77,7 +78,10 @@ def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elemen
 
     Blocks are cut into ranges of about equal work, ``_CHUNKS_PER_THREAD`` per thread, which the
     threads take in turn. Each channel is quantized by exactly one call, so the codes do not
-    depend on the number of threads or on which thread ran what.
+    depend on the number of threads or on which thread ran what. The calling thread waits only
+    for ranges that a helper has taken, never for a helper the OS has not started yet: on a busy
+    machine a helper may wait milliseconds for a core, and by then the calling thread may have
+    done all the work itself (the late helper then finds nothing left and does nothing).
     """
     count = block_start.shape[0] - 1
     threads = _thread_count(elements, count)
@@ -85,21 +89,39 @@ def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elemen
         kernels.quantize_blocks(*args, 0, count, *search_args)
         return
     chunks = min(count, threads * _CHUNKS_PER_THREAD)
-    cuts = np.linspace(0, count, chunks + 1).round().astype(np.int64)
-    pending = iter(zip(cuts[:-1].tolist(), cuts[1:].tolist()))  # next() is atomic under the GIL
+    cuts = np.linspace(0, count, chunks + 1).round().astype(np.int64).tolist()
+    pending = iter(zip(cuts[:-1], cuts[1:]))
+    taken = threading.Condition()
+    running = [0]  # ranges taken and not yet finished
+    failures: list[BaseException] = []
 
     def work() -> None:
-        for first, last in pending:
-            kernels.quantize_blocks(*args, first, last, *search_args)
+        while True:
+            with taken:
+                block_range = next(pending, None)
+                if block_range is None:
+                    return
+                running[0] += 1
+            try:
+                kernels.quantize_blocks(*args, *block_range, *search_args)
+            except BaseException as error:  # re-raised by the calling thread
+                failures.append(error)
+            finally:
+                with taken:
+                    running[0] -= 1
+                    taken.notify_all()
 
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
                                    thread_name_prefix="squant")
-    helpers = [_pool.submit(work) for _ in range(threads - 1)]
+    for _ in range(threads - 1):
+        _pool.submit(work)
     work()
-    for helper in helpers:
-        helper.result()
+    with taken:
+        taken.wait_for(lambda: running[0] == 0)
+    if failures:
+        raise failures[0]
 
 
 def _moment_table(arrays: list[np.ndarray], moments: list[np.ndarray | None],
