@@ -25,7 +25,8 @@ from .options import QuantOptions
 
 _BLOCK_ELEMENTS = 1 << 15  # work per block: big enough to amortise its scratch
 _MIN_ELEMENTS_PER_THREAD = 1 << 17  # about half a millisecond of KC: worth a thread hand-off
-_CHUNKS_PER_THREAD = 4  # block ranges per thread, taken as threads come free
+_KERNEL_PASS_COST = 3  # work of an element under KQ (kernels of 2+ elements), relative to CQ
+_SEARCH_COST = len(kernels.SHRINK_FACTORS)  # the range search quantizes a channel that often
 _pool: ThreadPoolExecutor | None = None
 
 compile_notice.install()
@@ -72,24 +73,52 @@ def _thread_count(elements: int, blocks: int) -> int:
     return max(1, min(numba.get_num_threads(), blocks, elements // _MIN_ELEMENTS_PER_THREAD))
 
 
-def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elements: int) -> None:
+def _channel_work(sizes: np.ndarray, ksize: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """A rough relative cost per channel: its elements, more under KQ and the range search."""
+    kernel_pass = (flags & kernels.KERNEL_PASS != 0) & (ksize > 1)
+    search = flags & kernels.RANGE_SEARCH != 0
+    return (sizes * np.where(kernel_pass, _KERNEL_PASS_COST, 1)
+            * np.where(search, _SEARCH_COST, 1)).astype(np.float64)
+
+
+def _chunk_cuts(block_work: np.ndarray, threads: int) -> list[int]:
+    """Cut the blocks into ranges for ``threads`` threads that take them in turn, of decreasing
+    work (guided scheduling): each about ``1 / (2 * threads)`` of the work left, down to
+    ``1 / (16 * threads)`` of the whole, so that the threads finish close together even when
+    one of them is slowed down (a busy machine) or the blocks' costs differ."""
+    ends = np.cumsum(block_work)
+    total = float(ends[-1])
+    count = block_work.shape[0]
+    cuts = [0]
+    done = 0.0
+    while cuts[-1] < count:
+        size = max((total - done) / (2 * threads), total / (16 * threads))
+        stop = int(np.searchsorted(ends, done + size, "left")) + 1
+        stop = min(max(stop, cuts[-1] + 1), count)
+        cuts.append(stop)
+        done = float(ends[stop - 1])
+    return cuts
+
+
+def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray,
+                channel_work: np.ndarray, elements: int) -> None:
     """Run ``kernels.quantize_blocks`` over every block, on the calling thread and pool threads
     (``args`` before the block range, ``search_args`` after it).
 
-    Blocks are cut into ranges of about equal work, ``_CHUNKS_PER_THREAD`` per thread, which the
-    threads take in turn. Each channel is quantized by exactly one call, so the codes do not
-    depend on the number of threads or on which thread ran what. The calling thread waits only
-    for ranges that a helper has taken, never for a helper the OS has not started yet: on a busy
-    machine a helper may wait milliseconds for a core, and by then the calling thread may have
-    done all the work itself (the late helper then finds nothing left and does nothing).
+    Blocks are cut into ranges of decreasing work (:func:`_chunk_cuts`, from ``channel_work``),
+    which the threads take in turn. Each channel is quantized by exactly one call, so the codes
+    do not depend on the number of threads or on which thread ran what. The calling thread
+    waits only for ranges that a helper has taken, never for a helper the OS has not started
+    yet: on a busy machine a helper may wait milliseconds for a core, and by then the calling
+    thread may have done all the work itself (the late helper then finds nothing left).
     """
     count = block_start.shape[0] - 1
     threads = _thread_count(elements, count)
     if threads == 1:
         kernels.quantize_blocks(*args, 0, count, *search_args)
         return
-    chunks = min(count, threads * _CHUNKS_PER_THREAD)
-    cuts = np.linspace(0, count, chunks + 1).round().astype(np.int64).tolist()
+    block_work = np.add.reduceat(channel_work, block_start[:-1])
+    cuts = _chunk_cuts(block_work, threads)
     pending = iter(zip(cuts[:-1], cuts[1:]))
     taken = threading.Condition()
     running = [0]  # ranges taken and not yet finished
@@ -220,7 +249,8 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     searched = any(opts.range == "search" for opts in options)
     _run_blocks((ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
                  ch_hi, blocks, scale, zero, finite),
-                (table if searched else None, ch_moments_start), blocks, int(offsets[-1]))
+                (table if searched else None, ch_moments_start), blocks,
+                _channel_work(ch_inner * ch_ksize, ch_ksize, ch_flags), int(offsets[-1]))
     results = []
     first = 0
     for array, start, opts, count in zip(arrays, offsets[:-1], options, counts):
