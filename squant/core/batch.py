@@ -65,7 +65,8 @@ def _block_starts(sizes: np.ndarray) -> np.ndarray:
     """Split consecutive channels into blocks of about ``_BLOCK_ELEMENTS`` elements each."""
     ends = np.cumsum(sizes)
     cuts = np.searchsorted(ends, np.arange(_BLOCK_ELEMENTS, ends[-1], _BLOCK_ELEMENTS), "right")
-    return np.unique(np.concatenate(([0], cuts, [sizes.shape[0]]))).astype(np.int64)
+    starts = np.concatenate(([0], cuts, [sizes.shape[0]])).astype(np.int64)  # non-decreasing
+    return starts[np.concatenate(([True], starts[1:] != starts[:-1]))]
 
 
 def _thread_count(elements: int, blocks: int) -> int:

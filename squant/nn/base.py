@@ -229,23 +229,28 @@ class QuantizedModule(CheckedCodes):
         """A quantized copy of ``module`` with ``qweight`` as its weight (bias shared as is)."""
         qmodule = cls.__new__(cls)
         nn.Module.__init__(qmodule)
+        plain = {}  # attributes that are no tensor or module: set without nn.Module.__setattr__
         for name in _hyper_parameters(module):
-            setattr(qmodule, name, getattr(module, name))
+            value = getattr(module, name)
+            if isinstance(value, (torch.Tensor, nn.Module)):
+                setattr(qmodule, name, value)
+            else:
+                plain[name] = value
         if cls.has_bias:
             qmodule.bias = module.bias
         qmodule.register_buffer("codes", qweight.codes)
         qmodule.register_buffer("scale", qweight.scale)
         qmodule.register_buffer("zero_point", qweight.zero_point)
-        qmodule.bits, qmodule.mode, qmodule.axis = qweight.bits, qweight.mode, qweight.axis
-        qmodule.scheme, qmodule.granularity = qweight.scheme, qweight.granularity
-        qmodule.range, qmodule.group_size = qweight.range, qweight.group_size
-        qmodule.cache_weight = cache_weight
-        qmodule.weight_dtype = qweight_dtype(module)
         # A subclass of float_class: dequantize gives it (without its parametrizations).
         original = type(module)
-        qmodule.original_class = (original.__bases__[0]
-                                  if parametrize.is_parametrized(module) else original)
-        qmodule._cached_weight = None
+        plain.update(
+            bits=qweight.bits, mode=qweight.mode, axis=qweight.axis, scheme=qweight.scheme,
+            granularity=qweight.granularity, range=qweight.range, group_size=qweight.group_size,
+            cache_weight=cache_weight, weight_dtype=qweight_dtype(module),
+            original_class=(original.__bases__[0] if parametrize.is_parametrized(module)
+                            else original),
+            _cached_weight=None)
+        qmodule.__dict__.update(plain)
         return qmodule
 
     @property
