@@ -228,6 +228,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     ch_lo = np.zeros(channels, np.float32)
     ch_hi = np.zeros(channels, np.float32)
     table, ch_moments_start = _moment_table(arrays, moments, options)
+    codes_address = codes.ctypes.data
     first = 0
     for array, opts, given, start, count in zip(arrays, options, ranges, offsets[:-1], counts):
         o, i, k = array.shape
@@ -237,7 +238,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
         else:  # each group is a channel of the kernels: contiguous, whole kernels
             channel_elements, inner = group_rows(o, i * k, k, opts.group_size)
         ch_address[rows] = array.ctypes.data + channel_elements * 4
-        ch_codes_address[rows] = codes.ctypes.data + int(start) + channel_elements
+        ch_codes_address[rows] = codes_address + int(start) + channel_elements
         ch_inner[rows], ch_ksize[rows] = inner, k
         ch_bits[rows], ch_flags[rows] = opts.bits, _flags(opts)
         if opts.granularity == "tensor":
@@ -254,11 +255,12 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
                 _channel_work(ch_inner * ch_ksize, ch_ksize, ch_flags), int(offsets[-1]))
     results = []
     first = 0
+    every_finite = bool(finite.all() and np.isfinite(ch_lo).all() and np.isfinite(ch_hi).all())
     for array, start, opts, count in zip(arrays, offsets[:-1], options, counts):
         o = array.shape[0]
         rows = slice(first, first + o * count)
-        all_finite = bool(finite[rows].all() and np.isfinite(ch_lo[rows]).all()
-                          and np.isfinite(ch_hi[rows]).all())
+        all_finite = every_finite or bool(finite[rows].all() and np.isfinite(ch_lo[rows]).all()
+                                          and np.isfinite(ch_hi[rows]).all())
         shape = (o,) if opts.group_size is None else (o, count)
         results.append(BatchResult(codes[start : start + array.size].reshape(array.shape),
                                    scale[rows].reshape(shape), zero[rows].reshape(shape),

@@ -46,7 +46,7 @@ def quantized_class(module: nn.Module) -> type | None:
     if base is None or is_quantized(module):
         return None
     cls = QUANTIZED_CLASSES[base]
-    if computed_weight(module) and not issubclass(cls, QuantizedModule):
+    if not issubclass(cls, QuantizedModule) and _computed(module, cls):
         return None
     if base is type(module):
         return cls
@@ -69,8 +69,13 @@ def computed_weight(module: nn.Module) -> bool:
     base = registered_base(type(module))
     if base is None or is_quantized(module):
         return False
-    names = QUANTIZED_CLASSES[base].weight_names(module)
-    return not all(isinstance(module._parameters.get(n), torch.Tensor) for n in names)
+    return _computed(module, QUANTIZED_CLASSES[base])
+
+
+def _computed(module: nn.Module, cls: type) -> bool:
+    """Whether a weight that ``cls`` (``module``'s quantized class) quantizes is not held."""
+    return not all(isinstance(module._parameters.get(n), torch.Tensor)
+                   for n in cls.weight_names(module))
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
