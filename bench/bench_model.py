@@ -96,13 +96,21 @@ def main() -> None:
                         help="time the warm columns with N busy-loop processes running")
     parser.add_argument("--warm-only", action="store_true",
                         help="skip the cold and memory columns (fresh processes)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="warm columns as CPU time of the calling thread with 1 numba thread "
+                             "(what other processes on a shared machine barely change)")
     args = parser.parse_args()
+    clock = time.perf_counter
+    if args.cpu:
+        numba.set_num_threads(1)
+        clock = time.thread_time
     if args.worker:
         print(json.dumps(worker(args.worker, args.inplace, args.warm)))
         return
     print(f"threads: numba {numba.get_num_threads()}, torch {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cores {os.cpu_count()}"
-          f"{f', {args.busy} busy-loop processes running' if args.busy else ''}")
+          f"{f', {args.busy} busy-loop processes running' if args.busy else ''}"
+          f"{'; CPU time of the calling thread' if args.cpu else '; wall time'}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     header = (f"{'model':<10} {'numpy RTN':>10} {'inplace':>9} {'ratio':>6} {'copy':>9} "
               f"{'ratio':>6} {'per-layer':>10} {'ratio':>6} {'cold':>8} {'weights':>8} "
@@ -120,7 +128,7 @@ def main() -> None:
                 "inplace": lambda cs=copies: squant.quantize(next(cs), BITS, inplace=True),
                 "copy": lambda m=model: squant.quantize(m, BITS),
                 "per_layer": lambda ws=weights: [squant.quantize_weight(w, BITS) for w in ws],
-            }, args.repeats)
+            }, args.repeats, clock)
         rtn, inplace, copied, per_layer = t["rtn"], t["inplace"], t["copy"], t["per_layer"]
         line = (f"{name:<10} {rtn * 1e3:>8.1f}ms {inplace * 1e3:>7.1f}ms {inplace / rtn:>5.2f}x"
                 f" {copied * 1e3:>7.1f}ms {copied / rtn:>5.2f}x"

@@ -101,12 +101,11 @@ def _chunk_cuts(block_work: np.ndarray, threads: int) -> list[int]:
     return cuts
 
 
-def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray,
-                channel_work: np.ndarray, elements: int) -> None:
+def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elements: int) -> None:
     """Run ``kernels.quantize_blocks`` over every block, on the calling thread and pool threads
     (``args`` before the block range, ``search_args`` after it).
 
-    Blocks are cut into ranges of decreasing work (:func:`_chunk_cuts`, from ``channel_work``),
+    Blocks are cut into ranges of decreasing work (:func:`_chunk_cuts`, :func:`_channel_work`),
     which the threads take in turn. Each channel is quantized by exactly one call, so the codes
     do not depend on the number of threads or on which thread ran what. The calling thread
     waits only for ranges that a helper has taken, never for a helper the OS has not started
@@ -118,7 +117,8 @@ def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray,
     if threads == 1:
         kernels.quantize_blocks(*args, 0, count, *search_args)
         return
-    block_work = np.add.reduceat(channel_work, block_start[:-1])
+    inner, ksize, flags = args[2], args[3], args[5]
+    block_work = np.add.reduceat(_channel_work(inner * ksize, ksize, flags), block_start[:-1])
     cuts = _chunk_cuts(block_work, threads)
     pending = iter(zip(cuts[:-1], cuts[1:]))
     taken = threading.Condition()
@@ -251,8 +251,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     searched = any(opts.range == "search" for opts in options)
     _run_blocks((ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
                  ch_hi, blocks, scale, zero, finite),
-                (table if searched else None, ch_moments_start), blocks,
-                _channel_work(ch_inner * ch_ksize, ch_ksize, ch_flags), int(offsets[-1]))
+                (table if searched else None, ch_moments_start), blocks, int(offsets[-1]))
     results = []
     first = 0
     every_finite = bool(finite.all() and np.isfinite(ch_lo).all() and np.isfinite(ch_hi).all())
