@@ -44,43 +44,26 @@ def select_top(keys, size, m, top):
     if m == 0:
         return
     if m <= _INSERTION_LIMIT:
-        _select_top_by_insertion(keys, size, m, top)
+        for i in range(m):  # the first m, sorted, then each larger key is inserted
+            key = keys[i]
+            pos = i
+            while pos > 0 and top[pos - 1] < key:
+                top[pos] = top[pos - 1]
+                pos -= 1
+            top[pos] = key
+        threshold = top[m - 1]  # a local: the scan below is a tight compare loop
+        for i in range(m, size):
+            key = keys[i]
+            if key <= threshold:
+                continue
+            pos = m - 1
+            while pos > 0 and top[pos - 1] < key:
+                top[pos] = top[pos - 1]
+                pos -= 1
+            top[pos] = key
+            threshold = top[m - 1]
     else:
         _select_top_by_heap(keys, size, m, top)
-
-
-@njit(cache=True)
-def _select_top_by_insertion(keys, size, m, top):
-    """``select_top`` for small ``m``: a sorted list of the ``m`` largest keys so far, in one scan.
-    A block of 8 keys whose largest is not above the ``m``-th so far (nearly all, once the list
-    has filled) is passed over after one branch-free max."""
-    for i in range(m):
-        top[i] = SMALLEST_KEY  # below every key, pushed out by the first m
-    threshold = SMALLEST_KEY  # a local copy of top[m - 1]: the scan is a tight compare loop
-    blocks = size // 8
-    for b in range(blocks):
-        at = b * 8
-        most = max(max(max(keys[at], keys[at + 1]), max(keys[at + 2], keys[at + 3])),
-                   max(max(keys[at + 4], keys[at + 5]), max(keys[at + 6], keys[at + 7])))
-        if most > threshold:
-            for i in range(at, at + 8):
-                threshold = _insert_key(keys[i], top, m, threshold)
-    for i in range(blocks * 8, size):
-        threshold = _insert_key(keys[i], top, m, threshold)
-
-
-@njit(cache=True, inline="always")
-def _insert_key(key, top, m, threshold):
-    """Insert ``key`` into the sorted ``top[:m]`` if it is above the last (``threshold``);
-    returns the new last."""
-    if key <= threshold:
-        return threshold
-    pos = m - 1
-    while pos > 0 and top[pos - 1] < key:
-        top[pos] = top[pos - 1]
-        pos -= 1
-    top[pos] = key
-    return top[m - 1]
 
 
 @njit(cache=True)
