@@ -58,18 +58,18 @@ def numpy_rtn(weights: list[np.ndarray], bits: int = BITS) -> list[np.ndarray]:
     return out
 
 
-def median_times(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time in seconds of each ``fns[name]()`` over ``repeats`` rounds (after one
-    warm-up). Each round runs every function once, interleaved, so that all see the same
-    machine: ratios then hold even when the machine is busy."""
+def median_times(fns: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+    """Median time in seconds (wall, or ``clock``'s) of each ``fns[name]()`` over ``repeats``
+    rounds (after one warm-up). Each round runs every function once, interleaved, so that all
+    see the same machine: ratios then hold even when the machine is busy."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

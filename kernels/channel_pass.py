@@ -8,21 +8,36 @@ import numpy as np
 from numba import njit
 
 from .exact_sum import error_sum
-from .flip import eq_key, flip_count, flip_first, key_index, make_key, select_top
-from .grid import flip
+from .flip import eq_key, flip_count, key_index, make_key, select_top
+from .grid import flip, flipped
 from .kernel_pass import transposed_position
 
 
 @njit(cache=True)
-def channel_pass_eq(x, err, value, t_min, t_max, keys, top):
-    """CQ with the EQ priorities (no KQ ran: mode C, or kernels of one element)."""
+def channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, keys, top):
+    """EQ, then CQ with the EQ priorities (no KQ ran: mode C, or kernels of one element), straight
+    into the channel's clamped ``codes``: EQ writes every code, the flips rewrite theirs.
+
+    ``x`` and ``err`` (the EQ errors; not updated by the flips), ``keys`` and ``top`` are
+    scratch.
+    """
+    size = w.shape[0]
+    for i in range(size):  # EQ
+        xi = scale * w[i] - zero
+        r = np.rint(xi)
+        x[i] = xi
+        err[i] = r - xi
+        codes[i] = np.int8(min(max(r, t_min), t_max))
     up, k, _ = flip_count(error_sum(err))
     if k == 0:
         return
-    for i in range(x.shape[0]):
+    for i in range(size):
         keys[i] = eq_key(err[i], x[i], i, up, t_min, t_max)
-    select_top(keys, x.shape[0], k, top)
-    flip_first(top, k, up, x, err, value, t_min, t_max)
+    select_top(keys, size, k, top)
+    for t in range(k):
+        i = key_index(top[t])
+        flipped_value, _ = flipped(x[i], up, t_min, t_max)
+        codes[i] = np.int8(min(max(flipped_value, t_min), t_max))
 
 
 @njit(cache=True)

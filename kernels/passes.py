@@ -68,22 +68,14 @@ def _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value
         _round_only(w, scale, zero, t_min, t_max, codes)
         return scale, zero
     x, err, value = x[:size], err[:size], value[:size]
-    if after_kernels:
-        transpose_in(w, scale, zero, inner, ksize, x)
-        kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
-        if channel_pass:
-            channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratch)
-        transpose_out(value, inner, ksize, t_min, t_max, codes)
+    if not after_kernels:
+        channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, scratch[0], scratch[1])
         return scale, zero
-    for i in range(size):  # EQ
-        xi = scale * w[i] - zero
-        r = np.rint(xi)
-        x[i] = xi
-        err[i] = r - xi
-        value[i] = r
-    channel_pass_eq(x, err, value, t_min, t_max, scratch[0], scratch[1])
-    for i in range(size):
-        codes[i] = np.int8(min(max(value[i], t_min), t_max))
+    transpose_in(w, scale, zero, inner, ksize, x)
+    kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
+    if channel_pass:
+        channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratch)
+    transpose_out(value, inner, ksize, t_min, t_max, codes)
     return scale, zero
 
 

@@ -11,6 +11,7 @@ region it cannot use, and a busy machine's threads pick chunks as they come free
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from .options import QuantOptions
 
 _BLOCK_ELEMENTS = 1 << 15  # work per block: big enough to amortise its scratch
 _MIN_ELEMENTS_PER_THREAD = 1 << 17  # about half a millisecond of KC: worth a thread hand-off
-_CHUNKS_PER_THREAD = 4  # block ranges per thread, taken as threads come free
+_KERNEL_PASS_COST = 3  # work of an element under KQ (kernels of 2+ elements), relative to CQ
+_SEARCH_COST = len(kernels.SHRINK_FACTORS)  # the range search quantizes a channel that often
 _pool: ThreadPoolExecutor | None = None
 
 compile_notice.install()
@@ -64,7 +66,8 @@ def _block_starts(sizes: np.ndarray) -> np.ndarray:
     """Split consecutive channels into blocks of about ``_BLOCK_ELEMENTS`` elements each."""
     ends = np.cumsum(sizes)
     cuts = np.searchsorted(ends, np.arange(_BLOCK_ELEMENTS, ends[-1], _BLOCK_ELEMENTS), "right")
-    return np.unique(np.concatenate(([0], cuts, [sizes.shape[0]]))).astype(np.int64)
+    starts = np.concatenate(([0], cuts, [sizes.shape[0]])).astype(np.int64)  # non-decreasing
+    return starts[np.concatenate(([True], starts[1:] != starts[:-1]))]
 
 
 def _thread_count(elements: int, blocks: int) -> int:
@@ -72,43 +75,100 @@ def _thread_count(elements: int, blocks: int) -> int:
     return max(1, min(numba.get_num_threads(), blocks, elements // _MIN_ELEMENTS_PER_THREAD))
 
 
+def _channel_work(sizes: np.ndarray, ksize: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """A rough relative cost per channel: its elements, more under KQ and the range search."""
+    kernel_pass = (flags & kernels.KERNEL_PASS != 0) & (ksize > 1)
+    search = flags & kernels.RANGE_SEARCH != 0
+    return (sizes * np.where(kernel_pass, _KERNEL_PASS_COST, 1)
+            * np.where(search, _SEARCH_COST, 1)).astype(np.float64)
+
+
+def _chunk_cuts(block_work: np.ndarray, threads: int) -> list[int]:
+    """Cut the blocks into ranges for ``threads`` threads that take them in turn, of decreasing
+    work (guided scheduling): each about ``1 / (2 * threads)`` of the work left, down to
+    ``1 / (16 * threads)`` of the whole, so that the threads finish close together even when
+    one of them is slowed down (a busy machine) or the blocks' costs differ."""
+    ends = np.cumsum(block_work)
+    total = float(ends[-1])
+    count = block_work.shape[0]
+    cuts = [0]
+    done = 0.0
+    while cuts[-1] < count:
+        size = max((total - done) / (2 * threads), total / (16 * threads))
+        stop = int(np.searchsorted(ends, done + size, "left")) + 1
+        stop = min(max(stop, cuts[-1] + 1), count)
+        cuts.append(stop)
+        done = float(ends[stop - 1])
+    return cuts
+
+
 def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elements: int) -> None:
-    """Run ``kernels.quantize_blocks`` over every block (``args`` before the block range,
-    ``search_args`` after it), with :func:`run_in_threads`. Each channel is quantized by exactly
-    one call, so the codes do not depend on the number of threads or on which thread ran what.
-    """
-    run_in_threads(lambda first, last: kernels.quantize_blocks(*args, first, last, *search_args),
-                   block_start.shape[0] - 1, elements)
+    """Run ``kernels.quantize_blocks`` over every block, on the calling thread and pool threads
+    (``args`` before the block range, ``search_args`` after it), in ranges of decreasing work
+    (:func:`_chunk_cuts`, weighed by :func:`_channel_work`). Each channel is quantized by
+    exactly one call, so the codes do not depend on the number of threads or on which thread
+    ran what."""
+    count = block_start.shape[0] - 1
+    threads = _thread_count(elements, count)
+    if threads == 1:
+        kernels.quantize_blocks(*args, 0, count, *search_args)
+        return
+    inner, ksize, flags = args[2], args[3], args[5]
+    block_work = np.add.reduceat(_channel_work(inner * ksize, ksize, flags), block_start[:-1])
+    _run_ranges(lambda first, last: kernels.quantize_blocks(*args, first, last, *search_args),
+                _chunk_cuts(block_work, threads), threads)
 
 
 def run_in_threads(task: Callable[[int, int], None], count: int, elements: int) -> None:
-    """Call ``task(first, last)`` on ranges that cover ``range(count)`` once, on the calling
-    thread and pool threads (as many as ``numba.get_num_threads()`` and ``elements``, the work's
-    size, justify). ``task`` must release the GIL to run in parallel (a ``nogil`` kernel).
-
-    The items are cut into ranges of about equal count, ``_CHUNKS_PER_THREAD`` per thread, which
-    the threads take in turn. Exceptions of any thread are raised here.
-    """
+    """Call ``task(first, last)`` on ranges that cover ``range(count)`` once, items of about
+    equal work, on the calling thread and pool threads (as many as ``numba.get_num_threads()``
+    and ``elements``, the work's size, justify). ``task`` must release the GIL to run in
+    parallel (a ``nogil`` kernel). An exception of any thread is raised here."""
     threads = _thread_count(elements, count)
     if threads == 1:
         task(0, count)
         return
-    chunks = min(count, threads * _CHUNKS_PER_THREAD)
-    cuts = np.linspace(0, count, chunks + 1).round().astype(np.int64)
-    pending = iter(zip(cuts[:-1].tolist(), cuts[1:].tolist()))  # next() is atomic under the GIL
+    _run_ranges(task, _chunk_cuts(np.ones(count), threads), threads)
+
+
+def _run_ranges(task: Callable[[int, int], None], cuts: list[int], threads: int) -> None:
+    """``task`` over the ranges between consecutive ``cuts``, which ``threads`` threads (the
+    calling one and pool threads) take in turn. The calling thread waits only for ranges that a
+    helper has taken, never for a helper the OS has not started yet: on a busy machine a helper
+    may wait milliseconds for a core, and by then the calling thread may have done all the work
+    itself (the late helper then finds nothing left)."""
+    pending = iter(zip(cuts[:-1], cuts[1:]))
+    taken = threading.Condition()
+    running = [0]  # ranges taken and not yet finished
+    failures: list[BaseException] = []
 
     def work() -> None:
-        for first, last in pending:
-            task(first, last)
+        while True:
+            with taken:
+                item_range = next(pending, None)
+                if item_range is None:
+                    return
+                running[0] += 1
+            try:
+                task(*item_range)
+            except BaseException as error:  # re-raised by the calling thread
+                failures.append(error)
+            finally:
+                with taken:
+                    running[0] -= 1
+                    taken.notify_all()
 
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
                                    thread_name_prefix="squant")
-    helpers = [_pool.submit(work) for _ in range(threads - 1)]
+    for _ in range(threads - 1):
+        _pool.submit(work)
     work()
-    for helper in helpers:
-        helper.result()
+    with taken:
+        taken.wait_for(lambda: running[0] == 0)
+    if failures:
+        raise failures[0]
 
 
 def _moment_table(arrays: list[np.ndarray], moments: list[np.ndarray | None],
@@ -185,6 +245,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     ch_lo = np.zeros(channels, np.float32)
     ch_hi = np.zeros(channels, np.float32)
     table, ch_moments_start = _moment_table(arrays, moments, options)
+    codes_address = codes.ctypes.data
     first = 0
     for array, opts, given, start, count in zip(arrays, options, ranges, offsets[:-1], counts):
         o, i, k = array.shape
@@ -194,7 +255,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
         else:  # each group is a channel of the kernels: contiguous, whole kernels
             channel_elements, inner = group_rows(o, i * k, k, opts.group_size)
         ch_address[rows] = array.ctypes.data + channel_elements * 4
-        ch_codes_address[rows] = codes.ctypes.data + int(start) + channel_elements
+        ch_codes_address[rows] = codes_address + int(start) + channel_elements
         ch_inner[rows], ch_ksize[rows] = inner, k
         ch_bits[rows], ch_flags[rows] = opts.bits, _flags(opts)
         if opts.granularity == "tensor":
@@ -210,11 +271,12 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
                 (table if searched else None, ch_moments_start), blocks, int(offsets[-1]))
     results = []
     first = 0
+    every_finite = bool(finite.all() and np.isfinite(ch_lo).all() and np.isfinite(ch_hi).all())
     for array, start, opts, count in zip(arrays, offsets[:-1], options, counts):
         o = array.shape[0]
         rows = slice(first, first + o * count)
-        all_finite = bool(finite[rows].all() and np.isfinite(ch_lo[rows]).all()
-                          and np.isfinite(ch_hi[rows]).all())
+        all_finite = every_finite or bool(finite[rows].all() and np.isfinite(ch_lo[rows]).all()
+                                          and np.isfinite(ch_hi[rows]).all())
         shape = (o,) if opts.group_size is None else (o, count)
         results.append(BatchResult(codes[start : start + array.size].reshape(array.shape),
                                    scale[rows].reshape(shape), zero[rows].reshape(shape),

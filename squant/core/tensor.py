@@ -194,7 +194,7 @@ def quantize_with_options(
     axes = [_check_shape(a, ax, n) for a, ax, n in zip(arrays, axes, names)]
     if not arrays:
         return []
-    moved = [np.moveaxis(a, ax, 0) for a, ax in zip(arrays, axes)]
+    moved = [a if ax == 0 else np.moveaxis(a, ax, 0) for a, ax in zip(arrays, axes)]
     views = [m.reshape(m.shape[0], m.shape[1], -1) for m in moved]
     for view, opts, name in zip(views, options, names):
         check_whole_kernels(opts.group_size, view.shape[2], name)
@@ -211,7 +211,8 @@ def quantize_with_options(
         _warn_below_floor(result.scale.reshape(-1), view, opts, name)
     out = []
     for result, m, ax, opts in zip(results, moved, axes, options):
-        codes = np.moveaxis(result.codes.reshape(m.shape), 0, ax)
+        codes = result.codes.reshape(m.shape)
+        codes = codes if ax == 0 else np.moveaxis(codes, 0, ax)
         out.append(QuantizedTensor(
             codes=torch.from_numpy(np.ascontiguousarray(codes)),
             scale=torch.from_numpy(result.scale),

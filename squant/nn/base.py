@@ -46,7 +46,7 @@ def quantized_class(module: nn.Module) -> type | None:
     if base is None or is_quantized(module):
         return None
     cls = QUANTIZED_CLASSES[base]
-    if computed_weight(module) and not issubclass(cls, QuantizedModule):
+    if not issubclass(cls, QuantizedModule) and _computed(module, cls):
         return None
     if base is type(module):
         return cls
@@ -69,8 +69,13 @@ def computed_weight(module: nn.Module) -> bool:
     base = registered_base(type(module))
     if base is None or is_quantized(module):
         return False
-    names = QUANTIZED_CLASSES[base].weight_names(module)
-    return not all(isinstance(module._parameters.get(n), torch.Tensor) for n in names)
+    return _computed(module, QUANTIZED_CLASSES[base])
+
+
+def _computed(module: nn.Module, cls: type) -> bool:
+    """Whether a weight that ``cls`` (``module``'s quantized class) quantizes is not held."""
+    return not all(isinstance(module._parameters.get(n), torch.Tensor)
+                   for n in cls.weight_names(module))
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -229,23 +234,28 @@ class QuantizedModule(CheckedCodes):
         """A quantized copy of ``module`` with ``qweight`` as its weight (bias shared as is)."""
         qmodule = cls.__new__(cls)
         nn.Module.__init__(qmodule)
+        plain = {}  # attributes that are no tensor or module: set without nn.Module.__setattr__
         for name in _hyper_parameters(module):
-            setattr(qmodule, name, getattr(module, name))
+            value = getattr(module, name)
+            if isinstance(value, (torch.Tensor, nn.Module)):
+                setattr(qmodule, name, value)
+            else:
+                plain[name] = value
         if cls.has_bias:
             qmodule.bias = module.bias
         qmodule.register_buffer("codes", qweight.codes)
         qmodule.register_buffer("scale", qweight.scale)
         qmodule.register_buffer("zero_point", qweight.zero_point)
-        qmodule.bits, qmodule.mode, qmodule.axis = qweight.bits, qweight.mode, qweight.axis
-        qmodule.scheme, qmodule.granularity = qweight.scheme, qweight.granularity
-        qmodule.range, qmodule.group_size = qweight.range, qweight.group_size
-        qmodule.cache_weight = cache_weight
-        qmodule.weight_dtype = qweight_dtype(module)
         # A subclass of float_class: dequantize gives it (without its parametrizations).
         original = type(module)
-        qmodule.original_class = (original.__bases__[0]
-                                  if parametrize.is_parametrized(module) else original)
-        qmodule._cached_weight = None
+        plain.update(
+            bits=qweight.bits, mode=qweight.mode, axis=qweight.axis, scheme=qweight.scheme,
+            granularity=qweight.granularity, range=qweight.range, group_size=qweight.group_size,
+            cache_weight=cache_weight, weight_dtype=qweight_dtype(module),
+            original_class=(original.__bases__[0] if parametrize.is_parametrized(module)
+                            else original),
+            _cached_weight=None)
+        qmodule.__dict__.update(plain)
         return qmodule
 
     @property

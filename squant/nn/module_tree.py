@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .base import quantized_class
 
@@ -46,12 +47,18 @@ def copy_replacing(model: nn.Module, replaced: Iterable[nn.Module]) -> nn.Module
     return _copy_module(model, memo)
 
 
+# __setstate__ methods that only fill in attributes missing from old pickles (a live module's
+# __dict__ has them all), so that copying the __dict__ is what deepcopy would do.
+_PLAIN_SETSTATE = (nn.Module.__setstate__, _ConvNd.__setstate__,
+                   nn.MultiheadAttention.__setstate__)
+
+
 def _copies_like_a_module(cls: type) -> bool:
     """Whether instances of ``cls`` copy exactly as a plain ``nn.Module`` does."""
     return (getattr(cls, "__deepcopy__", None) is None
             and cls.__reduce_ex__ is nn.Module.__reduce_ex__
             and cls.__getstate__ is nn.Module.__getstate__
-            and cls.__setstate__ is nn.Module.__setstate__)
+            and cls.__setstate__ in _PLAIN_SETSTATE)
 
 
 def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
