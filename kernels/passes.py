@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit
 
 from .channel_pass import channel_pass_after_kernels, channel_pass_eq
+from .fit import FIT_FACTORS, fit_error, fit_windows
 from .grid import channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
@@ -23,6 +24,7 @@ SYMMETRIC = 4  # symmetric grid instead of the asymmetric default
 GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel's min and max
 RANGE_SEARCH = 16  # also try shrunk ranges; keep the one with the least reconstruction error
 INCLUDE_ZERO = 32  # widen each range to include 0 (int8 runtimes need an integer zero point)
+RANGE_FIT = 64  # also try other steps and windows (kernels/fit.py); keep the least l_p error
 NO_MOMENTS = -1  # a channel's start in the input-moment table when it has none: plain error
 
 # Range search: the channel's range scaled by each factor, in this order (1.0 first, so that
@@ -165,6 +167,41 @@ def _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, e
     return scale, zero
 
 
+@njit(cache=True)
+def _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err, value, scratch,
+               trial):
+    """Given the channel quantized on its full range ``[lo, hi]`` (``codes``, ``scale``,
+    ``zero``), quantize it again on each grid of :func:`kernels.fit.fit_windows` for each
+    factor of ``FIT_FACTORS`` (into ``trial``; the very passes of the full range) and keep in
+    ``codes`` the one whose :func:`kernels.fit.fit_error` is least, the earliest on ties.
+    Returns the kept ``(S, Z)``. A symmetric grid has one window per step: ``[f*lo, f*hi]``.
+    """
+    best = fit_error(w, codes, scale, zero)
+    trial = trial[: w.shape[0]]
+    levels = np.float64(2**bits - 1)
+    symmetric = flags & SYMMETRIC != 0
+    minmax_scale = scale
+    for f in FIT_FACTORS:
+        s, first, last = fit_windows(minmax_scale, lo, hi, bits, f, flags & INCLUDE_ZERO != 0)
+        if symmetric:
+            first, last = 0.0, 0.0
+        start = first
+        while start <= last:
+            if symmetric:
+                c_lo, c_hi = f * lo, f * hi
+            else:
+                c_lo, c_hi = np.float32(start / s), np.float32((start + levels) / s)
+            t_s, t_z = _quantize_on_grid(w, inner, ksize, bits, flags, c_lo, c_hi, trial, x,
+                                         err, value, scratch)
+            error = fit_error(w, trial, t_s, t_z)
+            if error < best:
+                best, scale, zero = error, t_s, t_z
+                for i in range(trial.shape[0]):
+                    codes[i] = trial[i]
+            start += 1.0
+    return scale, zero
+
+
 @njit(cache=True, inline="always")  # as _quantize_on_grid
 def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch,
                      range_scratch, trial, moments):
@@ -192,6 +229,9 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
         if flags & RANGE_SEARCH != 0 and scale > 0:
             scale, zero = _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x,
                                         err, value, scratch, trial, moments)
+        elif flags & RANGE_FIT != 0 and scale > 0:
+            scale, zero = _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x,
+                                     err, value, scratch, trial)
     return scale, zero, True
 
 
