@@ -38,6 +38,19 @@ def fit_error(w, codes, scale, zero):
     return total
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def rounded_fit_error(w, scale, zero, t_min, t_max):
+    """:func:`fit_error` of the codes round to nearest (mode E) gives on the grid
+    ``(S, Z, t_min, t_max)``, without writing them: one pass per candidate grid."""
+    step = 1.0 / np.float64(scale)
+    z = np.float64(zero)
+    total = 0.0
+    for i in range(w.shape[0]):
+        r = min(max(np.rint(scale * w[i] - zero), t_min), t_max)
+        total += np.sqrt(abs(np.float64(w[i]) - (np.float64(r) + z) * step))
+    return total
+
+
 @njit(cache=True)
 def fit_windows(scale, lo, hi, bits, factor, include_zero):
     """For the step ``factor / scale`` (``scale``: the minmax grid's S): ``(S, first, last)``,

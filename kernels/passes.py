@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 from .channel_pass import channel_pass_after_kernels, channel_pass_eq
-from .fit import FIT_FACTORS, fit_error, fit_windows
+from .fit import FIT_FACTORS, fit_error, fit_windows, rounded_fit_error
 from .grid import channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
@@ -180,6 +180,10 @@ def _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err,
     trial = trial[: w.shape[0]]
     levels = np.float64(2**bits - 1)
     symmetric = flags & SYMMETRIC != 0
+    # Round to nearest only (mode E): each candidate's error in one pass, codes written once.
+    rounding = not (flags & CHANNEL_PASS != 0 or (flags & KERNEL_PASS != 0 and ksize > 1))
+    kept = False
+    k_min, k_max = np.float32(0.0), np.float32(0.0)
     minmax_scale = scale
     for f in FIT_FACTORS:
         s, first, last = fit_windows(minmax_scale, lo, hi, bits, f, flags & INCLUDE_ZERO != 0)
@@ -191,14 +195,23 @@ def _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err,
                 c_lo, c_hi = f * lo, f * hi
             else:
                 c_lo, c_hi = np.float32(start / s), np.float32((start + levels) / s)
-            t_s, t_z = _quantize_on_grid(w, inner, ksize, bits, flags, c_lo, c_hi, trial, x,
-                                         err, value, scratch)
-            error = fit_error(w, trial, t_s, t_z)
-            if error < best:
-                best, scale, zero = error, t_s, t_z
-                for i in range(trial.shape[0]):
-                    codes[i] = trial[i]
+            if rounding:
+                t_s, t_z, t_min, t_max = grid_params(c_lo, c_hi, bits, symmetric)
+                error = rounded_fit_error(w, t_s, t_z, t_min, t_max)
+                if error < best:
+                    best, scale, zero, kept = error, t_s, t_z, True
+                    k_min, k_max = t_min, t_max
+            else:
+                t_s, t_z = _quantize_on_grid(w, inner, ksize, bits, flags, c_lo, c_hi, trial, x,
+                                             err, value, scratch)
+                error = fit_error(w, trial, t_s, t_z)
+                if error < best:
+                    best, scale, zero = error, t_s, t_z
+                    for i in range(trial.shape[0]):
+                        codes[i] = trial[i]
             start += 1.0
+    if kept:
+        _round_only(w, scale, zero, k_min, k_max, codes)
     return scale, zero
 
 
