@@ -77,10 +77,11 @@ def rtn(group: int | None) -> Callable[[nn.Module, list[str], int], Weights]:
     return run
 
 
-def squant_model(group: int | None, mode: str = "KC", **options: object
+def squant_model(group: int | None, mode: str | None = None, **options: object
                  ) -> Callable[[nn.Module, list[str], int], Weights]:
     """``squant.quantize(model, bits, mode, skip=<every other Linear>, inplace=True)`` (with
-    ``group_size`` when given), then the dequantized weights of the named layers."""
+    ``group_size`` when given; mode/range None: squant's recipe for the grid), then the
+    dequantized weights of the named layers."""
     def run(model: nn.Module, names: list[str], bits: int) -> Weights:
         chosen = set(names)
         skip = [n for n, m in model.named_modules()
@@ -144,16 +145,15 @@ def methods(bits: int, squant_grouped: bool) -> list[Method]:
            Method("SQuant KC per channel", "SQuant", None, squant_model(None))]
     for g in (32, 64, 128):
         out.append(Method(f"RTN g{g}", "RTN", g, rtn(g)))
-        if squant_grouped:
+        if squant_grouped:  # quantize(model, bits, group_size=g): the grouped recipe (E + fit)
             out.append(Method(f"SQuant g{g}", "SQuant", g, squant_model(g)))
         else:
             out.append(Method(f"SQuant g{g} (groups as channels)", "SQuant", g,
                               squant_groups_as_channels(g)))
-    if squant_grouped:
-        out.append(Method("SQuant g64 range=search", "SQuant", 64,
-                          squant_model(64, range="search")))
-        # squant's own range search without CQ (mode "E": round to nearest in each group)
-        out.append(Method("SQuant E g64 range=search", "SQuant", 64,
+    if squant_grouped:  # the paper's passes in groups, and the least-squares range search
+        out.append(Method("SQuant KC g64", "SQuant KC", 64,
+                          squant_model(64, "KC", range="minmax")))
+        out.append(Method("SQuant E g64 range=search", "SQuant KC", 64,
                           squant_model(64, "E", range="search")))
     for g in (64, 128):
         out.append(Method(f"HQQ g{g}", "HQQ", g, hqq(g)) if importlib.util.find_spec("hqq")

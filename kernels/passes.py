@@ -14,7 +14,7 @@ from numba import njit
 
 from .channel_pass import channel_pass_after_kernels, channel_pass_eq
 from .fit import FIT_FACTORS, fit_error, fit_windows, rounded_fit_error
-from .grid import channel_range, grid_params
+from .grid import RANGE_FLOOR, channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
 
@@ -176,6 +176,8 @@ def _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err,
     ``codes`` the one whose :func:`kernels.fit.fit_error` is least, the earliest on ties.
     Returns the kept ``(S, Z)``. A symmetric grid has one window per step: ``[f*lo, f*hi]``.
     """
+    if not hi - lo > RANGE_FLOOR:  # all elements (about) equal: the minmax grid is exact
+        return scale, zero
     best = fit_error(w, codes, scale, zero)
     trial = trial[: w.shape[0]]
     levels = np.float64(2**bits - 1)

@@ -26,18 +26,28 @@ F32 = np.float32
 
 
 def fit_objective(weight: np.ndarray, q: squant.QuantizedTensor) -> np.ndarray:
-    """Per channel (or group), ``sum |w - (q + Z) / S| ** 0.5`` in float64, as the kernel
-    evaluates it."""
+    """Per channel (or group), ``sum |w - (q + Z) * (1 / S)| ** 0.5``, each term in float32
+    as the kernel evaluates it (which may fuse and reorder: see ``float32_slack``)."""
     o = weight.shape[0]
     size = weight[0].size
     g = q.group_size or size
     slices = group_slices(size, g)
     index = np.concatenate([np.full(p.stop - p.start, j) for j, p in enumerate(slices)])
-    scale = q.scale.numpy().reshape(o, -1).astype(np.float64)[:, index]
-    zero = q.zero_point.numpy().reshape(o, -1).astype(np.float64)[:, index]
-    codes = q.codes.numpy().reshape(o, -1).astype(np.float64)
-    d = np.abs(weight.reshape(o, -1).astype(np.float64) - (codes + zero) * (1.0 / scale))
-    return np.stack([np.sqrt(d[:, p]).sum(1) for p in slices], 1)
+    step = (F32(1) / q.scale.numpy().reshape(o, -1))[:, index]
+    zero = q.zero_point.numpy().reshape(o, -1)[:, index]
+    codes = q.codes.numpy().reshape(o, -1).astype(F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = np.abs(weight.reshape(o, -1).astype(F32) - (codes + zero) * step)
+    return np.stack([np.sqrt(d[:, p]).astype(np.float64).sum(1) for p in slices], 1)
+
+
+def float32_slack(weight: np.ndarray, group_size: int | None) -> np.ndarray:
+    """Per group, how far two float32 evaluations of the objective may differ: a term's
+    ``|d|`` is off by a few ulp of ``|w|``, so its square root by up to ``sqrt(4 ulp)``."""
+    o = weight.shape[0]
+    flat = np.abs(weight.reshape(o, -1).astype(np.float64))
+    slices = group_slices(flat.shape[1], group_size or flat.shape[1])
+    return np.stack([np.sqrt(flat[:, p] * 2.0**-21).sum(1) for p in slices], 1)
 
 
 def _finite(weight: np.ndarray) -> bool:
@@ -61,8 +71,8 @@ def test_fit_is_never_worse_than_minmax_by_its_objective(drawn: tuple, per_chann
         found[range_] = squant.quantize_weight(weight, bits, mode, scheme=scheme, range=range_,
                                                group_size=g, include_zero=include_zero)
     fit = found["fit"]
-    assert (fit_objective(weight, fit)
-            <= fit_objective(weight, found["minmax"]) * (1 + 1e-9) + 1e-300).all()
+    minmax = fit_objective(weight, found["minmax"])
+    assert (fit_objective(weight, fit) <= minmax * (1 + 1e-6) + float32_slack(weight, g)).all()
     t_min, t_max = grid_range(bits, scheme)
     assert fit.codes.min() >= t_min and fit.codes.max() <= t_max
     zero = fit.zero_point.numpy()
