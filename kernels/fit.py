@@ -21,7 +21,8 @@ models most groups keep the finest step tried (0.94) or the next.
 import numpy as np
 from numba import njit
 
-# Step factors tried besides 1 (minmax, always tried first and kept on ties).
+# Step factors tried besides 1 (minmax, always tried first and kept on ties). numba freezes this
+# array into passes._fit_range's cached machine code: after changing it, touch passes.py too.
 FIT_FACTORS = np.array([0.94, 0.97, 1.03, 1.06, 1.1], np.float32)
 FIT_POWER = 0.5
 
