@@ -3,12 +3,12 @@
 A grid with an integer zero point is a step ``1/S`` and a window of ``2**b`` consecutive integer
 levels ``l .. l + 2**b - 1`` (value ``level / S``, 0 always on the lattice). The minmax grid
 has the step ``(hi - lo) / (2**b - 1)`` and its window starts at ``round(S * lo)``. The fit
-tries steps ``f`` times that (``FIT_FACTORS``: two finer, three coarser) and, for each, every
-window start between the one that puts the window's top on the channel's max and the one that
-puts its bottom on the channel's min: with a coarser step several windows cover the whole
-range and round the elements differently; with a finer one they clip different ends (by at
-most ``(1 - f) * (2**b - 1)`` levels). Each candidate is a range ``[l / S, (l + 2**b - 1) / S]``
-for the grid formula, so the passes run on it as on any range.
+tries steps ``f`` times that (``FIT_FACTORS``: two finer, three coarser). With a finer step
+it tries every window start between the one that puts the window's top on the channel's max
+and the one that puts its bottom on the channel's min: they clip different ends (by at most
+``(1 - f) * (2**b - 1)`` levels in all). With a coarser step every such window holds all the
+levels, so they give the same values and one (the middle) is tried. Each candidate is a range
+``[l / S, (l + 2**b - 1) / S]`` for the grid formula, so the passes run on it as on any range.
 
 The error compared is ``sum |w - (q + Z) / S| ** FIT_POWER`` with ``FIT_POWER = 1/2``: an
 l_p error with p < 1, as HQQ's solver uses, which counts many small errors against a few
@@ -67,7 +67,8 @@ def rounded_fit_error(w, scale, zero, t_min, t_max):
 def fit_windows(scale, lo, hi, bits, factor, include_zero):
     """For the step ``factor / scale`` (``scale``: the minmax grid's S): ``(S, first, last)``,
     the candidates' S and the range of window starts ``first .. last`` (integers as float64;
-    ``first > last``: none, when ``include_zero`` leaves no window holding level 0)."""
+    ``first > last``: none, when ``include_zero`` leaves no window holding level 0; one start
+    for ``factor > 1``)."""
     levels = np.float64(2**bits - 1)
     s = np.float64(scale) / np.float64(factor)
     top = np.rint(np.float64(hi) * s) - levels  # the window whose top level is the max's
@@ -75,4 +76,8 @@ def fit_windows(scale, lo, hi, bits, factor, include_zero):
     first, last = min(top, bottom), max(top, bottom)
     if include_zero:  # level 0 inside the window: an integer zero point among the codes
         first, last = max(first, -levels), min(last, 0.0)
+    if factor > 1 and first <= last:
+        # A coarser step: every window from top to bottom holds all the levels round(S * w),
+        # so none clips and all give the same values: the middle one stands for them all.
+        first = last = np.floor((first + last) * 0.5)
     return s, first, last
