@@ -21,10 +21,11 @@ models most groups keep the finest step tried (0.94) or the next.
 import numpy as np
 from numba import njit
 
-# Step factors tried besides 1 (minmax, always tried first and kept on ties). numba freezes this
-# array into passes._fit_range's cached machine code: after changing it, touch passes.py too.
+# Step factors tried besides 1 (minmax, always tried first and kept on ties). numba compiles
+# this array and the functions below into passes._fit_range's cached machine code: after
+# changing them, touch passes.py too (its cache is keyed on its own file only).
 FIT_FACTORS = np.array([0.94, 0.97, 1.03, 1.06, 1.1], np.float32)
-FIT_POWER = 0.5
+FIT_POWER = 0.5  # the error's exponent: the functions below take it as a square root
 
 
 _CHUNK = 64  # elements summed in float32 (vectorised) before adding to the float64 total
