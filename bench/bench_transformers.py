@@ -114,7 +114,8 @@ def bench_model(model_name: str, args: argparse.Namespace, novels: dict, done: l
          "seconds": 0.0, **evaluate(model_name, base, inputs)}]
     grouped = has_group_size()
     for bits in args.bits:
-        for method in tm.methods(bits, grouped) + proto.methods(norms):
+        extra = proto.methods(norms) if args.proto else []
+        for method in tm.methods(bits, grouped) + extra:
             if args.only and method.label not in args.only:
                 continue
             rows.append(run_method(model_name, base, names, method, bits, inputs, norms))
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=512, help="MiniLM sentences")
     parser.add_argument("--only", nargs="*", default=[],
                         help="run only the methods with these labels")
+    parser.add_argument("--proto", action="store_true",
+                        help="also the prototype rows of transformers_proto.py")
     parser.add_argument("--skip-fp32", action="store_true",
                         help="do not evaluate the float model (another run's JSON has it)")
     parser.add_argument("--threads", type=int, default=2)

@@ -77,10 +77,11 @@ def rtn(group: int | None) -> Callable[[nn.Module, list[str], int], Weights]:
     return run
 
 
-def squant_model(group: int | None, mode: str = "KC", **options: object
+def squant_model(group: int | None, mode: str | None = None, **options: object
                  ) -> Callable[[nn.Module, list[str], int], Weights]:
     """``squant.quantize(model, bits, mode, skip=<every other Linear>, inplace=True)`` (with
-    ``group_size`` when given), then the dequantized weights of the named layers."""
+    ``group_size`` when given; mode/range None: squant's recipe for the grid), then the
+    dequantized weights of the named layers."""
     def run(model: nn.Module, names: list[str], bits: int) -> Weights:
         chosen = set(names)
         skip = [n for n, m in model.named_modules()
@@ -108,19 +109,27 @@ def squant_groups_as_channels(group: int) -> Callable[[nn.Module, list[str], int
     return run
 
 
-def hqq(group: int) -> Callable[[nn.Module, list[str], int], Weights]:
+def hqq(group: int, integer_zero: bool = False
+        ) -> Callable[[nn.Module, list[str], int], Weights]:
     """HQQ with its optimiser and its own defaults (``hqq_base_quant_config``: axis 1, zero
-    rounded at 4 bits only, then refined in float), on the CPU, one weight at a time."""
+    rounded at 4 bits only, then refined in float), on the CPU, one weight at a time.
+    ``integer_zero``: then round each optimised zero point to an integer and round the codes
+    again on that grid (what HQQ's optimiser gives on squant's kind of grid)."""
     def run(model: nn.Module, names: list[str], bits: int) -> Weights:
         from hqq.core.quantize import Quantizer
 
         out = {}
         for name, m in _linears(model, names).items():
-            codes, meta = Quantizer.quantize(m.weight.detach().float(), nbits=bits,
-                                             channel_wise=True, group_size=group, optimize=True,
-                                             round_zero=bits == 4, axis=1, bitpack=False,
-                                             device="cpu")
-            out[name] = ((codes.float() - meta["zero"]) * meta["scale"]).reshape(meta["shape"])
+            w = m.weight.detach().float()
+            codes, meta = Quantizer.quantize(w, nbits=bits, channel_wise=True, group_size=group,
+                                             optimize=True, round_zero=bits == 4, axis=1,
+                                             bitpack=False, device="cpu")
+            zero, scale = meta["zero"], meta["scale"]
+            if integer_zero:
+                zero = torch.round(zero)
+                codes = torch.clamp(torch.round(w.reshape(-1, group) / scale + zero), 0,
+                                    2**bits - 1)
+            out[name] = ((codes.float() - zero) * scale).reshape(meta["shape"])
         return out
     return run
 
@@ -144,20 +153,20 @@ def methods(bits: int, squant_grouped: bool) -> list[Method]:
            Method("SQuant KC per channel", "SQuant", None, squant_model(None))]
     for g in (32, 64, 128):
         out.append(Method(f"RTN g{g}", "RTN", g, rtn(g)))
-        if squant_grouped:
+        if squant_grouped:  # quantize(model, bits, group_size=g): the grouped recipe (E + fit)
             out.append(Method(f"SQuant g{g}", "SQuant", g, squant_model(g)))
         else:
             out.append(Method(f"SQuant g{g} (groups as channels)", "SQuant", g,
                               squant_groups_as_channels(g)))
-    if squant_grouped:
-        out.append(Method("SQuant g64 range=search", "SQuant", 64,
-                          squant_model(64, range="search")))
-        # squant's own range search without CQ (mode "E": round to nearest in each group)
-        out.append(Method("SQuant E g64 range=search", "SQuant", 64,
+    if squant_grouped:  # the paper's passes in groups, and the least-squares range search
+        out.append(Method("SQuant KC g64", "SQuant KC", 64,
+                          squant_model(64, "KC", range="minmax")))
+        out.append(Method("SQuant E g64 range=search", "SQuant KC", 64,
                           squant_model(64, "E", range="search")))
-    for g in (64, 128):
-        out.append(Method(f"HQQ g{g}", "HQQ", g, hqq(g)) if importlib.util.find_spec("hqq")
-                   else Method(f"HQQ g{g}", "HQQ", g, None,
+    for label, g, run in (("HQQ g64", 64, hqq(64)), ("HQQ g128", 128, hqq(128)),
+                          ("HQQ g64 integer zero", 64, hqq(64, integer_zero=True))):
+        out.append(Method(label, "HQQ", g, run) if importlib.util.find_spec("hqq")
+                   else Method(label, "HQQ", g, None,
                                "hqq not installed: DISABLE_CUDA=1 pip install --no-deps hqq"))
     if importlib.util.find_spec("optimum.quanto") is None:
         out.append(Method("quanto qint4 g128", "quanto", 128, None,

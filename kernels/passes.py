@@ -13,7 +13,8 @@ import numpy as np
 from numba import njit
 
 from .channel_pass import channel_pass_after_kernels, channel_pass_eq
-from .grid import channel_range, grid_params
+from .fit import FIT_FACTORS, fit_error, fit_windows, rounded_fit_error
+from .grid import RANGE_FLOOR, channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
 
@@ -23,6 +24,7 @@ SYMMETRIC = 4  # symmetric grid instead of the asymmetric default
 GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel's min and max
 RANGE_SEARCH = 16  # also try shrunk ranges; keep the one with the least reconstruction error
 INCLUDE_ZERO = 32  # widen each range to include 0 (int8 runtimes need an integer zero point)
+RANGE_FIT = 64  # also try other steps and windows (kernels/fit.py); keep the least l_p error
 NO_MOMENTS = -1  # a channel's start in the input-moment table when it has none: plain error
 
 # Range search: the channel's range scaled by each factor, in this order (1.0 first, so that
@@ -157,6 +159,56 @@ def _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, e
     return scale, zero
 
 
+@njit(cache=True)
+def _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err, value, scratch,
+               trial):
+    """Given the channel quantized on its full range ``[lo, hi]`` (``codes``, ``scale``,
+    ``zero``), quantize it again on each grid of :func:`kernels.fit.fit_windows` for each
+    factor of ``FIT_FACTORS`` (into ``trial``; the very passes of the full range) and keep in
+    ``codes`` the one whose :func:`kernels.fit.fit_error` is least, the earliest on ties.
+    Returns the kept ``(S, Z)``. A symmetric grid has one window per step: ``[f*lo, f*hi]``.
+    """
+    if not hi - lo > RANGE_FLOOR:  # all elements (about) equal: the minmax grid is exact
+        return scale, zero
+    best = fit_error(w, codes, scale, zero)
+    trial = trial[: w.shape[0]]
+    levels = np.float64(2**bits - 1)
+    symmetric = flags & SYMMETRIC != 0
+    # Round to nearest only (mode E): each candidate's error in one pass, codes written once.
+    rounding = not (flags & CHANNEL_PASS != 0 or (flags & KERNEL_PASS != 0 and ksize > 1))
+    kept = False
+    k_min, k_max = np.float32(0.0), np.float32(0.0)
+    minmax_scale = scale
+    for f in FIT_FACTORS:
+        s, first, last = fit_windows(minmax_scale, lo, hi, bits, f, flags & INCLUDE_ZERO != 0)
+        if symmetric:
+            first, last = 0.0, 0.0
+        start = first
+        while start <= last:
+            if symmetric:
+                c_lo, c_hi = f * lo, f * hi
+            else:
+                c_lo, c_hi = np.float32(start / s), np.float32((start + levels) / s)
+            if rounding:
+                t_s, t_z, t_min, t_max = grid_params(c_lo, c_hi, bits, symmetric)
+                error = rounded_fit_error(w, t_s, t_z, t_min, t_max)
+                if error < best:
+                    best, scale, zero, kept = error, t_s, t_z, True
+                    k_min, k_max = t_min, t_max
+            else:
+                t_s, t_z = _quantize_on_grid(w, inner, ksize, bits, flags, c_lo, c_hi, trial, x,
+                                             err, value, scratch)
+                error = fit_error(w, trial, t_s, t_z)
+                if error < best:
+                    best, scale, zero = error, t_s, t_z
+                    for i in range(trial.shape[0]):
+                        codes[i] = trial[i]
+            start += 1.0
+    if kept:
+        _round_only(w, scale, zero, k_min, k_max, codes)
+    return scale, zero
+
+
 @njit(cache=True, inline="always")  # as _quantize_on_grid
 def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err, value, scratch,
                      range_scratch, trial, moments):
@@ -184,6 +236,9 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
         if flags & RANGE_SEARCH != 0 and scale > 0:
             scale, zero = _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x,
                                         err, value, scratch, trial, moments)
+        elif flags & RANGE_FIT != 0 and scale > 0:
+            scale, zero = _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x,
+                                     err, value, scratch, trial)
     return scale, zero, True
 
 

@@ -291,13 +291,14 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("output", metavar="OUT", help="the squant file to write (.safetensors; "
                         ".onnx for an .onnx input)")
     parser.add_argument("--bits", type=int, default=4, help="2..8 (default 4)")
-    parser.add_argument("--mode", choices=MODES, default="KC",
+    parser.add_argument("--mode", choices=MODES, default=None,
                         help="E = round to nearest, K/C = + kernel/channel flips (default KC)")
     parser.add_argument("--scheme", choices=SCHEMES, default="asymmetric")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="channel")
-    parser.add_argument("--range", choices=RANGES, default="minmax",
-                        help="minmax: each channel's full range (the paper's); search: also "
-                             "try shrunk ranges, keep the one closest to the weight")
+    parser.add_argument("--range", choices=RANGES, default=None,
+                        help="minmax (default): each channel's full range; search: the best "
+                             "shrunk range; fit: the best step and placement (with "
+                             "--group-size: mode E, range fit by default)")
     parser.add_argument("--group-size", type=int, default=None, metavar="G",
                         help="a grid per group of G consecutive inputs of each output channel "
                              "(G >= 2; for convolutions a multiple of the kernel size); default: "

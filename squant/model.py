@@ -33,14 +33,14 @@ from .weights import layer_weights, quantize_shared, report_rows
 def quantize(
     model: nn.Module,
     bits: int = 4,
-    mode: str = "KC",
+    mode: str | None = None,
     *,
     skip: str | Iterable[str] = (),
     layer_bits: Mapping[str, int] | None = None,
     layer_options: Mapping[str, Mapping[str, object]] | None = None,
     scheme: str = "asymmetric",
     granularity: str = "channel",
-    range: str = "minmax",
+    range: str | None = None,
     group_size: int | None = None,
     include_zero: bool = False,
     inplace: bool = False,
@@ -73,7 +73,8 @@ def quantize(
 
     Args:
         bits: 2..8, for every layer not in ``layer_bits``.
-        mode: ``"KC"`` (the paper's SQuant), ``"K"``, ``"C"`` or ``"E"`` (round to nearest).
+        mode: ``"KC"`` (the paper's SQuant), ``"K"``, ``"C"`` or ``"E"`` (round to nearest);
+            None (the default): ``"KC"``, or ``"E"`` for a layer with a ``group_size``.
         skip: a module name or fnmatch pattern (``"fc"``, ``"*.downsample.0"``), or several,
             left in float; a pattern that names a container (``"features.0"``, ``"layer4"``)
             covers every layer inside it, in ``layer_bits`` and ``layer_options`` too.
@@ -82,7 +83,8 @@ def quantize(
             ``scheme``, ``granularity``, ``range``, ``group_size`` (e.g. ``{"fc": {"scheme":
             "symmetric"}}``); the first matching pattern's options override the others for
             that layer.
-        scheme, granularity, range: the grid (see :class:`squant.QuantOptions`). With
+        scheme, granularity, range: the grid (see :class:`squant.QuantOptions`); range None
+            (the default): ``"minmax"``, or ``"fit"`` for a layer with a ``group_size``. With
             ``range="search"`` each channel keeps, of its full range and ranges shrunk to 0.94 ..
             0.52 of it, the one with the least error after SQuant's flips. For a layer whose
             input BatchNorms determine (as for ``act_range="bn"``: through ReLU/ReLU6,
@@ -142,8 +144,9 @@ def quantize(
                                       calibration_data=calibration_data, momentum=momentum,
                                       percentile=percentile)
     skip = [skip] if isinstance(skip, str) else list(skip)
+    recipe = [name for name, value in (("mode", mode), ("range", range)) if value is None]
     layers = select_layers(model, skip, dict(layer_bits or {}), dict(layer_options or {}),
-                            default)
+                            default, recipe)
     if not inplace:
         model = copy_replacing(model, [layer.module for layer in layers])
         layers = relocate(model, layers)

@@ -22,6 +22,7 @@ from squant.core.tensor import quantize_with_options
 
 F32 = np.float32
 ANY_MODE = st.sampled_from(MODES)
+ANY_RANGE = st.sampled_from(("minmax", "search", "fit"))
 
 
 @st.composite
@@ -61,13 +62,13 @@ def kernel_size(weight: np.ndarray) -> int:
 
 
 @settings(max_examples=150, deadline=None)
-@given(grouped())
-def test_each_group_is_quantized_as_a_channel_of_its_own(drawn: tuple) -> None:
+@given(grouped(), ANY_RANGE)
+def test_each_group_is_quantized_as_a_channel_of_its_own(drawn: tuple, range_: str) -> None:
     """Codes, scale and zero point of group ``j`` of channel ``o`` are bit for bit those of the
-    group's elements quantized alone, per channel; codes lie in the grid; ``scale`` and
-    ``zero_point`` are ``(O, n_groups)``; ``dequantize`` is ``(codes + Z) / S`` per group."""
+    group's elements quantized alone, per channel (any range); codes lie in the grid; ``scale``
+    and ``zero_point`` are ``(O, n_groups)``; ``dequantize`` is ``(codes + Z) / S`` per group."""
     weight, bits, mode, scheme, g, _ = drawn
-    q = squant.quantize_weight(weight, bits, mode, scheme=scheme, group_size=g)
+    q = squant.quantize_weight(weight, bits, mode, scheme=scheme, range=range_, group_size=g)
     o, k = weight.shape[0], kernel_size(weight)
     flat = weight.reshape(o, -1)
     slices = group_slices(flat.shape[1], g)
@@ -77,7 +78,8 @@ def test_each_group_is_quantized_as_a_channel_of_its_own(drawn: tuple) -> None:
     codes = q.codes.numpy().reshape(o, -1)
     assert codes.min() >= t_min and codes.max() <= t_max
     alone = squant.quantize_weights(
-        [flat[:, part].reshape(o, -1, k) for part in slices], bits, mode, scheme=scheme)
+        [flat[:, part].reshape(o, -1, k) for part in slices], bits, mode, scheme=scheme,
+        range=range_)
     dequantized = q.dequantize().numpy().reshape(o, -1)
     for j, (part, single) in enumerate(zip(slices, alone)):
         np.testing.assert_array_equal(codes[:, part], single.codes.numpy().reshape(o, -1))
@@ -109,10 +111,11 @@ def test_cq_leaves_each_group_error_sum_within_half_where_it_has_the_candidates(
 
 
 @settings(max_examples=100, deadline=None)
-@given(grouped(), st.integers(0, 3))
-def test_a_group_as_large_as_the_channel_is_the_per_channel_grid(drawn: tuple,
-                                                                 extra: int) -> None:
-    """``group_size >= I * K`` gives per channel's codes, scale and zero point exactly."""
+@given(grouped(), st.integers(0, 3), ANY_RANGE)
+def test_a_group_as_large_as_the_channel_is_the_per_channel_grid(drawn: tuple, extra: int,
+                                                                 range_: str) -> None:
+    """``group_size >= I * K`` gives per channel's codes, scale and zero point exactly, for
+    the same mode and range."""
     weight, bits, mode, scheme, _, _ = drawn
     size = weight[0].size
     k = kernel_size(weight)
@@ -121,8 +124,9 @@ def test_a_group_as_large_as_the_channel_is_the_per_channel_grid(drawn: tuple,
         g = size
     if g < 2:
         return
-    grouped_q = squant.quantize_weight(weight, bits, mode, scheme=scheme, group_size=g)
-    channel_q = squant.quantize_weight(weight, bits, mode, scheme=scheme)
+    grouped_q = squant.quantize_weight(weight, bits, mode, scheme=scheme, range=range_,
+                                       group_size=g)
+    channel_q = squant.quantize_weight(weight, bits, mode, scheme=scheme, range=range_)
     assert torch.equal(grouped_q.codes, channel_q.codes)
     assert torch.equal(grouped_q.scale.reshape(-1), channel_q.scale)
     assert torch.equal(grouped_q.zero_point.reshape(-1), channel_q.zero_point)
@@ -142,7 +146,7 @@ def test_one_batched_call_equals_one_call_per_weight(batch: list[tuple],
     together = quantize_with_options(weights, [0] * len(batch), options, names)
     for w, opts, q in zip(weights, options, together):
         alone = squant.quantize_weight(w, opts.bits, opts.mode, scheme=opts.scheme,
-                                       group_size=opts.group_size)
+                                       range=opts.range, group_size=opts.group_size)
         assert torch.equal(q.codes, alone.codes) and torch.equal(q.scale, alone.scale)
         assert torch.equal(q.zero_point, alone.zero_point)
 

@@ -143,11 +143,11 @@ def test_report_counts_each_group_as_a_channel() -> None:
     line's streaming statistics agree with ``layer_report``'s."""
     torch.manual_seed(5)
     weight = torch.randn(6, 7, 3)
-    q = squant.quantize_weight(weight, 3, mode="C", group_size=9)
+    q = squant.quantize_weight(weight, 3, mode="C", range="minmax", group_size=9)
     report = layer_report("w", "", weight.shape, [weight], [q], 0.0)
     whole = weight.reshape(6, 21)
     parts = [whole[:, :18].reshape(12, 3, 3), whole[:, 18:].reshape(6, 1, 3)]
-    singles = [squant.quantize_weight(p, 3, mode="C") for p in parts]
+    singles = [squant.quantize_weight(p, 3, mode="C", range=q.range) for p in parts]
     direct = layer_report("w", "", weight.shape, parts, singles, 0.0)
     assert report == direct
     assert report.channel_sum_squant_max <= 0.5 + 1e-6

@@ -57,6 +57,8 @@ def _flags(options: QuantOptions) -> int:
         flags |= kernels.GIVEN_RANGE
     if options.range == "search":
         flags |= kernels.RANGE_SEARCH
+    if options.range == "fit":
+        flags |= kernels.RANGE_FIT
     if options.include_zero:
         flags |= kernels.INCLUDE_ZERO
     return flags
@@ -265,7 +267,7 @@ def quantize_batch(weights: list[np.ndarray], options: list[QuantOptions],
     zero = np.empty(channels, np.float32)
     finite = np.empty(channels, np.bool_)
     blocks = _block_starts(ch_inner * ch_ksize)
-    searched = any(opts.range == "search" for opts in options)
+    searched = any(opts.range in ("search", "fit") for opts in options)
     _run_blocks((ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
                  ch_hi, blocks, scale, zero, finite),
                 (table if searched else None, ch_moments_start), blocks, int(offsets[-1]))

@@ -139,12 +139,12 @@ def _raise_non_finite(array: np.ndarray, name: str) -> None:
 def quantize_weights(
     weights: Sequence[torch.Tensor | np.ndarray],
     bits: int | Sequence[int] = 4,
-    mode: str = "KC",
+    mode: str | None = None,
     axes: int | Sequence[int] | None = None,
     *,
     scheme: str = "asymmetric",
     granularity: str = "channel",
-    range: str = "minmax",
+    range: str | None = None,
     group_size: int | None = None,
     include_zero: bool = False,
     names: Sequence[str] | None = None,
@@ -153,7 +153,8 @@ def quantize_weights(
 
     ``bits`` and ``axes`` are one value for all or one per weight; ``axes`` gives each weight's
     output-channel axis (default 0; 1 for ConvTranspose weights). ``scheme``, ``granularity``,
-    ``range``, ``group_size`` and ``include_zero`` are as in :class:`squant.QuantOptions`.
+    ``range``, ``group_size`` and ``include_zero`` are as in :class:`squant.QuantOptions`
+    (``mode``/``range`` None: ``"KC"``/``"minmax"``, with a ``group_size`` ``"E"``/``"fit"``).
     ``names`` label the
     weights in error messages. numpy and torch inputs give identical codes; float16, bfloat16
     and float64 are quantized from their float32 value. Inputs are never modified.
@@ -266,21 +267,24 @@ def _per_weight(value: object, count: int, what: str) -> list:
 def quantize_weight(
     weight: torch.Tensor | np.ndarray,
     bits: int = 4,
-    mode: str = "KC",
+    mode: str | None = None,
     axis: int = 0,
     *,
     scheme: str = "asymmetric",
     granularity: str = "channel",
-    range: str = "minmax",
+    range: str | None = None,
     group_size: int | None = None,
     include_zero: bool = False,
 ) -> QuantizedTensor:
-    """Quantize one weight with SQuant (the paper's method: ``mode="KC"``, asymmetric per channel).
+    """Quantize one weight with SQuant (the paper's method: ``mode="KC"``, asymmetric per channel,
+    the default; with a ``group_size`` the default is the grouped recipe, mode ``"E"`` with
+    ``range="fit"``, see :class:`squant.QuantOptions`).
 
     ``weight`` has output channels on ``axis`` (0 for Linear and Conv, 1 for ConvTranspose) and
     at least 2 dims. Returns a :class:`QuantizedTensor` of int8 codes with a scale and zero point
     per output channel. ``range="search"`` tries shrunk ranges per channel and keeps the one
-    that reconstructs the weight best (see :class:`squant.QuantOptions`). ``group_size=g``: a
+    that reconstructs the weight best; ``range="fit"`` other steps and placements of the
+    integer-zero grid, by a robust error (see :class:`squant.QuantOptions`). ``group_size=g``: a
     grid per group of ``g`` consecutive elements of each output channel (scale and zero point
     ``(O, n_groups)``; for convolutions ``g`` is a multiple of the kernel size).
     ``include_zero=True`` widens every range to include 0 (for int8 runtimes). Raises

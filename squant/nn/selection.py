@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,8 +51,12 @@ class Layer:
 
 def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
                   layer_options: dict[str, Mapping[str, object]],
-                  default: QuantOptions) -> list[Layer]:
+                  default: QuantOptions, recipe: Sequence[str] = ()) -> list[Layer]:
     """The layers of ``model`` to quantize with their options, in model order.
+
+    ``recipe``: the options (``"mode"``, ``"range"``) the caller left to the recipe of the grid
+    (None): a layer whose ``layer_options`` change its ``group_size`` gets its own grid's
+    recipe for those it does not set.
 
     Raises:
         QuantizationError: a pattern matches no quantizable layer, an unknown option in
@@ -92,7 +96,8 @@ def select_layers(model: nn.Module, skip: list[str], layer_bits: dict[str, int],
             continue
         bits = next((b for p, b in layer_bits.items() if matches(p, layer)), default.bits)
         overrides = next((o for p, o in layer_options.items() if matches(p, layer)), {})
-        layer.options = dataclasses.replace(default, **{"bits": bits, **overrides})
+        layer.options = dataclasses.replace(
+            default, **{"bits": bits, **dict.fromkeys(recipe), **overrides})
         layers.append(layer)
     if not layers:
         raise QuantizationError("every layer is skipped: nothing to quantize")

@@ -1,0 +1,84 @@
+"""The grid fit of ``range="fit"`` (issue 21): which grids it tries and the error it compares.
+
+A grid with an integer zero point is a step ``1/S`` and a window of ``2**b`` consecutive integer
+levels ``l .. l + 2**b - 1`` (value ``level / S``, 0 always on the lattice). The minmax grid
+has the step ``(hi - lo) / (2**b - 1)`` and its window starts at ``round(S * lo)``. The fit
+tries steps ``f`` times that (``FIT_FACTORS``: two finer, three coarser). With a finer step
+it tries every window start between the one that puts the window's top on the channel's max
+and the one that puts its bottom on the channel's min: they clip different ends (by at most
+``(1 - f) * (2**b - 1)`` levels in all). With a coarser step every such window holds all the
+levels, so they give the same values and one (the middle) is tried. Each candidate is a range
+``[l / S, (l + 2**b - 1) / S]`` for the grid formula, so the passes run on it as on any range.
+
+The error compared is ``sum |w - (q + Z) / S| ** FIT_POWER`` with ``FIT_POWER = 1/2``: an
+l_p error with p < 1, as HQQ's solver uses, which counts many small errors against a few
+large ones more than least squares does. Least squares over deeper shrinks (``range="search"``)
+clips more and loses end to end on SmolLM2; this fit, measured end to end on SmolLM2 and
+MiniLM (README, "Transformers (group-wise)"), beats round to nearest at 3 and 4 bits. On those
+models most groups keep the finest step tried (0.94) or the next.
+"""
+
+import numpy as np
+from numba import njit
+
+# Step factors tried besides 1 (minmax, always tried first and kept on ties). numba compiles
+# this array and the functions below into passes._fit_range's cached machine code: after
+# changing them, touch passes.py too (its cache is keyed on its own file only).
+FIT_FACTORS = np.array([0.94, 0.97, 1.03, 1.06, 1.1], np.float32)
+FIT_POWER = 0.5  # the error's exponent: the functions below take it as a square root
+
+
+_CHUNK = 64  # elements summed in float32 (vectorised) before adding to the float64 total
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def fit_error(w, codes, scale, zero):
+    """``sum |w - (codes + Z) * (1 / S)| ** FIT_POWER``: each term in float32 (8 to a vector
+    instruction; float64 square roots cost ~6x more), summed in float32 over chunks of 64
+    elements and the chunks in float64. The sum may be reordered, as in
+    ``reconstruction_error``: the same order on every call."""
+    step = np.float32(1.0) / scale
+    total = 0.0
+    n = w.shape[0]
+    for first in range(0, n, _CHUNK):
+        part = np.float32(0.0)
+        for i in range(first, min(first + _CHUNK, n)):
+            part += np.sqrt(abs(w[i] - (np.float32(codes[i]) + zero) * step))
+        total += np.float64(part)
+    return total
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def rounded_fit_error(w, scale, zero, t_min, t_max):
+    """:func:`fit_error` of the codes round to nearest (mode E) gives on the grid
+    ``(S, Z, t_min, t_max)``, without writing them: one pass per candidate grid."""
+    step = np.float32(1.0) / scale
+    total = 0.0
+    n = w.shape[0]
+    for first in range(0, n, _CHUNK):
+        part = np.float32(0.0)
+        for i in range(first, min(first + _CHUNK, n)):
+            r = min(max(np.rint(scale * w[i] - zero), t_min), t_max)
+            part += np.sqrt(abs(w[i] - (r + zero) * step))
+        total += np.float64(part)
+    return total
+
+
+@njit(cache=True)
+def fit_windows(scale, lo, hi, bits, factor, include_zero):
+    """For the step ``factor / scale`` (``scale``: the minmax grid's S): ``(S, first, last)``,
+    the candidates' S and the range of window starts ``first .. last`` (integers as float64;
+    ``first > last``: none, when ``include_zero`` leaves no window holding level 0; one start
+    for ``factor > 1``)."""
+    levels = np.float64(2**bits - 1)
+    s = np.float64(scale) / np.float64(factor)
+    top = np.rint(np.float64(hi) * s) - levels  # the window whose top level is the max's
+    bottom = np.rint(np.float64(lo) * s)  # the window whose bottom level is the min's
+    first, last = min(top, bottom), max(top, bottom)
+    if include_zero:  # level 0 inside the window: an integer zero point among the codes
+        first, last = max(first, -levels), min(last, 0.0)
+    if factor > 1 and first <= last:
+        # A coarser step: every window from top to bottom holds all the levels round(S * w),
+        # so none clips and all give the same values: the middle one stands for them all.
+        first = last = np.floor((first + last) * 0.5)
+    return s, first, last
