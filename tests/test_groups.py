@@ -151,13 +151,16 @@ def test_one_batched_call_equals_one_call_per_weight(batch: list[tuple],
         assert torch.equal(q.zero_point, alone.zero_point)
 
 
-def test_codes_do_not_depend_on_the_number_of_threads() -> None:
-    """Over 2**17 elements in groups of a ragged size: the same results on 1 and 2 threads."""
+@pytest.mark.parametrize("options", [
+    [QuantOptions(4, "KC", group_size=96), QuantOptions(3, "KC", group_size=45, range="search")],
+    [QuantOptions(4, group_size=96), QuantOptions(3, "KC", range="fit", group_size=45)],
+], ids=["minmax-search", "fit"])
+def test_codes_do_not_depend_on_the_number_of_threads(options: list[QuantOptions]) -> None:
+    """Over 2**17 elements in groups of a ragged size, several bit widths, modes and ranges
+    (the grouped recipe, E + fit, too): the same results on 1 and 2 threads."""
     rng = np.random.default_rng(21)
     weights = [rng.standard_normal((300, 500)).astype(F32),
                rng.standard_t(2, (64, 40, 3, 3)).astype(F32)]
-    options = [QuantOptions(4, "KC", group_size=96), QuantOptions(3, "KC", group_size=45,
-                                                                   range="search")]
 
     def run() -> list[squant.QuantizedTensor]:
         return quantize_with_options(weights, [0, 0], options, ["linear", "conv"])

@@ -8,7 +8,6 @@ Shapes and weights as in ``test_groups.py`` (ragged groups, g > row, g = 2, kern
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -20,7 +19,6 @@ from torch import nn
 
 import squant
 from squant.core.options import GROUPED_RECIPE, PAPER_RECIPE, QuantOptions
-from squant.core.tensor import quantize_with_options
 
 F32 = np.float32
 
@@ -94,29 +92,6 @@ def test_fit_beats_minmax_on_gaussian_groups_and_changes_some_grids() -> None:
         changed = (fit.scale != minmax.scale).float().mean()
         assert 0.05 < changed < 1.0
         assert fit_objective(weight, fit).sum() < 0.99 * fit_objective(weight, minmax).sum()
-
-
-def test_fit_codes_do_not_depend_on_the_number_of_threads() -> None:
-    """Ragged groups, several bit widths and modes: the same fit on 1 and 2 threads."""
-    rng = np.random.default_rng(21)
-    weights = [rng.standard_normal((300, 500)).astype(F32),
-               rng.standard_t(2, (64, 40, 3, 3)).astype(F32)]
-    options = [QuantOptions(4, group_size=96), QuantOptions(3, "KC", range="fit", group_size=45)]
-
-    def run() -> list[squant.QuantizedTensor]:
-        return quantize_with_options(weights, [0, 0], options, ["linear", "conv"])
-
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = run()
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = run()
-    finally:
-        numba.set_num_threads(before)
-    for a, b in zip(one, two, strict=True):
-        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
-        assert torch.equal(a.zero_point, b.zero_point)
 
 
 def test_the_recipe_depends_on_the_grid() -> None:
