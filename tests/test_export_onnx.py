@@ -411,3 +411,20 @@ def test_first_layer_input_range(cnn, tmp_path):
         with pytest.raises(squant.QuantizationError, match="input_range|input range"):
             squant.export_onnx(qmodel, tmp_path / "b.onnx", x, input_range=bad)
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_faithful_model_warns_of_exporter_values_it_cannot_follow(tmp_path):
+    torch.manual_seed(2)
+    model = MLP().eval()
+    x = torch.randn(16, 6, 48)
+    qmodel = squant.quantize(model, 4, act_bits=8, input_shape=(6, 48))
+    # A 3-D Linear is MatMul then Add in the file; the MatMul's output (a value of torch's
+    # exporter, quantized in the file) has no node in torch's graph.
+    with pytest.warns(UserWarning, match="leaves .* float"):
+        report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2], faithful=True)
+    file_output = run(tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        faithful = report.faithful_model(x).numpy()
+        plain = qmodel(x).numpy()
+    assert (np.linalg.norm(file_output - faithful)
+            < np.linalg.norm(file_output - plain))

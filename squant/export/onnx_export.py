@@ -332,7 +332,7 @@ def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: in
         reason = ("group-wise grids: blocked DequantizeLinear (onnxruntime's QLinearConv/QGemm "
                   "take per-channel scales only)")
     elif act_model:
-        reason = "squant keeps this layer's input float"
+        reason = "its input stays float (squant keeps it float; export_onnx's input_range=None)"
     elif is_linear and module.bits <= _MATMUL_NBITS_MAX_BITS:
         reason = "a zero point outside the 4-bit range, or not a plain x @ W.T"
     else:

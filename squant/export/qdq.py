@@ -27,7 +27,9 @@ layer's range saturate at uint8's ends rather than at ``2**b - 1`` levels.
 
 from __future__ import annotations
 
+import re
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from ..core.errors import QuantizationError
 from ..core.fake_quant import fake_quantize_linear, grid
 from ..nn import QuantizedModule
 from ..ranges.activations import paper_range
-from .graph import WEIGHT_OPS, LayerSite, drop_initializer, in_layout
+from .graph import WEIGHT_OPS, LayerSite, activation_bounds, bounded, drop_initializer, in_layout
 from .weights import WeightCodes
 
 OUTPUT_BITS = 8
@@ -220,13 +222,13 @@ def quantize_qdq(model: onnx.ModelProto, codes: dict[str, WeightCodes],
     bounds = activation_bounds(model)
     overrides: dict[str, list[dict]] = {}
     for name, (lo, hi) in float_tensor_ranges(model, batches, rule).items():
-        lo, hi = _bounded(name, min(lo, 0.0), max(hi, 0.0), bounds)
+        lo, hi = bounded(name, min(lo, 0.0), max(hi, 0.0), bounds)
         overrides[name] = [{"rmin": np.array(lo, np.float32),
                             "rmax": np.array(hi, np.float32)}]
     for name, (lo, hi, bits) in grids.items():
         site = sites[name]
         tensor = site.nodes[0].input[0]
-        scale, zero = activation_grid(*_bounded(tensor, lo, hi, bounds), bits)
+        scale, zero = activation_grid(*bounded(tensor, lo, hi, bounds), bits)
         overrides[tensor] = [{"scale": np.array(scale, np.float32),
                               "zero_point": np.array(zero, np.uint8)}]
         stored = in_layout(codes[name], site)
@@ -279,36 +281,6 @@ def _float_outputs(model: onnx.ModelProto) -> None:
             drop_initializer(graph, name)
 
 
-def activation_bounds(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
-    """``{tensor: (low, high)}`` for the output of every ``Relu`` (``(0, inf)``) and every
-    ``Clip`` with constant bounds (``ReLU6``: ``(0, 6)``) of ``model``."""
-    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            value = helper.get_attribute_value(node.attribute[0])
-            if isinstance(value, onnx.TensorProto):
-                constants[node.output[0]] = numpy_helper.to_array(value)
-    bounds = {}
-    for node in model.graph.node:
-        if node.op_type == "Relu":
-            bounds[node.output[0]] = (0.0, np.inf)
-        elif node.op_type == "Clip":
-            ends = [constants.get(name) if name else None for name in list(node.input[1:3])]
-            ends += [None] * (2 - len(ends))
-            if all(end is None or end.size == 1 for end in ends):
-                bounds[node.output[0]] = (
-                    -np.inf if ends[0] is None else float(ends[0]),
-                    np.inf if ends[1] is None else float(ends[1]))
-    return bounds
-
-
-def _bounded(tensor: str, lo: float, hi: float, bounds: dict[str, tuple[float, float]]
-             ) -> tuple[float, float]:
-    """``[lo, hi]`` cut to the bounds of the activation that computes ``tensor`` (0 kept)."""
-    low, high = bounds.get(tensor, (-np.inf, np.inf))
-    return max(lo, min(low, 0.0)), min(hi, max(high, 0.0))
-
-
 def simulate(program: torch.export.ExportedProgram, float_model, model) -> nn.Module:
     """``program`` (the float model torch's exporter translated to ``float_model``) as a
     module, with each activation ``model`` (the QDQ ONNX graph) quantizes fake-quantized on
@@ -328,6 +300,14 @@ def simulate(program: torch.export.ExportedProgram, float_model, model) -> nn.Mo
     module = program.module()
     graph = module.graph
     nodes = {node.name: node for node in graph.nodes}
+    # The exporter's own intermediate values (``val_N``: e.g. a 3-D Linear's MatMul before its
+    # bias Add) have no node in torch's graph: those grids are left out, with a warning.
+    inner = sorted(name for name in set(grids) - set(nodes) if re.fullmatch(r"val_\d+", name))
+    if inner:
+        warnings.warn(f"the faithful model leaves {len(inner)} tensor(s) the file quantizes "
+                      f"float ({', '.join(inner[:3])}): intermediate values of torch's exporter "
+                      "with no PyTorch counterpart", stacklevel=3)
+        grids = {name: value for name, value in grids.items() if name not in inner}
     missing = sorted(set(grids) - set(nodes))
     if missing:
         raise QuantizationError(f"the file quantizes {len(missing)} tensor(s) the model does "
