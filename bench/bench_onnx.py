@@ -13,11 +13,14 @@ twice: with squant's session options, exact, and in a plain session):
   sessions interleaved in one process, each timed for >= 0.2 s per round, median over rounds;
 - session memory: RSS growth of a fresh process (its imports done) creating the session and
   running one sample;
-- top-1 agreement with the FP32 model and with the PyTorch quantized model (and accuracy on
-  labelled data); the ops histogram of onnxruntime's optimized graph.
+- top-1 agreement with the FP32 model, with the PyTorch quantized model, and with the PyTorch
+  model of the file (``export_onnx(faithful=True)``: the quantized model plus the first layer's
+  input, layer outputs and residual adds fake-quantized as the file does), and accuracy on
+  labelled data; the ops histogram of onnxruntime's optimized graph.
 "W8A8 calibrated" ranges activations from the first 16 inputs (``act_range="percentile"``, and
 ``export_onnx(calibration_data=...)`` for the tensors squant does not range); every row is
-evaluated on the other inputs.
+evaluated on the other inputs. The first layer's input grid (``input_range``) is the range of
+the preprocessing (normalized pixels in [0, 1]; the MLP: the example inputs' min and max).
 
 Run: ``python bench/bench_onnx.py [--rounds 7] [--models demo,resnet18,mobilenet_v2]``.
 Needs ``pip install -e ".[onnx,bench]"`` and, for MobileNetV2 and the photos, what
@@ -46,10 +49,15 @@ import torch
 from torch import nn
 
 import squant
-from squant.demo_model import load_demo_data, load_demo_model
+from squant.demo_model import PIXEL_MEAN, PIXEL_STD, load_demo_data, load_demo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_data import missing_requirements, photo_crops  # noqa: E402
+from accuracy_data import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    missing_requirements,
+    photo_crops,
+)
 from mobilenet_v2 import mobilenet_v2_imagenet  # noqa: E402
 from resnet import resnet18  # noqa: E402
 
@@ -64,6 +72,9 @@ CALIBRATION_IMAGES = 16  # the first inputs, kept apart from the evaluation inpu
 PLAIN_SESSION = "W8A8 plain session"
 BATCHES = (1, 8)
 THREADS = (1, 2)
+# ImageNet-normalized pixels in [0, 1]: the first layer's input range, from the preprocessing
+IMAGENET_RANGE = (min(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)),
+                  max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)))
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx.json"
 
 
@@ -73,6 +84,8 @@ class Task:
     model: nn.Module
     inputs: torch.Tensor
     labels: torch.Tensor | None
+    # export_onnx's input_range (the first layer's input grid): the preprocessing's range
+    input_range: tuple[float, float] | str = "auto"
 
 
 @dataclass
@@ -84,6 +97,7 @@ class Row:
     memory_ratio: float
     agree_fp32: float
     agree_torch: float
+    agree_faithful: float  # with squant.export_faithful's PyTorch model of the file
     accuracy: float | None
     export_s: float
     integer_layers: str
@@ -115,7 +129,8 @@ def tasks(names: list[str]) -> list[Task]:
                           torch.randn(56, 64, 768), None))
     if "demo" in names:
         images, labels = load_demo_data()
-        built.append(Task("demo CNN", load_demo_model().eval(), images, labels))
+        built.append(Task("demo CNN", load_demo_model().eval(), images, labels,
+                          ((0 - PIXEL_MEAN) / PIXEL_STD, (1 - PIXEL_MEAN) / PIXEL_STD)))
     photos_missing = missing_requirements()
     if photos_missing and {"resnet18", "mobilenet_v2"} & set(names):
         print("skipping the ImageNet-sized models:", *photos_missing, sep="\n  ")
@@ -123,9 +138,9 @@ def tasks(names: list[str]) -> list[Task]:
     crops = photo_crops() if {"resnet18", "mobilenet_v2"} & set(names) else None
     if "resnet18" in names:
         torch.manual_seed(0)
-        built.append(Task("ResNet-18-shaped", resnet18().eval(), crops, None))
+        built.append(Task("ResNet-18-shaped", resnet18().eval(), crops, None, IMAGENET_RANGE))
     if "mobilenet_v2" in names:
-        built.append(Task("MobileNetV2", mobilenet_v2_imagenet(), crops, None))
+        built.append(Task("MobileNetV2", mobilenet_v2_imagenet(), crops, None, IMAGENET_RANGE))
     return built
 
 
@@ -213,11 +228,15 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
         qmodel = squant.quantize(task.model, **options, **extra)
         path = folder / f"{task.name}-{config}-squant.onnx".replace(" ", "_")
         start = time.perf_counter()
-        report = squant.export_onnx(qmodel, path, example, **data)
+        report = squant.export_onnx(qmodel, path, example, **data, faithful=True,
+                                    input_range=task.input_range)
         export_s = time.perf_counter() - start
+        faithful = report.faithful_model
         with torch.no_grad():
             torch_top1 = torch.cat([qmodel(task.inputs[i:i + 50])
                                     for i in range(0, len(task.inputs), 50)]).argmax(1)
+            faithful_top1 = torch.cat([faithful(task.inputs[i:i + 50])
+                                       for i in range(0, len(task.inputs), 50)]).argmax(1)
         onnx_top1 = torch.from_numpy(outputs(path, task.inputs).argmax(1))
         accuracy = (None if task.labels is None
                     else float((onnx_top1 == task.labels).float().mean()))
@@ -225,7 +244,8 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
             task.name, config, path.stat().st_size / float_path.stat().st_size, {},
             session_memory(path, shape) / session_memory(float_path, shape),
             float((onnx_top1 == fp32).float().mean()),
-            float((onnx_top1 == torch_top1).float().mean()), accuracy, export_s,
+            float((onnx_top1 == torch_top1).float().mean()),
+            float((onnx_top1 == faithful_top1).float().mean()), accuracy, export_s,
             f"{report.integer_layers}/{len(report.layers)}", dict(report.optimized_ops))
         paths[config] = path
         if config == "W8A8":
@@ -236,6 +256,7 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
                     float_path, shape),
                 agree_fp32=float((plain_top1 == fp32).float().mean()),
                 agree_torch=float((plain_top1 == torch_top1).float().mean()),
+                agree_faithful=float((plain_top1 == faithful_top1).float().mean()),
                 accuracy=(None if task.labels is None
                           else float((plain_top1 == task.labels).float().mean())))
             paths[PLAIN_SESSION] = path
@@ -252,7 +273,8 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
 def table(rows: list[Row]) -> str:
     labels = [f"b{b}/t{t}" for t in THREADS for b in BATCHES]
     head = ("| model | config | file | " + " | ".join(f"latency {lb}" for lb in labels)
-            + " | memory | agree FP32 | agree torch | accuracy | integer layers | export |")
+            + " | memory | agree FP32 | agree torch | agree faithful | accuracy | integer layers"
+            " | export |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         accuracy = "—" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
@@ -260,7 +282,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.model} | {r.config} | {r.file_ratio:.3f}x | "
             + " | ".join(f"{r.latency[lb]:.2f}x" for lb in labels)
             + f" | {r.memory_ratio:.2f}x | {100 * r.agree_fp32:.1f}% | "
-            f"{100 * r.agree_torch:.1f}% | {accuracy} | {r.integer_layers} | {r.export_s:.1f} s |")
+            f"{100 * r.agree_torch:.1f}% | {100 * r.agree_faithful:.1f}% | {accuracy} | "
+            f"{r.integer_layers} | {r.export_s:.1f} s |")
     return "\n".join(lines)
 
 

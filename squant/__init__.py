@@ -14,7 +14,13 @@ from .core.errors import QuantizationError
 from .core.options import ActivationOptions, QuantOptions
 from .core.report import LayerReport, QuantizationReport
 from .core.tensor import QuantizedTensor, quantize_weight, quantize_weights
-from .export import ExportReport, export_onnx, onnx_session_options, quantize_onnx
+from .export import (
+    ExportReport,
+    export_faithful,
+    export_onnx,
+    onnx_session_options,
+    quantize_onnx,
+)
 from .io.storage import load, save
 from .model import dequantize, quantize
 
@@ -30,6 +36,7 @@ __all__ = [
     "QuantizedTensor",
     "__version__",
     "dequantize",
+    "export_faithful",
     "export_onnx",
     "load",
     "nn",

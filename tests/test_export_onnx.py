@@ -133,9 +133,12 @@ def test_activation_quantized_cnn_runs_integer_kernels(cnn, tmp_path, bits, sche
     x = torch.rand(64, 3, 12, 12)
     report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2])
     by_name = {layer.name: layer for layer in report.layers}
-    assert not by_name["conv1"].integer  # squant keeps the first layer's input float
-    assert all(by_name[n].integer for n in ("conv2", "conv3", "fc"))
-    assert report.optimized_ops["QLinearConv"] == 2 and report.optimized_ops["QGemm"] == 1
+    # squant keeps the first layer's input float; the file quantizes it on input_range
+    assert all(by_name[n].integer for n in ("conv1", "conv2", "conv3", "fc"))
+    assert report.optimized_ops["QLinearConv"] == 3 and report.optimized_ops["QGemm"] == 1
+    kept = squant.export_onnx(qmodel, tmp_path / "k.onnx", x[:2], input_range=None)
+    assert not {layer.name: layer for layer in kept.layers}["conv1"].integer
+    assert kept.optimized_ops["QLinearConv"] == 2
     assert report.session_config == ({"session.x64quantprecision": "1"} if bits == 8 else {})
     assert "slow path" not in str(report)
     with torch.no_grad():
@@ -220,8 +223,9 @@ def test_batchnorms_fold_into_the_scales(tmp_path, bits):
     x = torch.rand(16, 3, 10, 10)
     report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2])
     assert "BatchNormalization" not in report.optimized_ops
-    assert report.optimized_ops["QLinearConv"] == 1  # conv2 (conv1's input stays float)
-    assert "BatchNorm folded" in {layer.name: layer for layer in report.layers}["conv2"].reason
+    assert report.optimized_ops["QLinearConv"] == 2  # conv1 (its input on input_range), conv2
+    by_name = {layer.name: layer for layer in report.layers}
+    assert all("BatchNorm folded" in by_name[name].reason for name in ("conv1", "conv2"))
     with torch.no_grad():
         expected = qmodel(x).numpy()
     error = np.linalg.norm(run(tmp_path / "m.onnx", x) - expected) / np.linalg.norm(expected)
@@ -304,7 +308,7 @@ def test_calibration_data_ranges_the_tensors_squant_does_not(cnn, tmp_path):
                              act_range="percentile")
     report = squant.export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2],
                                 calibration_data=batches)
-    assert report.optimized_ops["QLinearConv"] == 2
+    assert report.optimized_ops["QLinearConv"] == 3
     x = torch.rand(16, 3, 12, 12)
     with torch.no_grad():
         expected = qmodel(x).numpy()
@@ -315,3 +319,112 @@ def test_calibration_data_ranges_the_tensors_squant_does_not(cnn, tmp_path):
     with pytest.raises(squant.QuantizationError, match="no batch"):
         squant.export_onnx(qmodel, tmp_path / "n.onnx", batches[0], calibration_data=[])
     assert not (tmp_path / "n.onnx").exists()
+
+
+class BNReLU6Net(nn.Module):
+    """conv-BN-ReLU6, depthwise conv-BN-ReLU6, 1x1 conv-BN with a residual add (MobileNetV2's
+    block), then a classifier; BN statistics non-trivial so folded biases are not zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU6())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+                                   nn.BatchNorm2d(8), nn.ReLU6(),
+                                   nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 5)
+        generator = torch.Generator().manual_seed(1)
+        for bn in (m for m in self.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5, generator=generator)
+            bn.running_var.uniform_(0.5, 2.0, generator=generator)
+            bn.weight.data.uniform_(0.5, 3.0, generator=generator)  # outputs well past 6
+            bn.bias.data.uniform_(-1.0, 2.0, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def relu6_net():
+    torch.manual_seed(0)
+    return BNReLU6Net().eval()
+
+
+@pytest.mark.parametrize(("bits", "scheme"), [(4, "asymmetric"), (8, "symmetric")])
+def test_faithful_model_computes_what_the_file_computes(relu6_net, tmp_path, bits, scheme):
+    qmodel = squant.quantize(relu6_net, bits, act_bits=8, input_shape=(3, 10, 10),
+                             scheme=scheme)
+    x = torch.randn(48, 3, 10, 10)
+    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:4], faithful=True)
+    assert report.integer_layers == len(report.layers)
+    file_output = run(tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        faithful = report.faithful_model(x).numpy()
+        plain = qmodel(x).numpy()
+        single = report.faithful_model(x[:1]).numpy()
+    # Every activation the file quantizes (first input, outputs, the residual add) on the
+    # file's grid, and the int32 rounding of the folded biases: equal up to float rounding.
+    error = np.linalg.norm(file_output - faithful) / np.linalg.norm(faithful)
+    assert error < 1e-5
+    assert np.linalg.norm(file_output - plain) / np.linalg.norm(plain) > 10 * error
+    np.testing.assert_allclose(single, faithful[:1], rtol=1e-5, atol=1e-6)
+    again = squant.export_faithful(qmodel, tmp_path / "m.onnx", x[:4])
+    with torch.no_grad():
+        np.testing.assert_array_equal(again(x).numpy(), faithful)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    scales = [float(initializers[n.input[1]]) for n in model.graph.node
+              if n.op_type == "QuantizeLinear" and "hardtanh" in n.input[0]]
+    # ReLU6 outputs: the quantizer removes the Clip, so the grid must end at 6
+    assert scales and max(scales) <= 6 / 255 * (1 + 1e-6)
+    assert not any(n.op_type == "Clip" for n in model.graph.node)
+
+
+def test_faithful_model_refuses_another_models_file(relu6_net, cnn, tmp_path):
+    qmodel = squant.quantize(cnn, 4, act_bits=8, input_shape=(3, 12, 12))
+    squant.export_onnx(qmodel, tmp_path / "m.onnx", torch.rand(2, 3, 12, 12))
+    other = squant.quantize(relu6_net, 4, act_bits=8, input_shape=(3, 10, 10))
+    with pytest.raises(squant.QuantizationError, match="written for this model"):
+        squant.export_faithful(other, tmp_path / "m.onnx", torch.rand(2, 3, 10, 10))
+
+
+def test_first_layer_input_range(cnn, tmp_path):
+    qmodel = squant.quantize(cnn, 4, act_bits=8, input_shape=(3, 12, 12))
+    x = torch.rand(2, 3, 12, 12) * 4 - 1
+    squant.export_onnx(qmodel, tmp_path / "m.onnx", x, input_range=(-1.5, 3.0))
+    squant.export_onnx(qmodel, tmp_path / "a.onnx", x)  # "auto": min and max of x
+
+    def input_grid(path):
+        model = onnx.load(str(path))
+        initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        node = next(n for n in model.graph.node
+                    if n.op_type == "QuantizeLinear" and n.input[0] == model.graph.input[0].name)
+        return float(initializers[node.input[1]]), int(initializers[node.input[2]])
+
+    scale, zero = activation_grid(-1.5, 3.0, 8)
+    assert input_grid(tmp_path / "m.onnx") == (float(scale), int(zero))
+    scale, zero = activation_grid(float(x.min()), float(x.max()), 8)
+    assert input_grid(tmp_path / "a.onnx") == (float(scale), int(zero))
+    for bad in ((1.0, 2.0), (0.0, 0.0), (0.0, float("inf")), "data", (1,)):
+        with pytest.raises(squant.QuantizationError, match="input_range|input range"):
+            squant.export_onnx(qmodel, tmp_path / "b.onnx", x, input_range=bad)
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_faithful_model_warns_of_exporter_values_it_cannot_follow(tmp_path):
+    torch.manual_seed(2)
+    model = MLP().eval()
+    x = torch.randn(16, 6, 48)
+    qmodel = squant.quantize(model, 4, act_bits=8, input_shape=(6, 48))
+    # A 3-D Linear is MatMul then Add in the file; the MatMul's output (a value of torch's
+    # exporter, quantized in the file) has no node in torch's graph.
+    with pytest.warns(UserWarning, match="leaves .* float"):
+        report = squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2], faithful=True)
+    file_output = run(tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        faithful = report.faithful_model(x).numpy()
+        plain = qmodel(x).numpy()
+    assert (np.linalg.norm(file_output - faithful)
+            < np.linalg.norm(file_output - plain))

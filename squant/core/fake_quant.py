@@ -41,3 +41,14 @@ def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
     out = torch.mul(x.float(), scale)
     out.sub_(zero_point).round_().clamp_(low, high).add_(zero_point).div_(scale)
     return out.to(x.dtype)
+
+
+def fake_quantize_linear(x: torch.Tensor, scale: float, zero_point: int, low: int, high: int
+                         ) -> torch.Tensor:
+    """ONNX's ``QuantizeLinear`` then ``DequantizeLinear`` on a per-tensor grid, as onnxruntime
+    computes them: ``q = clamp(round_half_even(x / scale) + zero_point, low, high)``, output
+    ``(q - zero_point) * scale``; ``scale`` a float32 value, ``[low, high]`` the code type's
+    range (uint8: ``[0, 255]``). Computed in float32, returned in ``x``'s dtype."""
+    scale_t = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    q = torch.div(x.float(), scale_t).round_().add_(zero_point).clamp_(low, high)
+    return q.sub_(zero_point).mul_(scale_t).to(x.dtype)

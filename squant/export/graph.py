@@ -180,3 +180,33 @@ def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
 def _insert_before(graph: onnx.GraphProto, anchor: onnx.NodeProto,
                    node: onnx.NodeProto) -> None:
     graph.node.insert(list(graph.node).index(anchor), node)
+
+
+def activation_bounds(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """``{tensor: (low, high)}`` for the output of every ``Relu`` (``(0, inf)``) and every
+    ``Clip`` with constant bounds (``ReLU6``: ``(0, 6)``) of ``model``."""
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            value = helper.get_attribute_value(node.attribute[0])
+            if isinstance(value, onnx.TensorProto):
+                constants[node.output[0]] = numpy_helper.to_array(value)
+    bounds = {}
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            bounds[node.output[0]] = (0.0, np.inf)
+        elif node.op_type == "Clip":
+            ends = [constants.get(name) if name else None for name in list(node.input[1:3])]
+            ends += [None] * (2 - len(ends))
+            if all(end is None or end.size == 1 for end in ends):
+                bounds[node.output[0]] = (
+                    -np.inf if ends[0] is None else float(ends[0]),
+                    np.inf if ends[1] is None else float(ends[1]))
+    return bounds
+
+
+def bounded(tensor: str, lo: float, hi: float, bounds: dict[str, tuple[float, float]]
+             ) -> tuple[float, float]:
+    """``[lo, hi]`` cut to the bounds of the activation that computes ``tensor`` (0 kept)."""
+    low, high = bounds.get(tensor, (-np.inf, np.inf))
+    return max(lo, min(low, 0.0)), min(hi, max(high, 0.0))

@@ -5,8 +5,8 @@ The float model (``squant.dequantize``) is exported by torch's dynamo exporter, 
 quantized layer's float weight is swapped for its codes (:mod:`.graph`):
 
 * models quantized with ``act_bits``: QDQ (:mod:`.qdq`), fused by onnxruntime into
-  ``QLinearConv``, ``QGemm``, ``QLinearAdd``...; the first layer, whose input squant keeps
-  float, stores its codes behind a ``DequantizeLinear`` and runs float;
+  ``QLinearConv``, ``QGemm``, ``QLinearAdd``...; the first layer's input, which squant keeps
+  float, gets an 8-bit grid on ``input_range`` (else that layer runs float);
 * weight-only models: a Linear becomes ``com.microsoft.MatMulNBits`` (2-4 bits; 5-8 bits at
   ``accuracy_level`` 4); other layers store their codes behind a ``DequantizeLinear`` that the
   session options fold into a float weight at load (small file, float compute).
@@ -57,7 +57,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
                 example_inputs: torch.Tensor | Sequence[torch.Tensor], *, opset: int = 21,
                 dynamic_batch: bool = True, accuracy_level: int = 4,
                 calibration_data: Iterable | None = None, calibration_batch: int = 32,
-                seed: int = 0) -> ExportReport:
+                seed: int = 0, input_range: tuple[float, float] | str | None = "auto",
+                faithful: bool = False) -> ExportReport:
     """Write ``qmodel`` (from :func:`squant.quantize`) to ``path`` as ONNX with squant's codes.
 
     Args:
@@ -77,6 +78,14 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
             99.99% percentiles of their values (widest over the batches). Without it, data-free:
         calibration_batch, seed: a batch of uniform [0, 1) float inputs of the example inputs'
             shapes whose activations give those tensors the SQuant paper's 8-bit range.
+        input_range: with activation quantization, the 8-bit grid of the first layer's input,
+            which squant keeps float (quantized, onnxruntime fuses that layer too): ``(lo, hi)``
+            (e.g. from the preprocessing: ImageNet-normalized images span [-2.118, 2.640]),
+            ``"auto"`` (default) the min and max of that input over ``calibration_data``, else
+            over ``example_inputs`` (give samples that span the inputs), both widened to
+            include 0; None keeps it float.
+        faithful: also build ``report.faithful_model``, the PyTorch model computing what the
+            file computes (:func:`squant.export_faithful`, without exporting again).
 
     Returns:
         An :class:`ExportReport`: per layer the ONNX ops it became, integer or float, and why;
@@ -95,7 +104,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
 
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"export_onnx expects a torch.nn.Module, got {type(qmodel).__name__}")
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     if opset < 21:
         raise QuantizationError(f"opset must be >= 21 (int4 types, blocked quantization), "
                                 f"got {opset}")
@@ -107,7 +116,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
         raise QuantizationError("the model holds no squant quantized layer: quantize it with "
                                 "squant.quantize first")
     codes = {name: weights.weight_codes(name, module) for name, module in layers.items()}
-    model = _export_float(qmodel, inputs, opset, dynamic_batch)
+    model, program = export_float(qmodel, inputs, opset, dynamic_batch)
     float_weights = {name: module.dequantize_weight().detach().cpu().to(
         module.weight_dtype).float().numpy() for name, module in layers.items()}
     # A BatchNorm after a conv is folded into its weight by the exporter: same codes, new scales.
@@ -126,26 +135,36 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     # kernels take no blocked scales).
     active = [name for name in owners.values() if getattr(layers[name], "act_enabled", False)
               and len(sites[name].nodes) == 1 and codes[name].block_size is None]
+    act_model = any(getattr(m, "act_enabled", False) for m in layers.values())
+    grids = {name: (float(layers[name].act_lo), float(layers[name].act_hi),
+                    int(layers[name].act_bits)) for name in active}
     if active:
-        batches, rule = _calibration_batches(model, inputs, calibration_data,
-                                             calibration_batch, seed)
+        batches, rule = qdq.calibration_batches(model, inputs, calibration_data,
+                                                calibration_batch, seed)
+        first = qdq.first_layer(layers, sites, codes) if input_range is not None else None
+        if first is not None:
+            seen = batches if calibration_data is not None else None
+            grids[first] = (*qdq.first_input_range(model, first, sites[first], input_range,
+                                                   inputs, seen), qdq.FIRST_INPUT_BITS)
+        float_model = model
         with _quiet():
-            model = qdq.quantize_qdq(model, layers, codes, sites, active, batches, rule)
-        for name in active:
+            model = qdq.quantize_qdq(model, codes, sites, grids, batches, rule)
+        for name in grids:
             results[name] = _fused_layer(model, name, layers[name], codes[name], sites[name])
         sites = graph.find_sites(model, {name: float_weights[name] for name in owners.values()
                                          if name not in results})  # a new graph
-    act_model = any(getattr(m, "act_enabled", False) for m in layers.values())
     for name in owners.values():
         if name not in results:
             results[name] = _weight_only_layer(model, name, layers[name], codes[name],
                                                sites[name], accuracy_level, act_model)
     results = _annotated(results, layers, ties, folded, codes)
-    session_config = _session_config(layers, active, codes, accuracy_level)
+    session_config = _session_config(layers, list(grids), codes, accuracy_level)
     onnx.helper.set_model_props(model, {CONFIG_KEY: json.dumps(session_config),
                                         "squant.producer": "squant.export_onnx"})
     report = ExportReport(str(path), [results[name] for name in layers],
                           session_config=session_config)
+    if faithful:
+        report.faithful_model = qdq.simulate(program, float_model if grids else model, model)
     _save_atomically(model, Path(path))
     report.file_bytes = Path(path).stat().st_size
     report.optimized_ops = optimized_ops(path, session_config)
@@ -197,7 +216,7 @@ def _annotated(results: dict[str, LayerExport], layers: dict, ties: dict[str, st
     return done
 
 
-def _as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
+def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
         example_inputs)
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
@@ -205,9 +224,11 @@ def _as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
     return tuple(x.detach().cpu() for x in inputs)
 
 
-def _export_float(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int,
-                  dynamic_batch: bool):
-    """The float model (dequantized weights) exported by torch's dynamo exporter."""
+def export_float(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int,
+                 dynamic_batch: bool):
+    """The float model (dequantized weights) exported by torch's dynamo exporter: the ONNX
+    model and the ``torch.export`` program it was translated from (whose node names are the
+    ONNX tensors' names)."""
     import onnx
 
     float_model = dequantize(qmodel).cpu().float().eval()
@@ -219,48 +240,14 @@ def _export_float(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], opset: in
     with tempfile.TemporaryDirectory() as folder, _quiet():
         target = Path(folder, "float.onnx")
         try:
-            torch.onnx.export(float_model, sample, str(target), dynamo=True,
-                              opset_version=opset, dynamic_shapes=shapes,
-                              external_data=False, verbose=False)
+            program = torch.onnx.export(float_model, sample, str(target), dynamo=True,
+                                        opset_version=opset, dynamic_shapes=shapes,
+                                        external_data=False, verbose=False)
         except Exception as error:  # torch raises many kinds; say which step failed
             first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             raise QuantizationError(f"torch.onnx.export could not export "
                                     f"{type(qmodel).__name__}: {first}") from error
-        return onnx.load(str(target))
-
-
-def _calibration_batches(model, inputs: tuple[torch.Tensor, ...], data: Iterable | None,
-                         batch: int, seed: int) -> tuple[list[dict[str, np.ndarray]], str]:
-    """The graph inputs' feeds for ranging activations, and the rule: ``data``'s batches by
-    percentiles, else squant's data-free batch by the paper's rule."""
-    if data is None:
-        return [_calibration_feeds(model, inputs, batch, seed)], "paper"
-    names = [info.name for info in model.graph.input]
-    batches = []
-    for index, item in enumerate([data] if isinstance(data, torch.Tensor) else data):
-        tensors = (item,) if isinstance(item, torch.Tensor) else tuple(item)
-        if len(tensors) != len(names) or not all(isinstance(t, torch.Tensor) for t in tensors):
-            raise TypeError(f"calibration_data batch {index}: expected {len(names)} tensor(s), "
-                            "as example_inputs")
-        batches.append({n: (t.float() if t.is_floating_point() else t).detach().cpu().numpy()
-                        for n, t in zip(names, tensors)})
-    if not batches:
-        raise QuantizationError("calibration_data holds no batch")
-    return batches, "percentile"
-
-
-def _calibration_feeds(model, inputs: tuple[torch.Tensor, ...], batch: int,
-                       seed: int) -> dict[str, np.ndarray]:
-    """The graph inputs' calibration batch: uniform [0, 1) floats (squant's data-free
-    convention) of each float input's shape with ``batch`` samples; other inputs as given."""
-    generator = torch.Generator().manual_seed(seed)
-    feeds = {}
-    for info, x in zip(model.graph.input, inputs):
-        if x.is_floating_point():
-            feeds[info.name] = torch.rand((batch, *x.shape[1:]), generator=generator).numpy()
-        else:
-            feeds[info.name] = x.numpy()
-    return feeds
+        return onnx.load(str(target)), program.exported_program
 
 
 def _fused_layer(model, name: str, module, codes, site) -> LayerExport:
@@ -345,7 +332,7 @@ def _weight_only_layer(model, name: str, module, codes, site, accuracy_level: in
         reason = ("group-wise grids: blocked DequantizeLinear (onnxruntime's QLinearConv/QGemm "
                   "take per-channel scales only)")
     elif act_model:
-        reason = "squant keeps this layer's input float"
+        reason = "its input stays float (squant keeps it float; export_onnx's input_range=None)"
     elif is_linear and module.bits <= _MATMUL_NBITS_MAX_BITS:
         reason = "a zero point outside the 4-bit range, or not a plain x @ W.T"
     else:

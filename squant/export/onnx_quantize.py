@@ -158,7 +158,9 @@ def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_leve
     results: dict[str, LayerExport] = {}
     if active:
         with _quiet():
-            model = qdq.quantize_qdq(model, layers, codes, sites, active, [feeds], "paper")
+            grids = {name: (float(layers[name].act_lo), float(layers[name].act_hi),
+                            int(layers[name].act_bits)) for name in active}
+            model = qdq.quantize_qdq(model, codes, sites, grids, [feeds], "paper")
         for name in active:
             results[name] = _fused_layer(model, name, layers[name], codes[name], sites[name])
         sites = _sites(model, {n: layer for n, layer in layers.items() if n not in results})

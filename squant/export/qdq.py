@@ -9,11 +9,17 @@ pools...). squant does not let it choose any number that squant already chose:
   so the codes it writes are squant's codes (checked after the fact);
 * the input of every layer that fake-quantizes its input gets that layer's exact grid
   (``act_lo``, ``act_hi``, ``act_bits``: ``scale = fl32((hi - lo) / (2**b - 1))``,
-  uint8 ``zero_point = -round(S * lo)``);
+  uint8 ``zero_point = -round(S * lo)``); the first layer's input, which squant keeps float,
+  gets an 8-bit grid on ``export_onnx``'s ``input_range`` (:func:`first_input_range`);
 * every other activation it quantizes (layer outputs, residual adds, pools) gets the SQuant
   paper's data-free 8-bit range (:func:`squant.ranges.activations.paper_range`) of that tensor
   when squant's calibration batch (uniform [0, 1) inputs, as for the layers' own ranges) runs
   through the float graph.
+
+A grid on the output of a ``Relu`` or ``Clip`` (``ReLU6``) is cut to its bounds: the quantizer
+removes those nodes and the grid's ends do their clipping (squant's ``act_hi`` of a ``ReLU6``
+output can exceed 6). The Q/DQ pairs the file holds are what :func:`squant.export.session.
+export_faithful`'s PyTorch model fake-quantizes.
 
 Activations below 8 bits run on an 8-bit container with their own step: values beyond the
 layer's range saturate at uint8's ends rather than at ``2**b - 1`` levels.
@@ -21,21 +27,28 @@ layer's range saturate at uint8's ends rather than at ``2**b - 1`` levels.
 
 from __future__ import annotations
 
+import re
 import tempfile
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 from ..core.errors import QuantizationError
-from ..core.fake_quant import grid
+from ..core.fake_quant import fake_quantize_linear, grid
+from ..nn import QuantizedModule
 from ..ranges.activations import paper_range
-from .graph import WEIGHT_OPS, LayerSite, drop_initializer, in_layout
+from .graph import WEIGHT_OPS, LayerSite, activation_bounds, bounded, drop_initializer, in_layout
 from .weights import WeightCodes
 
 OUTPUT_BITS = 8
+_CODE_RANGES = {2: (0, 255), 3: (-128, 127), 4: (0, 65535), 5: (-32768, 32767)}  # by ONNX type
+FIRST_INPUT_BITS = 8  # the first layer's input grid (squant's last layer uses 8 bits too)
 PERCENTILE = 99.99  # the ranges from real inputs: as squant.quantize's act_range="percentile"
 # What onnxruntime's quantizer may put Q/DQ around (its CPU kernels fuse these); never ops with
 # weights of their own that are not squant's (Gather, LSTM, ...).
@@ -54,6 +67,85 @@ def activation_grid(lo: float, hi: float, bits: int) -> tuple[np.float32, np.uin
         raise QuantizationError(f"an activation range [{lo}, {hi}] whose zero point {zero} "
                                 "fits no uint8")
     return np.float32(1.0 / float(inverse)), np.uint8(zero)
+
+
+def calibration_batches(model, inputs: tuple[torch.Tensor, ...], data: Iterable | None,
+                         batch: int, seed: int) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The graph inputs' feeds for ranging activations, and the rule: ``data``'s batches by
+    percentiles, else squant's data-free batch by the paper's rule."""
+    if data is None:
+        return [calibration_feeds(model, inputs, batch, seed)], "paper"
+    names = [info.name for info in model.graph.input]
+    batches = []
+    for index, item in enumerate([data] if isinstance(data, torch.Tensor) else data):
+        tensors = (item,) if isinstance(item, torch.Tensor) else tuple(item)
+        if len(tensors) != len(names) or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError(f"calibration_data batch {index}: expected {len(names)} tensor(s), "
+                            "as example_inputs")
+        batches.append({n: (t.float() if t.is_floating_point() else t).detach().cpu().numpy()
+                        for n, t in zip(names, tensors)})
+    if not batches:
+        raise QuantizationError("calibration_data holds no batch")
+    return batches, "percentile"
+
+
+def calibration_feeds(model, inputs: tuple[torch.Tensor, ...], batch: int,
+                       seed: int) -> dict[str, np.ndarray]:
+    """The graph inputs' calibration batch: uniform [0, 1) floats (squant's data-free
+    convention) of each float input's shape with ``batch`` samples; other inputs as given."""
+    generator = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for info, x in zip(model.graph.input, inputs):
+        if x.is_floating_point():
+            feeds[info.name] = torch.rand((batch, *x.shape[1:]), generator=generator).numpy()
+        else:
+            feeds[info.name] = x.numpy()
+    return feeds
+
+
+def first_layer(layers: dict, sites: dict, codes: dict) -> str | None:
+    """The layer whose input squant keeps float in a model quantizing activations (the first
+    of :func:`squant.ranges.activations.enable_activations`), if onnxruntime can fuse it."""
+    first = next((name for name, module in layers.items() if isinstance(module, QuantizedModule)
+                  and module.float_input), None)
+    if (first is None or first not in sites or getattr(layers[first], "act_enabled", False)
+            or len(sites[first].nodes) != 1 or codes[first].block_size is not None):
+        return None
+    return first
+
+
+def first_input_range(model, name: str, site, input_range, inputs: tuple[torch.Tensor, ...],
+                 batches: list | None) -> tuple[float, float]:
+    """The first layer's input range (see :func:`squant.export_onnx`'s ``input_range``)."""
+    if isinstance(input_range, str):
+        if input_range != "auto":
+            raise QuantizationError(f"input_range must be (lo, hi), 'auto' or None, got "
+                                    f"{input_range!r}")
+        feeds = batches or [{info.name: x.float().numpy() for info, x
+                             in zip(model.graph.input, inputs) if x.is_floating_point()}]
+        lo, hi = observed_range(model, site.nodes[0].input[0], feeds)
+    else:
+        try:
+            lo, hi = (float(v) for v in input_range)
+        except (TypeError, ValueError):
+            raise QuantizationError(f"input_range must be (lo, hi), 'auto' or None, got "
+                                    f"{input_range!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= 0 <= hi and hi > lo):
+        raise QuantizationError(f"layer '{name}': its input range [{lo}, {hi}] must be finite "
+                                "and hold 0 with hi > lo: give input_range=(lo, hi), or None to "
+                                "keep the layer float")
+    return lo, hi
+
+
+def observed_range(model: onnx.ModelProto, tensor: str,
+                   batches: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """The min and max of ``tensor`` over ``batches`` run through the float ``model``, widened
+    to include 0 (a uint8 grid holds 0)."""
+    lo = hi = 0.0
+    for feeds in batches:
+        value = feeds[tensor] if tensor in feeds else float_tensors(model, feeds, {tensor})[tensor]
+        lo, hi = min(lo, float(value.min())), max(hi, float(value.max()))
+    return lo, hi
 
 
 def float_tensor_ranges(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
@@ -106,13 +198,16 @@ def float_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
             if value.dtype == np.float32 and value.size}
 
 
-def quantize_qdq(model: onnx.ModelProto, layers: dict, codes: dict[str, WeightCodes],
-                 sites: dict[str, LayerSite], active: list[str],
+def quantize_qdq(model: onnx.ModelProto, codes: dict[str, WeightCodes],
+                 sites: dict[str, LayerSite], grids: dict[str, tuple[float, float, int]],
                  batches: list[dict[str, np.ndarray]], rule: str) -> onnx.ModelProto:
-    """``model`` with Q/DQ pairs by onnxruntime's quantizer around the ``active`` layers (those
-    that quantize their input: one node each), told squant's codes and input grids; other
+    """``model`` with Q/DQ pairs by onnxruntime's quantizer around the layers of ``grids``
+    (``{layer: (lo, hi, bits)}``, its input's grid: squant's ``act_lo/act_hi/act_bits``, or the
+    first layer's input range; one node each), told squant's codes and those grids; other
     weight ops stay float, other activations get the 8-bit ranges of ``rule`` on ``batches``
-    (:func:`float_tensor_ranges`)."""
+    (:func:`float_tensor_ranges`). Every grid on the output of a ``Relu`` or ``Clip`` is cut to
+    its bounds (:func:`activation_bounds`): onnxruntime's quantizer removes those nodes and lets
+    the grid clip instead."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -120,20 +215,22 @@ def quantize_qdq(model: onnx.ModelProto, layers: dict, codes: dict[str, WeightCo
         quantize_static,
     )
 
-    fused = {sites[name].nodes[0].name for name in active}
+    fused = {sites[name].nodes[0].name for name in grids}
     weight_nodes = {node.name for site in sites.values() for node in site.nodes}
     exclude = [node.name for node in model.graph.node if node.name not in fused
                and (node.name in weight_nodes or node.op_type in WEIGHT_OPS)]
+    bounds = activation_bounds(model)
     overrides: dict[str, list[dict]] = {}
     for name, (lo, hi) in float_tensor_ranges(model, batches, rule).items():
-        overrides[name] = [{"rmin": np.array(min(lo, 0.0), np.float32),
-                            "rmax": np.array(max(hi, 0.0), np.float32)}]
-    for name in active:
-        layer, site = layers[name], sites[name]
-        scale, zero = activation_grid(float(layer.act_lo), float(layer.act_hi),
-                                      int(layer.act_bits))
-        overrides[site.nodes[0].input[0]] = [{"scale": np.array(scale, np.float32),
-                                              "zero_point": np.array(zero, np.uint8)}]
+        lo, hi = bounded(name, min(lo, 0.0), max(hi, 0.0), bounds)
+        overrides[name] = [{"rmin": np.array(lo, np.float32),
+                            "rmax": np.array(hi, np.float32)}]
+    for name, (lo, hi, bits) in grids.items():
+        site = sites[name]
+        tensor = site.nodes[0].input[0]
+        scale, zero = activation_grid(*bounded(tensor, lo, hi, bounds), bits)
+        overrides[tensor] = [{"scale": np.array(scale, np.float32),
+                              "zero_point": np.array(zero, np.uint8)}]
         stored = in_layout(codes[name], site)
         overrides[site.initializer] = [
             {"scale": np.array(s, np.float32), "zero_point": np.array(z, np.int8),
@@ -182,3 +279,97 @@ def _float_outputs(model: onnx.ModelProto) -> None:
         graph.node.remove(dequantize)
         for name in quantize.input[1:]:
             drop_initializer(graph, name)
+
+
+def simulate(program: torch.export.ExportedProgram, float_model, model) -> nn.Module:
+    """``program`` (the float model torch's exporter translated to ``float_model``) as a
+    module, with each activation ``model`` (the QDQ ONNX graph) quantizes fake-quantized on
+    the file's grid, and each fused layer's bias moved by its int32 rounding in the file
+    (:func:`bias_offsets`)."""
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    grids = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
+            zero = constants[node.input[2]]
+            scale = constants[node.input[1]]
+            if scale.size != 1:  # per-channel activations: squant's exporter writes none
+                raise QuantizationError(f"tensor '{node.input[0]}': a per-channel activation "
+                                        "grid, which export_faithful does not simulate")
+            low, high = _CODE_RANGES[numpy_helper.from_array(zero).data_type]
+            grids[node.input[0]] = (float(scale), int(zero), low, high)
+    module = program.module()
+    graph = module.graph
+    nodes = {node.name: node for node in graph.nodes}
+    # The exporter's own intermediate values (``val_N``: e.g. a 3-D Linear's MatMul before its
+    # bias Add) have no node in torch's graph: those grids are left out, with a warning.
+    inner = sorted(name for name in set(grids) - set(nodes) if re.fullmatch(r"val_\d+", name))
+    if inner:
+        warnings.warn(f"the faithful model leaves {len(inner)} tensor(s) the file quantizes "
+                      f"float ({', '.join(inner[:3])}): intermediate values of torch's exporter "
+                      "with no PyTorch counterpart", stacklevel=3)
+        grids = {name: value for name, value in grids.items() if name not in inner}
+    missing = sorted(set(grids) - set(nodes))
+    if missing:
+        raise QuantizationError(f"the file quantizes {len(missing)} tensor(s) the model does "
+                                f"not compute ({', '.join(missing[:3])}): was it written for "
+                                "this model and these example inputs?")
+    offsets = {name: value for name, value in bias_offsets(float_model, model).items()
+               if name in nodes}
+    last_input = [node for node in graph.nodes if node.op == "placeholder"][-1]
+
+    def follow(name: str, function, *args) -> None:  # tensor ``name`` := function(it, *args)
+        node = nodes[name]
+        with graph.inserting_after(last_input if node.op == "placeholder" else node):
+            new = graph.call_function(function, (node, *args))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        nodes[name] = new
+
+    for index, (name, (offset, axis)) in enumerate(offsets.items()):
+        module.register_buffer(f"squant_bias_offset_{index}", torch.from_numpy(offset))
+        with graph.inserting_after(last_input):
+            buffer = graph.get_attr(f"squant_bias_offset_{index}")
+        follow(name, _add_on_axis, buffer, axis)
+    for name, parameters in grids.items():
+        follow(name, fake_quantize_linear, *parameters)
+    graph.lint()
+    module.recompile()
+    return module
+
+
+def bias_offsets(float_model, model) -> dict[str, tuple[np.ndarray, int]]:
+    """``{tensor of float_model: (offset, channel axis)}``: for each ``Conv``/``Gemm`` whose
+    float bias the file ``model`` stores as int32 codes (``QLinearConv``/``QGemm`` add it to
+    their integer sums, on the grid ``input scale * weight scale``), what that rounding adds to
+    its output channels. Nodes are matched by name (onnxruntime's quantizer keeps them)."""
+    from onnx import numpy_helper
+
+    floats = {init.name: numpy_helper.to_array(init) for init in float_model.graph.initializer}
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    twins = {node.name: node for node in model.graph.node}
+    offsets = {}
+    for node in float_model.graph.node:
+        twin = twins.get(node.name)
+        if (node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or twin is None
+                or node.input[2] not in floats or len(twin.input) < 3):
+            continue
+        dequantize = producers.get(twin.input[2])
+        if (dequantize is None or dequantize.op_type != "DequantizeLinear"
+                or dequantize.input[0] not in constants):
+            continue
+        codes, scale = constants[dequantize.input[0]], constants[dequantize.input[1]]
+        zero = constants[dequantize.input[2]] if len(dequantize.input) > 2 else 0
+        stored = ((codes.astype(np.float64) - zero) * scale).astype(np.float32)
+        if stored.shape != floats[node.input[2]].shape:
+            continue
+        offset = stored - floats[node.input[2]]
+        if np.any(offset):
+            offsets[node.output[0]] = (offset, 1 if node.op_type == "Conv" else -1)
+    return offsets
+
+
+def _add_on_axis(x: torch.Tensor, offset: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x`` plus ``offset`` along ``axis`` (one value per channel)."""
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return x + offset.reshape(shape).to(x.dtype)

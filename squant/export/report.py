@@ -29,7 +29,9 @@ class ExportReport:
     ``layers``: one :class:`LayerExport` per quantized layer; ``optimized_ops``: how many nodes
     of each op type onnxruntime's optimized graph holds (e.g. ``QLinearConv``);
     ``file_bytes``: the file's size; ``session_config``: the onnxruntime session config
-    entries the file needs (see :func:`squant.onnx_session_options`).
+    entries the file needs (see :func:`squant.onnx_session_options`); ``faithful_model``:
+    with ``export_onnx(faithful=True)``, the PyTorch model computing what the file computes
+    (:func:`squant.export_faithful`), else None.
     """
 
     path: str
@@ -37,6 +39,7 @@ class ExportReport:
     optimized_ops: Counter = field(default_factory=Counter)
     file_bytes: int = 0
     session_config: dict[str, str] = field(default_factory=dict)
+    faithful_model: object = field(default=None, repr=False)  # export_onnx(faithful=True)
 
     @property
     def integer_layers(self) -> int:

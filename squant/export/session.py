@@ -1,9 +1,14 @@
-"""The onnxruntime session options a file written by ``squant.export_onnx`` needs."""
+"""Running a file written by ``squant.export_onnx``: the onnxruntime session options it needs,
+and the PyTorch model that computes what it computes (``export_faithful``)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
 
 
 def onnx_session_options(path: str | os.PathLike, *, threads: int | None = None):
@@ -37,3 +42,34 @@ def onnx_session_options(path: str | os.PathLike, *, threads: int | None = None)
     if threads is not None:
         options.intra_op_num_threads = threads
     return options
+
+
+def export_faithful(qmodel: nn.Module, path: str | os.PathLike,
+                    example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
+                    opset: int = 21, dynamic_batch: bool = True) -> nn.Module:
+    """The PyTorch model that computes what the ONNX file at ``path``, written by
+    :func:`squant.export_onnx` for ``qmodel``, computes: ``qmodel``'s dequantized weights in
+    float, and every activation the file quantizes (layer inputs as squant does, but also the
+    first layer's input, layer outputs, residual adds, pools: each ``QuantizeLinear`` →
+    ``DequantizeLinear`` pair) fake-quantized with the file's own scale and zero point
+    (:func:`squant.core.fake_quant.fake_quantize_linear`). onnxruntime's output then agrees
+    with it up to the integer kernels' rounding, and its accuracy is the file's, in PyTorch.
+
+    ``example_inputs``, ``opset``, ``dynamic_batch``: as given to ``export_onnx`` (torch's
+    exporter runs again: its graph names the tensors the file quantizes). Returns a
+    ``torch.fx.GraphModule`` (CPU, float32, eval mode) taking the model's inputs.
+
+    Raises:
+        ImportError: onnx, onnxscript or onnxruntime missing (``pip install "squant[onnx]"``).
+        QuantizationError: the file quantizes a tensor the model's graph does not compute (the
+            file was not written for this model).
+    """
+    from .onnx_export import as_inputs, export_float, require_onnx
+    from .qdq import simulate
+
+    require_onnx()
+    import onnx
+
+    float_model, program = export_float(qmodel, as_inputs(example_inputs), opset,
+                                        dynamic_batch)
+    return simulate(program, float_model, onnx.load(os.fspath(path)))
