@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from spec_oracle import squant_oracle
-from strategies import Case, case_lists, cases, shapes
+from strategies import SCHEMES, Case, case_lists, cases, shapes
 
 import squant
+from squant.core.tensor import code_range
 
 F32 = np.float32
 UNIT_BITS = 149
@@ -461,3 +463,14 @@ def test_include_zero_puts_zero_on_every_grid(bits, mode, rows, cols, spread, sh
     holds_zero = (weight.min(1).values <= 0) & (weight.max(1).values >= 0)
     assert torch.equal(wide.codes[holds_zero], plain.codes[holds_zero])
     assert torch.equal(wide.scale[holds_zero], plain.scale[holds_zero])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_code_range_is_what_the_kernels_reach(bits: int, scheme: str) -> None:
+    """``code_range`` (used by the reports and by load_state_dict's check) holds exactly the
+    codes the kernels give: a channel spanning [-1, 1] reaches both ends, never beyond."""
+    weight = torch.linspace(-1.0, 1.0, 2 * 2**bits + 1).repeat(3, 1)
+    q = squant.quantize_weight(weight, bits, "E", scheme=scheme)
+    assert q.code_range == code_range(bits, scheme)
+    assert (int(q.codes.min()), int(q.codes.max())) == q.code_range

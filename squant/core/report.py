@@ -90,9 +90,7 @@ def layer_report(name: str, kind: str, shape: torch.Size, blocks: list[torch.Ten
         zero = q.zero_point.numpy()[:, None, None]
         codes = np.moveaxis(q.codes.numpy(), q.axis, 0).reshape(w.shape).astype(np.float64)
         x = (scale * w - zero).astype(np.float32).astype(np.float64)
-        n = 2 ** (q.bits - 1)
-        t_min = -(n - 1) if q.scheme == "symmetric" else -n
-        rounded = np.clip(np.rint(x), t_min, n - 1)
+        rounded = np.clip(np.rint(x), *q.code_range)
         kernel_eq.append(np.abs((rounded - x).sum(axis=2)).ravel())
         kernel_sq.append(np.abs((codes - x).sum(axis=2)).ravel())
         channel_eq.append(np.abs((rounded - x).sum(axis=(1, 2))))

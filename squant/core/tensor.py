@@ -16,6 +16,13 @@ from .groups import check_whole_kernels, dequantize_groups
 from .options import QuantOptions, check_bits
 
 
+def code_range(bits: int, scheme: str) -> tuple[int, int]:
+    """The codes a ``bits``-bit weight grid holds (SQUANT_SPEC.md): ``[-2**(b-1), 2**(b-1) - 1]``
+    for ``"asymmetric"``, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` for ``"symmetric"``."""
+    high = 2 ** (bits - 1) - 1
+    return (-high if scheme == "symmetric" else -high - 1), high
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class QuantizedTensor:
     """A weight quantized by SQuant.
@@ -43,6 +50,11 @@ class QuantizedTensor:
     def shape(self) -> torch.Size:
         """Shape of the quantized weight."""
         return self.codes.shape
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """The smallest and largest code of its grid (:func:`code_range`)."""
+        return code_range(self.bits, self.scheme)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the codes stand for: ``(codes + zero_point) / scale``."""

@@ -47,8 +47,7 @@ class _Totals:
 def _add(totals: _Totals, weight: torch.Tensor, qweight: QuantizedTensor) -> None:
     """Add a tensor (or block of output channels) with one grid per channel, in blocks of
     channels on squant's threads (each range of blocks into its own accumulator)."""
-    n = 2 ** (qweight.bits - 1)
-    t_min, t_max = (-(n - 1) if qweight.scheme == "symmetric" else -n), n - 1
+    t_min, t_max = qweight.code_range
     w = weight.detach().movedim(qweight.axis, 0)
     codes = qweight.codes.movedim(qweight.axis, 0)
     channels = w.shape[0]

@@ -15,7 +15,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..core.errors import QuantizationError
 from ..core.fake_quant import fake_quantize
-from ..core.tensor import QuantizedTensor, dequantize_codes
+from ..core.tensor import QuantizedTensor, code_range, dequantize_codes
 
 QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedModule]] = {}
 
@@ -169,8 +169,7 @@ def check_codes(codes: object, prefix: str, bits: int, scheme: str, kind: str) -
     (values outside its range: another quantization's codes), or None if they can."""
     if not isinstance(codes, torch.Tensor) or not codes.numel():
         return None
-    high = 2 ** (bits - 1) - 1
-    low = -high if scheme == "symmetric" else -high - 1
+    low, high = code_range(bits, scheme)
     found = (int(codes.min()), int(codes.max()))
     if low <= found[0] and found[1] <= high:
         return None
