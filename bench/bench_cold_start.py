@@ -9,7 +9,11 @@ Each figure comes from fresh Python processes: ``import torch``, ``import squant
 - per jitted function, the exclusive compile time of the cold call (numba's ``numba:compile``
   events; a function's time without the functions it calls, summed over its specializations).
 
-``--baseline DIR`` runs the same in another checkout of squant (e.g. ``git worktree add
+Both kernels of this checkout are measured: ``native`` (the library built at install,
+``squant.kernels.native``; build it in a source checkout with ``python -m
+squant.kernels.native.build``) and ``jit`` (``SQUANT_KERNELS=jit``: numba's JIT).
+
+``--baseline DIR`` runs the same in another checkout of squant (its default kernels) (e.g. ``git worktree add
 ../base <commit>``), imported from its root, side by side. Run:
 ``python bench/bench_cold_start.py [--baseline ../base] [--rounds 2]`` (a few minutes).
 """
@@ -35,17 +39,20 @@ import torch
 torch_done = time.perf_counter()
 import squant
 squant_done = time.perf_counter()
-from numba.core import event
 sys.path.insert(0, sys.argv[1])
 from resnet import resnet18, resnet50
 model = {"ResNet-18": resnet18, "ResNet-50": resnet50}[sys.argv[2]]()
-recorder = event.RecordingListener()
-event.register("numba:compile", recorder)
+events = []
+if os.environ["SQUANT_KERNELS"] != "native":  # the native kernels never import numba
+    from numba.core import event
+    recorder = event.RecordingListener()
+    event.register("numba:compile", recorder)
+    events = recorder.buffer
 call = time.perf_counter()
 squant.quantize(model, bits=4, inplace=True)
 done = time.perf_counter()
 exclusive, stack = {}, []
-for stamp, ev in recorder.buffer:
+for stamp, ev in events:
     func = ev.data["dispatcher"].py_func
     name = func.__module__.replace("squant.kernels.", "kernels.") + "." + func.__qualname__
     if ev.is_start:
@@ -55,30 +62,32 @@ for stamp, ev in recorder.buffer:
     exclusive[name] = exclusive.get(name, 0.0) + (stamp - begun) - children
     if stack:
         stack[-1][2] += stamp - begun
+assert os.environ["SQUANT_KERNELS"] != "native" or "numba" not in sys.modules
 print(json.dumps({"torch": torch_done - start, "squant": squant_done - torch_done,
                   "first_call": done - call, "compile": exclusive}))
 """
 
 
-def run(checkout: Path, model: str, cache: str) -> dict:
-    """One fresh process importing squant from ``checkout`` with numba's cache in ``cache``."""
+def run(checkout: Path, model: str, cache: str, kernels: str) -> dict:
+    """One fresh process importing squant from ``checkout`` with numba's cache in ``cache`` and
+    ``SQUANT_KERNELS=kernels``."""
     env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": str(checkout),
-           "OMP_WAIT_POLICY": "PASSIVE"}
+           "OMP_WAIT_POLICY": "PASSIVE", "SQUANT_KERNELS": kernels}
     out = subprocess.run([sys.executable, "-c", _WORKER, str(HERE), model], cwd=checkout,
                          env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure(checkout: Path, rounds: int) -> dict:
+def measure(checkout: Path, rounds: int, kernels: str) -> dict:
     """Median cold and cached-cold figures, and the compile table of the first cold round."""
     cold, cached, tables, torch_times = [], {m: [] for m in MODELS}, [], []
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as cache:
-            first = run(checkout, MODELS[0], cache)
+            first = run(checkout, MODELS[0], cache, kernels)
             cold.append(first["squant"] + first["first_call"])
             tables.append(first["compile"])
             for model in MODELS:
-                again = run(checkout, model, cache)
+                again = run(checkout, model, cache, kernels)
                 cached[model].append(again["squant"] + again["first_call"])
                 torch_times.append(again["torch"])
     return {"cold": statistics.median(cold), "torch": statistics.median(torch_times),
@@ -92,10 +101,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--functions", type=int, default=14, help="rows of the compile table")
     args = parser.parse_args()
-    checkouts = {"this": HERE.parent}
+    runs = {"native": (HERE.parent, "native"), "jit": (HERE.parent, "jit")}
     if args.baseline:
-        checkouts = {"baseline": args.baseline.resolve(), **checkouts}
-    results = {name: measure(path, args.rounds) for name, path in checkouts.items()}
+        runs = {"baseline": (args.baseline.resolve(), "auto"), **runs}
+    results = {name: measure(path, args.rounds, kernels) for name, (path, kernels) in runs.items()}
     print(f"cores {os.cpu_count()}, OMP_WAIT_POLICY=PASSIVE, median of {args.rounds} rounds; "
           "numba threads: its default")
     print(f"{'':<52}" + "".join(f"{name:>10}" for name in results))

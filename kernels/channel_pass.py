@@ -14,12 +14,12 @@ from .kernel_pass import transposed_position
 
 
 @njit(cache=True)
-def channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, keys, top):
+def channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, keys, top, partials):
     """EQ, then CQ with the EQ priorities (no KQ ran: mode C, or kernels of one element), straight
     into the channel's clamped ``codes``: EQ writes every code, the flips rewrite theirs.
 
-    ``x`` and ``err`` (the EQ errors; not updated by the flips), ``keys`` and ``top`` are
-    scratch.
+    ``x`` and ``err`` (the EQ errors; not updated by the flips), ``keys``, ``top`` and
+    ``partials`` are scratch.
     """
     size = w.shape[0]
     for i in range(size):  # EQ
@@ -28,7 +28,7 @@ def channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, keys, top):
         x[i] = xi
         err[i] = r - xi
         codes[i] = np.int8(min(max(r, t_min), t_max))
-    up, k, _ = flip_count(error_sum(err))
+    up, k, _ = flip_count(error_sum(err, partials))
     if k == 0:
         return
     for i in range(size):
@@ -48,7 +48,7 @@ def channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratc
     they come first in the order, and every other element follows in index order.
     """
     keys, top, hand_index, hand_up, hand_priority = scratch[:5]
-    up, k, _ = flip_count(error_sum(err))
+    up, k, _ = flip_count(error_sum(err, scratch[12]))
     if k == 0:
         return
     count = np.int64(0)  # not a literal 0: that would compile select_top's heap twice

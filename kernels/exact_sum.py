@@ -11,12 +11,12 @@ from numba import njit
 
 FINE = 2.0**-17  # float32 values at least this large are multiples of 2**-40
 EXACT_BOUND = 8000.0  # below 2**13: sums of multiples of 2**-40 are exact in float64
-_MAX_PARTIALS = 64  # non-overlapping float64 partials of float32 inputs: a handful at most
 
 
 @njit(cache=True, fastmath={"reassoc"})  # not inline="always": that would drop the flag
-def error_sum(err):
-    """Exact sum of the float32 errors ``err``, rounded to float64.
+def error_sum(err, partials):
+    """Exact sum of the float32 errors ``err``, rounded to float64 (``partials``: scratch of
+    ``MAX_PARTIALS`` float64).
 
     Fast path: errors of magnitude >= ``FINE`` are multiples of 2**-40; while their magnitudes
     sum to less than 2**13 every partial sum of them, in any order, is exact in float64, so their
@@ -33,24 +33,24 @@ def error_sum(err):
         total += e if coarse else 0.0
         magnitude += a
         fine += (not coarse) & (e != 0.0)
-    return complete_sum(total, magnitude, fine, err)
+    return complete_sum(total, magnitude, fine, err, partials)
 
 
 @njit(cache=True, inline="always")
-def complete_sum(coarse_total, magnitude, fine, err):
+def complete_sum(coarse_total, magnitude, fine, err, partials):
     """The exact sum of ``err`` from its coarse part's plain sum (see ``error_sum``)."""
     whole = magnitude >= EXACT_BOUND  # else only the fine errors are added to the coarse sum
     if not whole and fine == 0:
         return coarse_total
     # One call with a run-time flag: constant flags would compile exact_sum twice.
-    return exact_sum(err, 0.0 if whole else coarse_total, not whole)
+    return exact_sum(err, 0.0 if whole else coarse_total, not whole, partials)
 
 
 @njit(cache=True)
-def exact_sum(err, start, fine_only):
+def exact_sum(err, start, fine_only, partials):
     """Exact float64 rounding of ``start`` plus the errors (only those below ``FINE`` if
-    ``fine_only``), by non-overlapping partials (Shewchuk's method)."""
-    partials = np.empty(_MAX_PARTIALS, np.float64)
+    ``fine_only``), by non-overlapping partials (Shewchuk's method) kept in ``partials``
+    (scratch of ``MAX_PARTIALS`` float64: float32 inputs need a handful at most)."""
     partials[0] = start
     count = np.int64(1)  # not a literal 1: that would compile _round_partials twice
     for i in range(err.shape[0]):

@@ -5,8 +5,7 @@ point', 'Other grids' and 'EQ'). Everything is float32, exactly as the spec stat
 import numpy as np
 from numba import njit
 
-RANGE_FLOOR = np.float32(1e-8)  # the spec's floor on a channel's range: max(hi - lo, 1e-8)
-
+from .constants import RANGE_FLOOR
 
 _MAGNITUDE = np.int32(0x7FFFFFFF)
 _EXPONENT = np.int32(0x7F800000)

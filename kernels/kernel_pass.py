@@ -28,9 +28,10 @@ def transposed_position(index, inner, ksize):
 
 
 @njit(cache=True)
-def _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, fine, group):
+def _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, fine, group, partials):
     """EQ (``value = round(x)``, ``err = value - x``) and step 1 for every kernel: the exact sum
-    of its errors, rounded to float64, in ``total`` (``magnitude`` and ``fine`` are scratch)."""
+    of its errors, rounded to float64, in ``total`` (``magnitude``, ``fine``, ``group`` and
+    ``partials`` are scratch)."""
     total[:inner] = 0.0
     magnitude[:inner] = 0.0
     fine[:inner] = 0
@@ -53,7 +54,7 @@ def _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, fine, gro
         if fine[i] != 0 or magnitude[i] >= EXACT_BOUND:  # the fast sum is not exact
             for j in range(ksize):
                 group[j] = err[j * inner + i]
-            total[i] = complete_sum(total[i], magnitude[i], fine[i], group[:ksize])
+            total[i] = complete_sum(total[i], magnitude[i], fine[i], group[:ksize], partials)
 
 
 @njit(cache=True)
@@ -96,8 +97,8 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     (``hand_up[i]``) or down direction of the channel's element ``hand_index[i]``.
     """
     (keys, top, hand_index, hand_up, hand_priority,
-     total, magnitude, flips, first, second, last, group) = scratch
-    _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, flips, group)
+     total, magnitude, flips, first, second, last, group, partials) = scratch
+    _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, flips, group, partials)
     _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last)
     _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_index, hand_up)
     for i in range(inner):  # step 4 with the first two of the order, without branches

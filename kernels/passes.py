@@ -13,41 +13,52 @@ import numpy as np
 from numba import njit
 
 from .channel_pass import channel_pass_after_kernels, channel_pass_eq
+from .constants import (
+    CHANNEL_PASS,
+    GIVEN_RANGE,
+    INCLUDE_ZERO,
+    KERNEL_PASS,
+    MAX_PARTIALS,
+    NO_MOMENTS,
+    RANGE_FIT,
+    RANGE_FLOOR,
+    RANGE_SEARCH,
+    SHRINK_FACTORS,
+    SYMMETRIC,
+    scratch_layout,
+)
 from .fit import FIT_FACTORS, fit_error, fit_windows, rounded_fit_error
-from .grid import RANGE_FLOOR, channel_range, grid_params
+from .grid import channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
 
-KERNEL_PASS = 1  # run KQ (on weights whose kernels have more than one element)
-CHANNEL_PASS = 2  # run CQ
-SYMMETRIC = 4  # symmetric grid instead of the asymmetric default
-GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel's min and max
-RANGE_SEARCH = 16  # also try shrunk ranges; keep the one with the least reconstruction error
-INCLUDE_ZERO = 32  # widen each range to include 0 (int8 runtimes need an integer zero point)
-RANGE_FIT = 64  # also try other steps and windows (kernels/fit.py); keep the least l_p error
-NO_MOMENTS = -1  # a channel's start in the input-moment table when it has none: plain error
-
-# Range search: the channel's range scaled by each factor, in this order (1.0 first, so that
-# minmax wins ties and search is never worse than minmax).
-SHRINK_FACTORS = np.array([1.0, 0.94, 0.88, 0.82, 0.76, 0.7, 0.64, 0.58, 0.52], np.float32)
+_layout = njit(cache=True, inline="always")(scratch_layout)
 
 
-@njit(cache=True)
-def _allocate_scratch(max_size, max_inner, max_ksize):
-    return (
-        np.empty(max_size, np.int64),  # order keys of the group being flipped
-        np.empty(max(max_size, 2), np.int64),  # the first keys of its order
-        np.empty(max_inner, np.int64),  # per kernel: the element handed on,
-        np.empty(max_inner, np.bool_),  # whether its up (or down) priority was set,
-        np.empty(max_inner, np.float32),  # and that priority;
-        np.empty(max_inner, np.float64),  # per kernel: its error sum,
-        np.empty(max_inner, np.float64),  # the sum of the errors' magnitudes,
-        np.empty(max_inner, np.int64),  # how many errors are too fine for the fast sum,
-        np.empty(max_inner, np.int64),  # the first,
-        np.empty(max_inner, np.int64),  # second,
-        np.empty(max_inner, np.int64),  # and last key of its order;
-        np.empty(max_ksize, np.float32),  # one kernel's errors, gathered
+@njit(cache=True, inline="always")
+def _scratch_at(base, max_size, max_inner, max_ksize):
+    """The scratch arrays of a block (see :func:`kernels.constants.scratch_layout`) in the
+    buffer at address ``base``: ``(x, err, value, scratch, range_bits, trial)``, views that
+    hold no reference to it."""
+    at = _layout(max_size, max_inner, max_ksize)
+    floats = view_at(base + at[0], 3 * max_size, np.float32)
+    scratch = (
+        view_at(base + at[1], max_size, np.int64),  # order keys of the group being flipped
+        view_at(base + at[2], max(max_size, 2), np.int64),  # the first keys of its order
+        view_at(base + at[3], max_inner, np.int64),  # per kernel: the element handed on,
+        view_at(base + at[4], max_inner, np.bool_),  # whether its up (or down) priority was set,
+        view_at(base + at[5], max_inner, np.float32),  # and that priority;
+        view_at(base + at[6], max_inner, np.float64),  # per kernel: its error sum,
+        view_at(base + at[7], max_inner, np.float64),  # the sum of the errors' magnitudes,
+        view_at(base + at[8], max_inner, np.int64),  # how many errors are too fine to sum fast,
+        view_at(base + at[9], max_inner, np.int64),  # the first,
+        view_at(base + at[10], max_inner, np.int64),  # second,
+        view_at(base + at[11], max_inner, np.int64),  # and last key of its order;
+        view_at(base + at[12], max_ksize, np.float32),  # one kernel's errors, gathered
+        view_at(base + at[13], MAX_PARTIALS, np.float64),  # an exact sum's partials
     )
+    return (floats[:max_size], floats[max_size : 2 * max_size], floats[2 * max_size :], scratch,
+            view_at(base + at[14], 2, np.int32), view_at(base + at[15], max_size, np.int8))
 
 
 @njit(cache=True)
@@ -71,7 +82,8 @@ def _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value
         return scale, zero
     x, err, value = x[:size], err[:size], value[:size]
     if not after_kernels:
-        channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, scratch[0], scratch[1])
+        channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, scratch[0], scratch[1],
+                        scratch[12])
         return scale, zero
     transpose_in(w, scale, zero, inner, ksize, x)
     kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
@@ -248,6 +260,49 @@ def _keep_alive(*arrays):
     return len(arrays)
 
 
+@njit(cache=True, inline="always")
+def block_extent(ch_inner, ch_ksize, first, last):
+    """``(max_size, max_inner, max_ksize)`` over channels ``first .. last - 1``, each at least 1:
+    what :func:`kernels.constants.scratch_layout` sizes a block's scratch for."""
+    max_size = np.int64(1)  # not literal 1s: those would compile the callers twice
+    max_inner = np.int64(1)
+    max_ksize = np.int64(1)
+    for c in range(first, last):
+        max_size = max(max_size, ch_inner[c] * ch_ksize[c])
+        max_inner = max(max_inner, ch_inner[c])
+        max_ksize = max(max_ksize, ch_ksize[c])
+    return max_size, max_inner, max_ksize
+
+
+@njit(cache=True, inline="always")
+def quantize_block(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
+                   ch_hi, scale, zero, finite, first, last, search_moments, ch_moments_start,
+                   base, max_size, max_inner, max_ksize):
+    """Quantize channels ``first .. last - 1`` (see :func:`quantize_blocks`) with the scratch
+    buffer at address ``base``, laid out for ``(max_size, max_inner, max_ksize)`` (at least the
+    block's :func:`block_extent`). Allocates nothing."""
+    x, err, value, scratch, range_scratch, trial = _scratch_at(base, max_size, max_inner,
+                                                                max_ksize)
+    table = search_moments if search_moments is None else unowned(search_moments)
+    for c in range(first, last):
+        size = ch_inner[c] * ch_ksize[c]
+        w = view_at(ch_address[c], size, np.float32)
+        w_bits = view_at(ch_address[c], size, np.int32)
+        codes = view_at(ch_codes_address[c], size, np.int8)
+        if search_moments is None:
+            scale[c], zero[c], finite[c] = quantize_channel(
+                w, w_bits, ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c],
+                ch_hi[c], codes, x, err, value, scratch, range_scratch, None, None)
+        else:
+            start = ch_moments_start[c]
+            inputs = table[:0]  # this channel's input moments, empty without
+            if start != NO_MOMENTS:
+                inputs = table[start : start + 2 * ch_inner[c]]
+            scale[c], zero[c], finite[c] = quantize_channel(
+                w, w_bits, ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c],
+                ch_hi[c], codes, x, err, value, scratch, range_scratch, trial, inputs)
+
+
 @njit(cache=True, nogil=True)
 def quantize_blocks(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
                     ch_hi, block_start, scale, zero, finite, first_block, last_block,
@@ -271,42 +326,9 @@ def quantize_blocks(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, c
     """
     for b in range(first_block, last_block):
         first, last = block_start[b], block_start[b + 1]
-        max_size = np.int64(1)  # not literal 1s: those would compile _allocate_scratch twice
-        max_inner = np.int64(1)
-        max_ksize = np.int64(1)
-        for c in range(first, last):
-            max_size = max(max_size, ch_inner[c] * ch_ksize[c])
-            max_inner = max(max_inner, ch_inner[c])
-            max_ksize = max(max_ksize, ch_ksize[c])
-        floats = np.empty(3 * max_size, np.float32)  # x, err and value of a channel
-        owned = _allocate_scratch(max_size, max_inner, max_ksize)
-        range_owned = np.empty(2, np.int32)  # a channel's range, as float32 bit patterns
-        trial_owned = np.empty(max_size, np.int8)  # a channel's codes on a range-search candidate
-        # The channels get views that hold no reference (see unowned): the arrays above stay
-        # alive until the _keep_alive below.
-        every = unowned(floats)
-        x, err, value = every[:max_size], every[max_size : 2 * max_size], every[2 * max_size :]
-        scratch = (unowned(owned[0]), unowned(owned[1]), unowned(owned[2]), unowned(owned[3]),
-                   unowned(owned[4]), unowned(owned[5]), unowned(owned[6]), unowned(owned[7]),
-                   unowned(owned[8]), unowned(owned[9]), unowned(owned[10]), unowned(owned[11]))
-        range_scratch = unowned(range_owned)
-        trial = unowned(trial_owned)
-        table = search_moments if search_moments is None else unowned(search_moments)
-        for c in range(first, last):
-            size = ch_inner[c] * ch_ksize[c]
-            w = view_at(ch_address[c], size, np.float32)
-            w_bits = view_at(ch_address[c], size, np.int32)
-            codes = view_at(ch_codes_address[c], size, np.int8)
-            if search_moments is None:
-                scale[c], zero[c], finite[c] = quantize_channel(
-                    w, w_bits, ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c],
-                    ch_hi[c], codes, x, err, value, scratch, range_scratch, None, None)
-            else:
-                start = ch_moments_start[c]
-                inputs = table[:0]  # this channel's input moments, empty without
-                if start != NO_MOMENTS:
-                    inputs = table[start : start + 2 * ch_inner[c]]
-                scale[c], zero[c], finite[c] = quantize_channel(
-                    w, w_bits, ch_inner[c], ch_ksize[c], ch_bits[c], ch_flags[c], ch_lo[c],
-                    ch_hi[c], codes, x, err, value, scratch, range_scratch, trial, inputs)
-        _keep_alive(floats, owned, range_owned, trial_owned, search_moments)
+        max_size, max_inner, max_ksize = block_extent(ch_inner, ch_ksize, first, last)
+        buffer = np.empty(_layout(max_size, max_inner, max_ksize)[-1], np.uint8)
+        quantize_block(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags,
+                       ch_lo, ch_hi, scale, zero, finite, first, last, search_moments,
+                       ch_moments_start, buffer.ctypes.data, max_size, max_inner, max_ksize)
+        _keep_alive(buffer, search_moments)

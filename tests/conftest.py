@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +35,37 @@ def compiled_kernels() -> None:
     codes = squant.quantize_weight(np.ones((2, 3, 3), np.float32), bits=4).codes.numpy()
     squant.quantize_weights([np.ones((2, 3), np.float32)], bits=4, range="search")
     unpack_codes(pack_codes(codes.reshape(-1), 4), 4, codes.size)
+
+
+@pytest.fixture(scope="session")
+def native_kernels(tmp_path_factory: pytest.TempPathFactory):
+    """The native kernels: the installed library, else one built for this test session (needs
+    a C compiler: skipped without one, as squant then runs numba's JIT only)."""
+    from squant.kernels import native
+
+    installed, _ = native.try_load()
+    if installed is not None:
+        return installed
+    if shutil.which(os.environ.get("CC", "cc").split()[0]) is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    from squant.kernels.native.build import build
+
+    folder = tmp_path_factory.mktemp("native")
+    build(folder)
+    built, why = native.try_load(folder)
+    assert built is not None, why
+    return built
+
+
+@pytest.fixture(params=["native", "jit"])
+def both_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once with the native kernels and once with numba's JIT."""
+    from squant import kernels
+    from squant.core import batch
+
+    if request.param == "native":
+        entry: Callable = request.getfixturevalue("native_kernels").quantize_blocks
+    else:
+        entry = kernels.quantize_blocks
+    monkeypatch.setattr(batch, "_quantize_blocks", lambda: entry)
+    return request.param

@@ -24,6 +24,9 @@ def _mode(case: np.lib.npyio.NpzFile) -> str:
     return MODES[(bool(case["kernel"]), bool(case["channel"]))]
 
 
+# Every case with the native kernels and with numba's JIT.
+pytestmark = pytest.mark.usefixtures("both_kernels")
+
 def test_all_reference_cases_are_present():
     assert len(REFERENCE_CASES) == 55
     assert len(GRID_CASES) == 33

@@ -3,24 +3,27 @@
 The kernels run over blocks of channels of similar total size, drawn from every weight at once,
 so a model's layers are quantized in parallel rather than one after another. The threads are
 Python threads running the GIL-free kernel on disjoint block ranges (numba's ``prange`` would
-cost seconds of compile time on first use), as many as ``numba.get_num_threads()`` allows and
-the work justifies: a small batch runs on the calling thread alone, so it pays for no parallel
+cost seconds of compile time on first use), as many as :func:`max_threads` allows and the work
+justifies: a small batch runs on the calling thread alone, so it pays for no parallel
 region it cannot use, and a busy machine's threads pick chunks as they come free.
+
+The kernel is the native build of the kernels when it loads (``squant.kernels.native``: no
+numba import, no compile), else numba's JIT (compiled on first use, with a notice).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from .. import kernels
-from . import compile_notice
+from ..kernels import native
 from .groups import group_count, group_moments, group_rows
 from .options import QuantOptions
 
@@ -29,8 +32,6 @@ _MIN_ELEMENTS_PER_THREAD = 1 << 17  # about half a millisecond of KC: worth a th
 _KERNEL_PASS_COST = 3  # work of an element under KQ (kernels of 2+ elements), relative to CQ
 _SEARCH_COST = len(kernels.SHRINK_FACTORS)  # the range search quantizes a channel that often
 _pool: ThreadPoolExecutor | None = None
-
-compile_notice.install()
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,30 @@ def _block_starts(sizes: np.ndarray) -> np.ndarray:
     return starts[np.concatenate(([True], starts[1:] != starts[:-1]))]
 
 
+def max_threads() -> int:
+    """The most threads squant uses: numba's setting (``numba.set_num_threads``) when numba is
+    imported, else ``NUMBA_NUM_THREADS`` or the CPUs this process may run on (numba's default)."""
+    if "numba" in sys.modules:
+        return sys.modules["numba"].get_num_threads()
+    if os.environ.get("NUMBA_NUM_THREADS", "").strip():
+        return max(1, int(os.environ["NUMBA_NUM_THREADS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _quantize_blocks() -> Callable:
+    """The kernel: native when it loads, else numba's JIT (which says so when it compiles)."""
+    loaded = native.load()
+    if loaded is not None:
+        return loaded.quantize_blocks
+    from . import compile_notice
+
+    compile_notice.install(native.why_not_native())
+    return kernels.quantize_blocks
+
+
 def _thread_count(elements: int, blocks: int) -> int:
-    """Threads for a batch: numba's setting, fewer for little work, never more than blocks."""
-    return max(1, min(numba.get_num_threads(), blocks, elements // _MIN_ELEMENTS_PER_THREAD))
+    """Threads for a batch: :func:`max_threads`, fewer for little work, never more than blocks."""
+    return max(1, min(max_threads(), blocks, elements // _MIN_ELEMENTS_PER_THREAD))
 
 
 def _channel_work(sizes: np.ndarray, ksize: np.ndarray, flags: np.ndarray) -> np.ndarray:
@@ -112,18 +134,19 @@ def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elemen
     ran what."""
     count = block_start.shape[0] - 1
     threads = _thread_count(elements, count)
+    quantize_blocks = _quantize_blocks()
     if threads == 1:
-        kernels.quantize_blocks(*args, 0, count, *search_args)
+        quantize_blocks(*args, 0, count, *search_args)
         return
     inner, ksize, flags = args[2], args[3], args[5]
     block_work = np.add.reduceat(_channel_work(inner * ksize, ksize, flags), block_start[:-1])
-    _run_ranges(lambda first, last: kernels.quantize_blocks(*args, first, last, *search_args),
+    _run_ranges(lambda first, last: quantize_blocks(*args, first, last, *search_args),
                 _chunk_cuts(block_work, threads), threads)
 
 
 def run_in_threads(task: Callable[[int, int], None], count: int, elements: int) -> None:
     """Call ``task(first, last)`` on ranges that cover ``range(count)`` once, items of about
-    equal work, on the calling thread and pool threads (as many as ``numba.get_num_threads()``
+    equal work, on the calling thread and pool threads (as many as :func:`max_threads`
     and ``elements``, the work's size, justify). ``task`` must release the GIL to run in
     parallel (a ``nogil`` kernel). An exception of any thread is raised here."""
     threads = _thread_count(elements, count)

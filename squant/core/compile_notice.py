@@ -17,6 +17,8 @@ from numba.core import event
 logger = logging.getLogger("squant")
 MESSAGE = ("squant: compiling the numba kernels for this machine, once per install "
            "(about 10-30 s); later runs load them from numba's cache")
+# Appended to MESSAGE when squant knows why its native kernels (built at install) are not used.
+REASON = " (native kernels not used: {})"
 
 
 class _CompileNotice(event.Listener):
@@ -24,6 +26,7 @@ class _CompileNotice(event.Listener):
 
     def __init__(self) -> None:
         self.said = False
+        self.reason = ""
 
     def on_start(self, ev: event.Event) -> None:
         if self.said:
@@ -31,7 +34,7 @@ class _CompileNotice(event.Listener):
         module = getattr(getattr(ev.data.get("dispatcher"), "py_func", None), "__module__", "")
         if module.startswith("squant."):
             self.said = True
-            logger.warning(MESSAGE)
+            logger.warning(MESSAGE + (REASON.format(self.reason) if self.reason else ""))
 
     def on_end(self, ev: event.Event) -> None:
         """Nothing to do when a compile ends."""
@@ -40,9 +43,11 @@ class _CompileNotice(event.Listener):
 _notice: _CompileNotice | None = None
 
 
-def install() -> None:
-    """Listen to numba's compile events (once per process)."""
+def install(reason: str = "") -> None:
+    """Listen to numba's compile events (once per process); ``reason``: why the native kernels
+    are not used, said with the notice."""
     global _notice
     if _notice is None:
         _notice = _CompileNotice()
         event.register("numba:compile", _notice)
+    _notice.reason = reason

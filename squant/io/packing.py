@@ -1,41 +1,14 @@
 """Packing of int codes for the file format: ``code + 2**(bits-1)`` (unsigned) as a
 little-endian bit stream of ``bits`` bits per code. Groups of 8 codes fill exactly ``bits``
-bytes, so the numba loops handle whole groups, in parallel, and a last partial group is padded
-(with unsigned 0) around them.
+bytes, so the numba loops (``squant.kernels.packing``, imported on first use) handle whole
+groups, in parallel, and a last partial group is padded (with unsigned 0) around them.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from ..core.errors import QuantizationError
-
-
-@njit(cache=True, parallel=True)
-def _pack_groups(codes: np.ndarray, bits: int, out: np.ndarray) -> None:
-    """Pack ``codes`` (a multiple of 8 of them) into ``out`` (``bits`` bytes per 8 codes)."""
-    offset = 1 << (bits - 1)
-    for group in prange(codes.shape[0] // 8):
-        word = np.uint64(0)
-        for j in range(8):
-            value = np.uint64(np.int64(codes[group * 8 + j]) + offset)
-            word |= value << np.uint64(j * bits)
-        for b in range(bits):
-            out[group * bits + b] = np.uint8((word >> np.uint64(8 * b)) & np.uint64(255))
-
-
-@njit(cache=True, parallel=True)
-def _unpack_groups(packed: np.ndarray, bits: int, out: np.ndarray) -> None:
-    """The inverse of :func:`_pack_groups`."""
-    offset = 1 << (bits - 1)
-    mask = np.uint64((1 << bits) - 1)
-    for group in prange(out.shape[0] // 8):
-        word = np.uint64(0)
-        for b in range(bits):
-            word |= np.uint64(packed[group * bits + b]) << np.uint64(8 * b)
-        for j in range(8):
-            out[group * 8 + j] = np.int8(np.int64((word >> np.uint64(j * bits)) & mask) - offset)
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -48,6 +21,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     file's packed uint8 stream of ``ceil(count * bits / 8)`` bytes."""
     flat = np.ascontiguousarray(codes, dtype=np.int8).reshape(-1)
     whole = flat.size // 8 * 8
+    from ..kernels.packing import pack_groups as _pack_groups
+
     out = np.empty(packed_size(flat.size, bits), np.uint8)
     _pack_groups(flat[:whole], bits, out)
     if whole < flat.size:
@@ -64,6 +39,8 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     if packed.shape != (packed_size(count, bits),):
         raise QuantizationError(f"{count} codes of {bits} bits take {packed_size(count, bits)} "
                                 f"bytes packed, got an array of shape {tuple(packed.shape)}")
+    from ..kernels.packing import unpack_groups as _unpack_groups
+
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
     whole = count // 8 * 8
     out = np.empty(count, np.int8)

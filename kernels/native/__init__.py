@@ -1,0 +1,130 @@
+"""The kernels built ahead of time (:mod:`.build`), loaded with ctypes, without numba.
+
+:func:`load` returns them when ``squant_kernels.so`` was built for this very source and CPU (its
+record ``squant_kernels.json`` says so), else None, and squant runs numba's JIT. The environment
+variable ``SQUANT_KERNELS`` chooses: ``auto`` (the default: native when it loads), ``jit``
+(always numba's JIT) or ``native`` (refuse to run without the library: ``RuntimeError`` naming
+why it did not load).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..constants import scratch_layout
+
+LIBRARY = "squant_kernels.so"
+RECORD = "squant_kernels.json"
+HERE = Path(__file__).resolve().parent
+
+# The entries' one argument: an int64 array of these, addresses of the arrays (their first
+# element) and counts.
+ARGS = ("channels", "blocks", "first_block", "last_block", "ch_address", "ch_codes_address",
+        "ch_inner", "ch_ksize", "ch_bits", "ch_flags", "ch_lo", "ch_hi", "block_start", "scale",
+        "zero", "finite", "moments", "moment_count", "ch_moments_start", "scratch")
+
+
+def source_digest(folder: Path = HERE) -> str:
+    """SHA-256 of the kernels' sources: every ``.py`` and ``.c`` file of ``folder`` (this one)
+    and of the kernels' folder above it, by name."""
+    digest = hashlib.sha256()
+    for path in sorted([*folder.parent.iterdir(), *folder.iterdir()]):
+        if path.suffix in (".py", ".c"):
+            name = path.relative_to(folder.parent).as_posix()
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def host_cpu() -> tuple[str, str]:
+    """This machine's CPU name and features as LLVM names them (what the library targets)."""
+    import llvmlite.binding as llvm  # numba's dependency; 0.1 s, numba itself is not imported
+
+    return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+
+
+class NativeKernels:
+    """The library's entries, called like :func:`..passes.quantize_blocks`."""
+
+    def __init__(self, library: ctypes.CDLL, symbols: dict[str, str], path: Path) -> None:
+        self.path = path
+        self._entries = {}
+        for name in ("quantize_blocks", "quantize_blocks_searched"):
+            entry = library[symbols[name]]
+            entry.restype = ctypes.c_int64
+            entry.argtypes = [ctypes.c_void_p]
+            self._entries[name] = entry
+
+    def quantize_blocks(self, ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags,
+                        ch_lo, ch_hi, block_start, scale, zero, finite, first_block, last_block,
+                        search_moments, ch_moments_start) -> None:
+        """:func:`..passes.quantize_blocks` in the native library (same arguments and results;
+        the arrays as the caller builds them: 1-D, C-contiguous, of the dtypes it documents).
+        Releases the GIL. Raises ``RuntimeError`` if the library reports a failure."""
+        size = ch_inner * ch_ksize
+        scratch = np.empty(scratch_layout(int(size.max(initial=1)), int(ch_inner.max(initial=1)),
+                                          int(ch_ksize.max(initial=1)))[-1], np.uint8)
+        moments = np.empty(0) if search_moments is None else search_moments
+        args = np.array([
+            ch_address.size, block_start.size - 1, first_block, last_block,
+            ch_address.ctypes.data, ch_codes_address.ctypes.data, ch_inner.ctypes.data,
+            ch_ksize.ctypes.data, ch_bits.ctypes.data, ch_flags.ctypes.data, ch_lo.ctypes.data,
+            ch_hi.ctypes.data, block_start.ctypes.data, scale.ctypes.data, zero.ctypes.data,
+            finite.ctypes.data, moments.ctypes.data, moments.size, ch_moments_start.ctypes.data,
+            scratch.ctypes.data], np.int64)
+        entry = self._entries["quantize_blocks" if search_moments is None
+                              else "quantize_blocks_searched"]
+        if entry(args.ctypes.data) != 1:
+            raise RuntimeError(f"squant's native kernels ({self.path}) failed; "
+                               "SQUANT_KERNELS=jit runs numba's JIT, which names the error")
+
+
+_loaded: list = []  # [NativeKernels | None, why not] once tried
+
+
+def try_load(folder: Path = HERE) -> tuple[NativeKernels | None, str]:
+    """The library in ``folder`` and ``""``, or None and why it cannot be used: not built, built
+    from other sources than these kernels' (the record's digest), for another CPU, or not
+    loadable."""
+    record_path, library_path = folder / RECORD, folder / LIBRARY
+    if not library_path.exists() or not record_path.exists():
+        return None, f"{library_path} is not built (python -m squant.kernels.native.build)"
+    try:
+        record = json.loads(record_path.read_text())
+        if record.get("source") != source_digest():
+            return None, f"{library_path} was built from other sources of the kernels"
+        if [record.get("cpu"), record.get("features")] != list(host_cpu()):
+            return None, f"{library_path} was built for another CPU ({record.get('cpu')})"
+        return NativeKernels(ctypes.CDLL(str(library_path)), record["symbols"],
+                             library_path), ""
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+        return None, f"{library_path} does not load: {error}"
+
+
+def load() -> NativeKernels | None:
+    """The native kernels, or None when squant should run numba's JIT (see the module's doc).
+    Tried once per process. Raises ``RuntimeError`` with ``SQUANT_KERNELS=native`` when the
+    library does not load, and ``ValueError`` for another value of ``SQUANT_KERNELS``."""
+    choice = os.environ.get("SQUANT_KERNELS", "auto")
+    if choice not in ("auto", "jit", "native"):
+        raise ValueError(f"SQUANT_KERNELS={choice!r}: expected 'auto', 'jit' or 'native'")
+    if choice == "jit":
+        return None
+    if not _loaded:
+        _loaded.extend(try_load())
+    kernels, why = _loaded
+    if kernels is None and choice == "native":
+        raise RuntimeError(f"SQUANT_KERNELS=native, but {why}")
+    return kernels
+
+
+def why_not_native() -> str:
+    """Why :func:`load` returned None (``SQUANT_KERNELS=jit``, or the library's problem)."""
+    if os.environ.get("SQUANT_KERNELS") == "jit":
+        return "SQUANT_KERNELS=jit"
+    return _loaded[1] if _loaded else "not tried yet"

@@ -1,0 +1,142 @@
+"""The native kernels (built at install, loaded without numba) give numba's JIT's results bit for
+bit, and squant uses them only when they were built from these sources for this CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from squant.kernels import native
+
+import squant
+from squant import kernels
+from squant.core import batch
+from squant.core.options import QuantOptions
+
+
+def _run(entry, weights, options, ranges=None, moments=None):
+    """``batch.quantize_batch`` with the kernel ``entry``."""
+    before = batch._quantize_blocks
+    batch._quantize_blocks = lambda: entry
+    try:
+        return batch.quantize_batch(weights, options, ranges, moments)
+    finally:
+        batch._quantize_blocks = before
+
+
+@st.composite
+def batches(draw):
+    """A few weights ``(O, I, K)`` (some with a NaN, some degenerate) and their options."""
+    weights, options, moments = [], [], []
+    for _ in range(draw(st.integers(1, 4))):
+        o, i = draw(st.integers(1, 6)), draw(st.integers(1, 40))
+        k = draw(st.sampled_from([1, 3, 9]))
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        w = (rng.standard_normal((o, i, k)) * draw(st.sampled_from([1e-3, 1.0, 50.0])))
+        w = w.astype(np.float32)
+        kind = draw(st.sampled_from(["plain", "nan", "constant", "tiny"]))
+        if kind == "nan":
+            w[0, 0, 0] = np.nan
+        elif kind == "constant":
+            w[:] = 0.5
+        elif kind == "tiny":
+            w[0] *= np.float32(1e-30)
+        group_size = draw(st.one_of(st.none(), st.sampled_from([max(k, 2), 2 * k, 5 * k])))
+        rule = draw(st.sampled_from(["minmax", "search", "fit"]))
+        options.append(QuantOptions(
+            bits=draw(st.integers(2, 8)), mode=draw(st.sampled_from(["E", "K", "C", "KC"])),
+            scheme=draw(st.sampled_from(["asymmetric", "symmetric"])), group_size=group_size,
+            range=rule, include_zero=draw(st.booleans())))
+        weights.append(w)
+        moments.append(np.abs(rng.standard_normal((1, 2, i))) if rule == "search" and
+                       group_size is None and draw(st.booleans()) else None)
+    return weights, options, moments
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch_args=batches())
+def test_native_kernels_give_the_jits_results_bit_for_bit(native_kernels, batch_args) -> None:
+    weights, options, moments = batch_args
+    jit = _run(kernels.quantize_blocks, weights, options, moments=moments)
+    ours = _run(native_kernels.quantize_blocks, weights, options, moments=moments)
+    for a, b in zip(jit, ours):
+        assert a.finite == b.finite
+        if a.finite:
+            np.testing.assert_array_equal(a.codes, b.codes)
+            np.testing.assert_array_equal(a.scale, b.scale)
+            np.testing.assert_array_equal(a.zero_point, b.zero_point)
+
+
+def test_a_whole_model_is_the_same_with_both_kernels(native_kernels) -> None:
+    """A ResNet-like batch, split among threads: same state_dict with either kernel."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 7), torch.nn.Conv2d(64, 64, 3),
+                                torch.nn.Conv2d(64, 256, 1), torch.nn.Flatten(),
+                                torch.nn.Linear(256, 1000))
+    states = []
+    for entry in (kernels.quantize_blocks, native_kernels.quantize_blocks):
+        before = batch._quantize_blocks
+        batch._quantize_blocks = lambda entry=entry: entry
+        try:
+            states.append(squant.quantize(model, bits=4).state_dict())
+        finally:
+            batch._quantize_blocks = before
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_a_library_of_other_sources_or_another_cpu_is_refused(native_kernels, tmp_path) -> None:
+    folder = native_kernels.path.parent
+    for name in (native.LIBRARY, native.RECORD):
+        shutil.copy(folder / name, tmp_path / name)
+    record = json.loads((tmp_path / native.RECORD).read_text())
+    assert native.try_load(tmp_path)[0] is not None
+    (tmp_path / native.RECORD).write_text(json.dumps({**record, "source": "0" * 64}))
+    loaded, why = native.try_load(tmp_path)
+    assert loaded is None and "other sources" in why
+    (tmp_path / native.RECORD).write_text(json.dumps({**record, "cpu": "i386"}))
+    loaded, why = native.try_load(tmp_path)
+    assert loaded is None and "another CPU (i386)" in why
+    bad = tmp_path / "bad"  # not the loaded copy: rewriting a mapped library crashes
+    bad.mkdir()
+    (bad / native.LIBRARY).write_bytes(b"not a library")
+    (bad / native.RECORD).write_text(json.dumps(record))
+    loaded, why = native.try_load(bad)
+    assert loaded is None and "does not load" in why
+    loaded, why = native.try_load(tmp_path / "empty")
+    assert loaded is None and "is not built" in why
+
+
+def test_squant_kernels_chooses_and_names_a_bad_value(monkeypatch) -> None:
+    monkeypatch.setenv("SQUANT_KERNELS", "jit")
+    assert native.load() is None and native.why_not_native() == "SQUANT_KERNELS=jit"
+    monkeypatch.setenv("SQUANT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="SQUANT_KERNELS='fast'"):
+        native.load()
+    monkeypatch.setenv("SQUANT_KERNELS", "native")
+    monkeypatch.setattr(native, "_loaded", [None, "it is not built"])
+    with pytest.raises(RuntimeError, match="SQUANT_KERNELS=native, but it is not built"):
+        native.load()
+
+
+def test_with_the_native_kernels_a_process_never_imports_numba(native_kernels) -> None:
+    """import squant + quantize + save + load, in a fresh process: numba stays unimported
+    (its import alone takes about half a second) when squant uses the installed library."""
+    if native.try_load()[0] is None:
+        pytest.skip("the native kernels are not installed (only built for this session)")
+    code = ("import sys, io, torch, squant\n"
+            "m = squant.quantize(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), "
+            "torch.nn.Linear(8, 4)), bits=4)\n"
+            "print('numba' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env={**__import__("os").environ, "SQUANT_KERNELS": "auto"})
+    assert result.stdout.split() == ["False"], result.stderr
