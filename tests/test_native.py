@@ -128,15 +128,36 @@ def test_squant_kernels_chooses_and_names_a_bad_value(monkeypatch) -> None:
         native.load()
 
 
-def test_with_the_native_kernels_a_process_never_imports_numba(native_kernels) -> None:
+def test_with_the_native_kernels_a_process_never_imports_numba(native_kernels, tmp_path) -> None:
     """import squant + quantize + save + load, in a fresh process: numba stays unimported
     (its import alone takes about half a second) when squant uses the installed library."""
     if native.try_load()[0] is None:
         pytest.skip("the native kernels are not installed (only built for this session)")
-    code = ("import sys, io, torch, squant\n"
+    code = ("import sys, torch, squant\n"
             "m = squant.quantize(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), "
             "torch.nn.Linear(8, 4)), bits=4)\n"
+            f"squant.save(m, {str(tmp_path / 'm.safetensors')!r})\n"
+            f"squant.load({str(tmp_path / 'm.safetensors')!r})\n"
             "print('numba' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, env={**__import__("os").environ, "SQUANT_KERNELS": "auto"})
     assert result.stdout.split() == ["False"], result.stderr
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), groups=st.integers(0, 300), seed=st.integers(0, 2**32 - 1))
+def test_native_packing_is_the_jits(native_kernels, bits: int, groups: int, seed: int) -> None:
+    from squant.kernels import packing
+
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), groups * 8).astype(np.int8)
+    first, last = sorted(rng.integers(0, groups + 1, 2))
+    packed = [np.zeros(groups * bits, np.uint8) for _ in range(2)]
+    packing.pack_groups(codes, bits, packed[0], first, last)
+    native_kernels.pack_groups(codes, bits, packed[1], first, last)
+    np.testing.assert_array_equal(packed[0], packed[1])
+    unpacked = [np.zeros(groups * 8, np.int8) for _ in range(2)]
+    packing.unpack_groups(packed[0], bits, unpacked[0], first, last)
+    native_kernels.unpack_groups(packed[0], bits, unpacked[1], first, last)
+    np.testing.assert_array_equal(unpacked[0], unpacked[1])
+    np.testing.assert_array_equal(unpacked[1][first * 8 : last * 8], codes[first * 8 : last * 8])

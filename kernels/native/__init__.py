@@ -54,7 +54,8 @@ class NativeKernels:
     def __init__(self, library: ctypes.CDLL, symbols: dict[str, str], path: Path) -> None:
         self.path = path
         self._entries = {}
-        for name in ("quantize_blocks", "quantize_blocks_searched"):
+        for name in ("quantize_blocks", "quantize_blocks_searched", "pack_groups",
+                     "unpack_groups"):
             entry = library[symbols[name]]
             entry.restype = ctypes.c_int64
             entry.argtypes = [ctypes.c_void_p]
@@ -70,18 +71,35 @@ class NativeKernels:
         scratch = np.empty(scratch_layout(int(size.max(initial=1)), int(ch_inner.max(initial=1)),
                                           int(ch_ksize.max(initial=1)))[-1], np.uint8)
         moments = np.empty(0) if search_moments is None else search_moments
-        args = np.array([
+        args = [
             ch_address.size, block_start.size - 1, first_block, last_block,
             ch_address.ctypes.data, ch_codes_address.ctypes.data, ch_inner.ctypes.data,
             ch_ksize.ctypes.data, ch_bits.ctypes.data, ch_flags.ctypes.data, ch_lo.ctypes.data,
             ch_hi.ctypes.data, block_start.ctypes.data, scale.ctypes.data, zero.ctypes.data,
             finite.ctypes.data, moments.ctypes.data, moments.size, ch_moments_start.ctypes.data,
-            scratch.ctypes.data], np.int64)
-        entry = self._entries["quantize_blocks" if search_moments is None
-                              else "quantize_blocks_searched"]
-        if entry(args.ctypes.data) != 1:
-            raise RuntimeError(f"squant's native kernels ({self.path}) failed; "
+            scratch.ctypes.data]
+        self._call("quantize_blocks" if search_moments is None else "quantize_blocks_searched",
+                   *args)
+
+    def _call(self, name: str, *args: int) -> None:
+        """The entry ``name`` with the int64 array of ``args`` (addresses and counts; the caller
+        keeps the arrays they point into alive)."""
+        table = np.array(args, np.int64)  # alive until the call returns
+        if self._entries[name](table.ctypes.data) != 1:
+            raise RuntimeError(f"squant's native kernels ({self.path}) failed in {name}; "
                                "SQUANT_KERNELS=jit runs numba's JIT, which names the error")
+
+    def pack_groups(self, codes, bits, out, first, last) -> None:
+        """:func:`..packing.pack_groups` in the native library (int8 ``codes`` and uint8
+        ``out``, 1-D and C-contiguous)."""
+        self._call("pack_groups", codes.ctypes.data, codes.size, bits, out.ctypes.data,
+                   out.size, first, last)
+
+    def unpack_groups(self, packed, bits, out, first, last) -> None:
+        """:func:`..packing.unpack_groups` in the native library (uint8 ``packed`` and int8
+        ``out``, 1-D and C-contiguous)."""
+        self._call("unpack_groups", out.ctypes.data, out.size, bits, packed.ctypes.data,
+                   packed.size, first, last)
 
 
 _loaded: list = []  # [NativeKernels | None, why not] once tried

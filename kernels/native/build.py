@@ -38,6 +38,7 @@ import numpy as np
 from numba import cfunc, types
 
 from ..memory import view_at
+from ..packing import pack_groups, unpack_groups
 from ..passes import block_extent, quantize_block
 from . import ARGS, LIBRARY, RECORD, host_cpu, source_digest
 
@@ -89,6 +90,26 @@ def _quantize_blocks_searched(args):
     return _run(a, view_at(a[_MOMENTS], a[_MOMENT_COUNT], np.float64))
 
 
+# Packing's entries: codes (address, count), bits, packed bytes (address, count), groups.
+_CODES, _CODE_COUNT, _BITS, _PACKED, _PACKED_COUNT, _FIRST, _LAST = range(7)
+
+
+@cfunc(_SIGNATURE, cache=False)
+def _pack_groups(args):
+    a = numba.carray(args, 7)
+    pack_groups(view_at(a[_CODES], a[_CODE_COUNT], np.int8), a[_BITS],
+                view_at(a[_PACKED], a[_PACKED_COUNT], np.uint8), a[_FIRST], a[_LAST])
+    return np.int64(1)
+
+
+@cfunc(_SIGNATURE, cache=False)
+def _unpack_groups(args):
+    a = numba.carray(args, 7)
+    unpack_groups(view_at(a[_PACKED], a[_PACKED_COUNT], np.uint8), a[_BITS],
+                  view_at(a[_CODES], a[_CODE_COUNT], np.int8), a[_FIRST], a[_LAST])
+    return np.int64(1)
+
+
 def _object_code(entry) -> bytes:
     """The entry's finalized module (its callees linked in) as a PIC object for the host CPU."""
     library = entry._library
@@ -108,7 +129,8 @@ def build(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     compiler = shlex.split(os.environ.get("CC", "cc"))
     entries = {"quantize_blocks": _quantize_blocks,
-               "quantize_blocks_searched": _quantize_blocks_searched}
+               "quantize_blocks_searched": _quantize_blocks_searched,
+               "pack_groups": _pack_groups, "unpack_groups": _unpack_groups}
     with tempfile.TemporaryDirectory(dir=out) as work:
         objects = []
         for name, entry in entries.items():

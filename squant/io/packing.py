@@ -1,14 +1,35 @@
 """Packing of int codes for the file format: ``code + 2**(bits-1)`` (unsigned) as a
 little-endian bit stream of ``bits`` bits per code. Groups of 8 codes fill exactly ``bits``
-bytes, so the numba loops (``squant.kernels.packing``, imported on first use) handle whole
-groups, in parallel, and a last partial group is padded (with unsigned 0) around them.
+bytes, so the kernels (``squant.kernels.packing``: native when built, else numba's JIT,
+imported on first use) handle ranges of whole groups on squant's threads, and a last partial
+group is padded (with unsigned 0) around them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
+from ..core.batch import run_in_threads
 from ..core.errors import QuantizationError
+from ..kernels import native
+
+
+def _kernel(name: str) -> Callable:
+    """``pack_groups`` or ``unpack_groups``: native when it loads, else numba's JIT."""
+    loaded = native.load()
+    if loaded is not None:
+        return getattr(loaded, name)
+    from ..kernels import packing
+
+    return getattr(packing, name)
+
+
+def _run_groups(name: str, source: np.ndarray, bits: int, out: np.ndarray, groups: int) -> None:
+    """The kernel ``name`` over ``groups`` groups of 8 codes, on squant's threads."""
+    kernel = _kernel(name)
+    run_in_threads(lambda first, last: kernel(source, bits, out, first, last), groups, groups * 8)
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -21,15 +42,13 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     file's packed uint8 stream of ``ceil(count * bits / 8)`` bytes."""
     flat = np.ascontiguousarray(codes, dtype=np.int8).reshape(-1)
     whole = flat.size // 8 * 8
-    from ..kernels.packing import pack_groups as _pack_groups
-
     out = np.empty(packed_size(flat.size, bits), np.uint8)
-    _pack_groups(flat[:whole], bits, out)
+    _run_groups("pack_groups", flat, bits, out, whole // 8)
     if whole < flat.size:
         last = np.full(8, -(1 << (bits - 1)), np.int8)  # unsigned 0: zero padding bits
         last[: flat.size - whole] = flat[whole:]
         tail = np.empty(bits, np.uint8)
-        _pack_groups(last, bits, tail)
+        _kernel("pack_groups")(last, bits, tail, 0, 1)
         out[whole // 8 * bits :] = tail[: out.size - whole // 8 * bits]
     return out
 
@@ -39,16 +58,14 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     if packed.shape != (packed_size(count, bits),):
         raise QuantizationError(f"{count} codes of {bits} bits take {packed_size(count, bits)} "
                                 f"bytes packed, got an array of shape {tuple(packed.shape)}")
-    from ..kernels.packing import unpack_groups as _unpack_groups
-
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
     whole = count // 8 * 8
     out = np.empty(count, np.int8)
-    _unpack_groups(packed, bits, out[:whole])
+    _run_groups("unpack_groups", packed, bits, out, whole // 8)
     if whole < count:
         tail = np.zeros(bits, np.uint8)
         tail[: packed.size - whole // 8 * bits] = packed[whole // 8 * bits :]
         last = np.empty(8, np.int8)
-        _unpack_groups(tail, bits, last)
+        _kernel("unpack_groups")(tail, bits, last, 0, 1)
         out[whole:] = last[: count - whole]
     return out
