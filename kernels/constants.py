@@ -23,6 +23,16 @@ NO_MOMENTS = -1  # a channel's start in the input-moment table when it has none:
 SHRINK_FACTORS = np.array([1.0, 0.94, 0.88, 0.82, 0.76, 0.7, 0.64, 0.58, 0.52], np.float32)
 
 
+# ``squant quantize --report``'s statistics (kernels/error_stats.py): out[0:4] sums of absolute
+# error sums, out[4:8] their maxima, out[8] the largest weight error.
+STAT_COUNT = 9
+
+
+def error_stats_scratch(channels, kernels, ksize):
+    """float64 scratch that ``error_stats.add_error_stats`` needs for a block of that shape."""
+    return channels + 2 * kernels + kernels * ksize + 9
+
+
 def scratch_layout(max_size, max_inner, max_ksize):
     """Byte offsets of a block's scratch arrays in one buffer, for channels of at most
     ``max_size`` elements, ``max_inner`` kernels and kernels of ``max_ksize`` elements, and the

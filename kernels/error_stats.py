@@ -17,30 +17,34 @@ asked for.
 import numpy as np
 from numba import njit
 
+from .constants import STAT_COUNT  # noqa: F401 (out's length: re-exported)
+
 KERNEL_EQ, KERNEL_SQUANT, CHANNEL_EQ, CHANNEL_SQUANT = 0, 1, 2, 3
-# out[0:4]: sums of the absolute sums above; out[4:8]: their maxima; out[8]: the largest weight
-# error. Accumulated: a caller adds block after block into the same array.
-STAT_COUNT = 9
 
 
 # "reassoc": float64 sums may be reordered (vectorized); nothing is contracted or approximated.
 # Maxima of magnitudes go through buffers and are taken apart (a running float maximum would keep
 # the loops from being vectorized).
 @njit(cache=True, nogil=True)
-def add_error_stats(w, codes, scale, zero, t_min, t_max, out):
+def add_error_stats(w, codes, scale, zero, t_min, t_max, out, scratch):
     """Add a block's statistics to ``out`` (float64, ``STAT_COUNT``).
 
     ``w``: float32 (channels, kernels, kernel); ``codes``: int8 of the same shape; ``scale``,
-    ``zero``: float32 (channels,); ``t_min``, ``t_max``: the grid's code range.
+    ``zero``: float32 (channels,); ``t_min``, ``t_max``: the grid's code range; ``scratch``:
+    float64, at least :func:`kernels.constants.error_stats_scratch` of the shape (nothing here
+    allocates).
     """
     channels, kernels, ksize = w.shape
     if channels == 0 or kernels == 0 or ksize == 0:
         return
-    largest = np.zeros(channels, np.float64)  # per channel: the largest |codes - x|
-    sums_eq = np.empty(kernels, np.float64)  # one channel's kernel sums
-    sums_squant = np.empty(kernels, np.float64)
-    magnitude = np.empty(kernels * ksize, np.float64)  # one channel's |codes - x|, then |sums|
-    statistics = np.zeros(8)  # as out[:8], for this block
+    largest = scratch[:channels]  # per channel: the largest |codes - x|
+    sums_eq = scratch[channels : channels + kernels]  # one channel's kernel sums
+    sums_squant = scratch[channels + kernels : channels + 2 * kernels]
+    end = channels + 2 * kernels + kernels * ksize
+    magnitude = scratch[channels + 2 * kernels : end]  # one channel's |codes - x|, then |sums|
+    statistics = scratch[end : end + 8]  # as out[:8], for this block
+    slot = scratch[end + 8 : end + 9]  # a float64 from its bits
+    statistics[:] = 0.0
     for c in range(channels):
         if ksize == 1:
             _element_errors(w[c], codes[c], scale[c], zero[c], t_min, t_max, sums_eq,
@@ -48,11 +52,12 @@ def add_error_stats(w, codes, scale, zero, t_min, t_max, out):
         else:
             _kernel_sums(w[c], codes[c], scale[c], zero[c], t_min, t_max, sums_eq,
                          sums_squant, magnitude)
-        largest[c] = _largest_magnitude(magnitude)
-        _add_channel(sums_eq, KERNEL_EQ, CHANNEL_EQ, magnitude, statistics)
-        _add_channel(sums_squant, KERNEL_SQUANT, CHANNEL_SQUANT, magnitude, statistics)
-    out[:4] += statistics[:4]
-    out[4:8] = np.maximum(out[4:8], statistics[4:])
+        largest[c] = _largest_magnitude(magnitude, slot)
+        _add_channel(sums_eq, KERNEL_EQ, CHANNEL_EQ, magnitude, statistics, slot)
+        _add_channel(sums_squant, KERNEL_SQUANT, CHANNEL_SQUANT, magnitude, statistics, slot)
+    for i in range(4):
+        out[i] += statistics[i]
+        out[4 + i] = max(out[4 + i], statistics[4 + i])
     out[8] = max(out[8], _largest_weight_error(w, codes, scale, zero, t_max, largest))
 
 
@@ -88,10 +93,10 @@ def _kernel_sums(w, codes, s, z, t_min, t_max, sums_eq, sums_squant, magnitude):
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _add_channel(sums, kernel, channel, magnitude, statistics):
+def _add_channel(sums, kernel, channel, magnitude, statistics, slot):
     """Add a channel's kernel sums to ``statistics`` (``out[:8]``'s layout): at ``kernel`` the
     sum and largest of their magnitudes, at ``channel`` their sum's magnitude (``magnitude``:
-    scratch of at least ``len(sums)``)."""
+    scratch of at least ``len(sums)``; ``slot``: one float64 of scratch)."""
     channel_sum = 0.0
     total = 0.0
     for k in range(sums.shape[0]):
@@ -100,20 +105,22 @@ def _add_channel(sums, kernel, channel, magnitude, statistics):
         total += magnitude[k]
     statistics[kernel] += total
     statistics[4 + kernel] = max(statistics[4 + kernel],
-                                 _largest_magnitude(magnitude[: sums.shape[0]]))
+                                 _largest_magnitude(magnitude[: sums.shape[0]], slot))
     statistics[channel] += abs(channel_sum)
     statistics[4 + channel] = max(statistics[4 + channel], abs(channel_sum))
 
 
 @njit(cache=True, nogil=True)
-def _largest_magnitude(values):
+def _largest_magnitude(values, slot):
     """The largest of non-negative float64 ``values``, as the largest of their bit patterns
-    (the same order for non-negative floats; an integer maximum vectorizes)."""
+    (the same order for non-negative floats; an integer maximum vectorizes), turned back into a
+    float64 through ``slot`` (one float64 of scratch)."""
     bits = values.view(np.int64)
-    largest = np.zeros(1, np.int64)
+    largest = slot.view(np.int64)
+    largest[0] = 0
     for i in range(bits.shape[0]):
         largest[0] = max(largest[0], bits[i])
-    return largest.view(np.float64)[0]
+    return slot[0]
 
 
 @njit(cache=True, nogil=True)
@@ -123,7 +130,12 @@ def _largest_weight_error(w, codes, scale, zero, t_max, largest):
     most the grid's reach plus the error plus ``|zero|``): channels whose bound cannot reach the
     largest lower bound are skipped."""
     channels, kernels, ksize = w.shape
-    reach = 3.0 * (t_max + 1) + np.abs(zero.astype(np.float64)).max() + largest.max()
+    zero_reach = 0.0  # max |zero|
+    top = 0.0  # max largest
+    for c in range(channels):
+        zero_reach = max(zero_reach, abs(np.float64(zero[c])))
+        top = max(top, largest[c])
+    reach = 3.0 * (t_max + 1) + zero_reach + top
     margin = 2.0 ** -20 * reach
     best_lower = 0.0
     for c in range(channels):

@@ -23,7 +23,8 @@ def _address_as_pointer(typingctx, address):
 
 @njit(cache=True, inline="always")
 def view_at(address, size, dtype):
-    """A 1-D array of ``size`` elements of ``dtype`` at ``address``."""
+    """A C-contiguous array of ``dtype`` at ``address``: 1-D of ``size`` elements, or of the
+    shape ``size`` (a tuple)."""
     return numba.carray(_address_as_pointer(address), size, dtype)
 
 

@@ -161,3 +161,23 @@ def test_native_packing_is_the_jits(native_kernels, bits: int, groups: int, seed
     native_kernels.unpack_groups(packed[0], bits, unpacked[1], first, last)
     np.testing.assert_array_equal(unpacked[0], unpacked[1])
     np.testing.assert_array_equal(unpacked[1][first * 8 : last * 8], codes[first * 8 : last * 8])
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 5), st.integers(1, 30), st.sampled_from([1, 4, 9])),
+       seed=st.integers(0, 2**32 - 1))
+def test_native_error_statistics_are_the_jits(native_kernels, shape, seed) -> None:
+    from squant.kernels.constants import STAT_COUNT, error_stats_scratch
+    from squant.kernels.error_stats import add_error_stats
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    codes = rng.integers(-8, 8, shape).astype(np.int8)
+    scale = (rng.random(shape[0]) * 8 + 1).astype(np.float32)
+    zero = rng.integers(-3, 3, shape[0]).astype(np.float32)
+    outs = [np.full(STAT_COUNT, 0.25) for _ in range(2)]  # accumulated into
+    for entry, out in zip((add_error_stats, native_kernels.add_error_stats), outs):
+        scratch = np.full(error_stats_scratch(*shape), np.nan)
+        entry(w, codes, scale, zero, -8, 7, out, scratch)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert np.any(outs[0] != 0.25)  # something was added

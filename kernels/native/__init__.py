@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..constants import scratch_layout
+from ..constants import error_stats_scratch, scratch_layout
 
 LIBRARY = "squant_kernels.so"
 RECORD = "squant_kernels.json"
@@ -55,7 +55,7 @@ class NativeKernels:
         self.path = path
         self._entries = {}
         for name in ("quantize_blocks", "quantize_blocks_searched", "pack_groups",
-                     "unpack_groups"):
+                     "unpack_groups", "add_error_stats"):
             entry = library[symbols[name]]
             entry.restype = ctypes.c_int64
             entry.argtypes = [ctypes.c_void_p]
@@ -100,6 +100,17 @@ class NativeKernels:
         ``out``, 1-D and C-contiguous)."""
         self._call("unpack_groups", out.ctypes.data, out.size, bits, packed.ctypes.data,
                    packed.size, first, last)
+
+
+    def add_error_stats(self, w, codes, scale, zero, t_min, t_max, out, scratch) -> None:
+        """:func:`..error_stats.add_error_stats` in the native library (C-contiguous arrays of
+        its dtypes; ``out`` of ``STAT_COUNT`` float64, ``scratch`` float64)."""
+        channels, kernels, ksize = w.shape
+        if codes.shape != w.shape or scratch.size < error_stats_scratch(channels, kernels, ksize):
+            raise ValueError("add_error_stats: codes' shape or scratch's size does not fit w")
+        self._call("add_error_stats", w.ctypes.data, codes.ctypes.data, channels, kernels,
+                   ksize, scale.ctypes.data, zero.ctypes.data, t_min, t_max, out.ctypes.data,
+                   scratch.ctypes.data, scratch.size)
 
 
 _loaded: list = []  # [NativeKernels | None, why not] once tried

@@ -24,6 +24,7 @@ squant uses numba's JIT.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shlex
@@ -37,6 +38,8 @@ import numba
 import numpy as np
 from numba import cfunc, types
 
+from ..constants import STAT_COUNT
+from ..error_stats import add_error_stats
 from ..memory import view_at
 from ..packing import pack_groups, unpack_groups
 from ..passes import block_extent, quantize_block
@@ -110,6 +113,24 @@ def _unpack_groups(args):
     return np.int64(1)
 
 
+# The statistics' entry: weights, codes, (channels, kernels, kernel), scale, zero, code range,
+# out, scratch (its size in float64).
+(_W, _STAT_CODES, _STAT_CHANNELS, _STAT_KERNELS, _STAT_KSIZE, _STAT_SCALE, _STAT_ZERO, _T_MIN,
+ _T_MAX, _OUT, _STAT_SCRATCH, _STAT_SCRATCH_SIZE) = range(12)
+
+
+@cfunc(_SIGNATURE, cache=False)
+def _error_stats(args):
+    a = numba.carray(args, 12)
+    shape = (a[_STAT_CHANNELS], a[_STAT_KERNELS], a[_STAT_KSIZE])
+    add_error_stats(view_at(a[_W], shape, np.float32), view_at(a[_STAT_CODES], shape, np.int8),
+                    view_at(a[_STAT_SCALE], shape[0], np.float32),
+                    view_at(a[_STAT_ZERO], shape[0], np.float32), a[_T_MIN], a[_T_MAX],
+                    view_at(a[_OUT], STAT_COUNT, np.float64),
+                    view_at(a[_STAT_SCRATCH], a[_STAT_SCRATCH_SIZE], np.float64))
+    return np.int64(1)
+
+
 def _object_code(entry) -> bytes:
     """The entry's finalized module (its callees linked in) as a PIC object for the host CPU."""
     library = entry._library
@@ -130,7 +151,8 @@ def build(out: Path) -> Path:
     compiler = shlex.split(os.environ.get("CC", "cc"))
     entries = {"quantize_blocks": _quantize_blocks,
                "quantize_blocks_searched": _quantize_blocks_searched,
-               "pack_groups": _pack_groups, "unpack_groups": _unpack_groups}
+               "pack_groups": _pack_groups, "unpack_groups": _unpack_groups,
+               "add_error_stats": _error_stats}
     with tempfile.TemporaryDirectory(dir=out) as work:
         objects = []
         for name, entry in entries.items():
@@ -146,6 +168,10 @@ def build(out: Path) -> Path:
             detail = getattr(error, "stderr", "") or str(error)
             raise RuntimeError(f"linking the native kernels failed: {' '.join(command)}: "
                                f"{detail.strip()}") from error
+        try:  # every symbol resolved now (numba's own helpers are not loaded at run time)
+            ctypes.CDLL(str(library), mode=os.RTLD_NOW | os.RTLD_LOCAL)
+        except OSError as error:
+            raise RuntimeError(f"the native kernels do not load: {error}") from error
         cpu, features = host_cpu()
         record = {"source": source_digest(), "cpu": cpu, "features": features,
                   "numba": numba.__version__, "platform": sys.platform,

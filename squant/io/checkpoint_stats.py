@@ -13,7 +13,8 @@ import torch
 from ..core.batch import run_in_threads
 from ..core.report import channel_parts
 from ..core.tensor import QuantizedTensor
-from ..kernels.error_stats import STAT_COUNT, add_error_stats
+from ..kernels import native
+from ..kernels.constants import STAT_COUNT, error_stats_scratch
 
 STAT_FIELDS = ("kernel_sum_eq_mean", "kernel_sum_eq_max", "kernel_sum_squant_mean",
                "kernel_sum_squant_max", "channel_sum_eq_mean", "channel_sum_eq_max",
@@ -44,6 +45,16 @@ class _Totals:
         return {field: out[field] for field in STAT_FIELDS}
 
 
+def _kernel():
+    """``add_error_stats``: native when it loads, else numba's JIT (compiled on first use)."""
+    loaded = native.load()
+    if loaded is not None:
+        return loaded.add_error_stats
+    from ..kernels.error_stats import add_error_stats
+
+    return add_error_stats
+
+
 def _add(totals: _Totals, weight: torch.Tensor, qweight: QuantizedTensor) -> None:
     """Add a tensor (or block of output channels) with one grid per channel, in blocks of
     channels on squant's threads (each range of blocks into its own accumulator)."""
@@ -57,16 +68,18 @@ def _add(totals: _Totals, weight: torch.Tensor, qweight: QuantizedTensor) -> Non
     step = max(1, _STATS_ELEMENTS * channels // max(1, w.numel()))
     starts = list(range(0, channels, step))
     partial = []
+    add_error_stats = _kernel()
 
     def task(first: int, last: int) -> None:
         out = np.zeros(STAT_COUNT)
+        scratch = np.empty(error_stats_scratch(step, w.shape[1], kernel))
         for start in starts[first:last]:
             stop = min(start + step, channels)
             shape = (stop - start, w.shape[1], kernel)
             block = w[start:stop].float().reshape(shape).contiguous().numpy()
             block_codes = codes[start:stop].reshape(shape).contiguous().numpy()
             add_error_stats(block, block_codes, scale[start:stop], zero[start:stop], t_min,
-                            t_max, out)
+                            t_max, out, scratch)
         partial.append(out)  # list.append is atomic under the GIL
 
     run_in_threads(task, len(starts), w.numel())
