@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -58,4 +58,11 @@ class BuildWithNativeKernels(build_py):
                       "numba's JIT, which compiles on first use")
 
 
-setup(cmdclass={"build_py": BuildWithNativeKernels})
+class PlatformDistribution(Distribution):
+    """A wheel holding the library is for this platform and Python only (not ``py3-none-any``)."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
+setup(cmdclass={"build_py": BuildWithNativeKernels}, distclass=PlatformDistribution)
