@@ -1,7 +1,9 @@
 """One line on stderr when squant's numba kernels compile, so that a first call is not silent.
 
-numba compiles the kernels on the first call after installation (10-30 s on a 2-core machine)
-and stores them in its on-disk cache; later processes load them in a fraction of a second. A
+Where the native kernels built at install are not used (``squant.kernels.native``: no C
+compiler at install, or ``SQUANT_KERNELS=jit``), numba compiles the kernels on the first call
+(10-30 s on a 2-core machine) and stores them in its on-disk cache; later processes load them
+in a fraction of a second. The notice says why the native kernels are not used. A
 numba event listener (numba's ``numba:compile`` event fires for real compiles only, not for
 cache loads) logs a WARNING on the ``squant`` logger the first time one of squant's functions
 compiles in a process. Without logging configured Python prints it on stderr; silence it with
