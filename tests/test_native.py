@@ -103,7 +103,8 @@ def test_a_library_of_other_sources_or_another_cpu_is_refused(native_kernels, tm
     (tmp_path / native.RECORD).write_text(json.dumps({**record, "source": "0" * 64}))
     loaded, why = native.try_load(tmp_path)
     assert loaded is None and "other sources" in why
-    (tmp_path / native.RECORD).write_text(json.dumps({**record, "cpu": "i386"}))
+    (tmp_path / native.RECORD).write_text(json.dumps({**record, "cpu": "i386",
+                                                      "cpu_identity": "another"}))
     loaded, why = native.try_load(tmp_path)
     assert loaded is None and "another CPU (i386)" in why
     bad = tmp_path / "bad"  # not the loaded copy: rewriting a mapped library crashes

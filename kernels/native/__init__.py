@@ -43,9 +43,23 @@ def source_digest(folder: Path = HERE) -> str:
 
 def host_cpu() -> tuple[str, str]:
     """This machine's CPU name and features as LLVM names them (what the library targets)."""
-    import llvmlite.binding as llvm  # numba's dependency; 0.1 s, numba itself is not imported
+    import llvmlite.binding as llvm  # numba's dependency; 0.05 s, numba itself is not imported
 
     return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+
+
+def cpu_identity() -> str:
+    """What the library's machine code depends on, cheaply: on Linux the SHA-256 of the first
+    CPU's vendor, family, model and flags in ``/proc/cpuinfo`` (what LLVM's name and features
+    derive from), elsewhere LLVM's name and features (:func:`host_cpu`)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            first = info.read().split("\n\n")[0].splitlines()
+    except OSError:
+        return "llvm:" + ":".join(host_cpu())
+    keys = ("vendor_id", "cpu family", "model", "flags")
+    kept = sorted(line for line in first if line.split(":")[0].strip() in keys)
+    return "cpuinfo:" + hashlib.sha256("\n".join(kept).encode()).hexdigest()
 
 
 class NativeKernels:
@@ -127,7 +141,7 @@ def try_load(folder: Path = HERE) -> tuple[NativeKernels | None, str]:
         record = json.loads(record_path.read_text())
         if record.get("source") != source_digest():
             return None, f"{library_path} was built from other sources of the kernels"
-        if [record.get("cpu"), record.get("features")] != list(host_cpu()):
+        if record.get("cpu_identity") != cpu_identity():
             return None, f"{library_path} was built for another CPU ({record.get('cpu')})"
         return NativeKernels(ctypes.CDLL(str(library_path)), record["symbols"],
                              library_path), ""

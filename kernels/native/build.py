@@ -43,7 +43,7 @@ from ..error_stats import add_error_stats
 from ..memory import view_at
 from ..packing import pack_groups, unpack_groups
 from ..passes import block_extent, quantize_block
-from . import ARGS, LIBRARY, RECORD, host_cpu, source_digest
+from . import ARGS, LIBRARY, RECORD, cpu_identity, host_cpu, source_digest
 
 # Positions in the argument array (globals: numba freezes them as constants).
 (_CHANNELS, _BLOCKS, _FIRST_BLOCK, _LAST_BLOCK, _CH_ADDRESS, _CH_CODES_ADDRESS, _CH_INNER,
@@ -173,7 +173,8 @@ def build(out: Path) -> Path:
         except OSError as error:
             raise RuntimeError(f"the native kernels do not load: {error}") from error
         cpu, features = host_cpu()
-        record = {"source": source_digest(), "cpu": cpu, "features": features,
+        record = {"source": source_digest(), "cpu_identity": cpu_identity(), "cpu": cpu,
+                  "features": features,
                   "numba": numba.__version__, "platform": sys.platform,
                   "symbols": {name: entry.native_name for name, entry in entries.items()}}
         (Path(work) / RECORD).write_text(json.dumps(record, indent=1))
