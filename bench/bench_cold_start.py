@@ -13,8 +13,8 @@ Both kernels of this checkout are measured: ``native`` (the library built at ins
 ``squant.kernels.native``; build it in a source checkout with ``python -m
 squant.kernels.native.build``) and ``jit`` (``SQUANT_KERNELS=jit``: numba's JIT).
 
-``--baseline DIR`` runs the same in another checkout of squant (its default kernels) (e.g. ``git worktree add
-../base <commit>``), imported from its root, side by side. Run:
+``--baseline DIR`` runs the same in another checkout of squant (its default kernels; e.g.
+``git worktree add ../base <commit>``), imported from its root, side by side. Run:
 ``python bench/bench_cold_start.py [--baseline ../base] [--rounds 2]`` (a few minutes).
 """
 

@@ -84,9 +84,10 @@ print(f"{imported - start:.3f} {done - imported:.3f}")
 """
 
 
-def cold_call(cache_dir: str | None) -> tuple[float, float]:
-    """(import time, first-call time) in a fresh process; ``cache_dir`` overrides numba's cache."""
-    env = dict(os.environ)
+def cold_call(cache_dir: str | None, kernels: str = "auto") -> tuple[float, float]:
+    """(import time, first-call time) in a fresh process; ``cache_dir`` overrides numba's cache,
+    ``kernels`` is ``SQUANT_KERNELS`` (``native``: the library built at install; ``jit``)."""
+    env = {**os.environ, "SQUANT_KERNELS": kernels}
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = cache_dir
     out = subprocess.run([sys.executable, "-c", _COLD_SCRIPT], env=env, check=True,
@@ -111,13 +112,17 @@ def main() -> None:
 
 
 def cold_figures() -> None:
-    """The first call in a fresh process, with an empty and with a warm numba cache."""
+    """The first call in a fresh process: native kernels, then numba's JIT with an empty and
+    with a warm numba cache."""
     with tempfile.TemporaryDirectory() as empty:
-        imp, compile_s = cold_call(empty)
-        print(f"cold, empty numba cache (compile): import {imp:.2f} s + first call "
+        imp, first = cold_call(empty, "native")
+        print(f"cold, native kernels (no numba):   import {imp:.2f} s + first call {first:.2f} s"
+              f"  -> {imp + first:.2f} s in all")
+        imp, compile_s = cold_call(empty, "jit")
+        print(f"cold, JIT, empty numba cache:      import {imp:.2f} s + first call "
               f"{compile_s:.2f} s")
-        imp, load_s = cold_call(empty)
-        print(f"cold, warm numba cache (load):     import {imp:.2f} s + first call {load_s:.2f} s"
+        imp, load_s = cold_call(empty, "jit")
+        print(f"cold, JIT, warm numba cache:       import {imp:.2f} s + first call {load_s:.2f} s"
               f"  -> {imp + load_s:.2f} s in all")
     print()
 
