@@ -182,3 +182,23 @@ def test_native_error_statistics_are_the_jits(native_kernels, shape, seed) -> No
         entry(w, codes, scale, zero, -8, 7, out, scratch)
     np.testing.assert_array_equal(outs[0], outs[1])
     assert np.any(outs[0] != 0.25)  # something was added
+
+
+def test_native_kernels_refuse_arrays_they_would_misread(native_kernels) -> None:
+    """The library reads raw memory: a table of another dtype or layout is an error."""
+    weights = [np.ones((2, 3, 1), np.float32)]
+    good = _run(native_kernels.quantize_blocks, weights, [QuantOptions()])
+    assert good[0].finite
+    captured = {}
+
+    def capture(*args):
+        captured["args"] = args
+
+    _run(capture, weights, [QuantOptions()])
+    args = list(captured["args"])
+    for position, bad in ((2, args[2].astype(np.int32)), (6, args[6].astype(np.float64)),
+                          (8, np.repeat(args[8], 2)[::2])):
+        wrong = args.copy()
+        wrong[position] = bad
+        with pytest.raises(TypeError, match="must be a C-contiguous 1-D"):
+            native_kernels.quantize_blocks(*wrong)

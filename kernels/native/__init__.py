@@ -62,6 +62,19 @@ def cpu_identity() -> str:
     return "cpuinfo:" + hashlib.sha256("\n".join(kept).encode()).hexdigest()
 
 
+def _check_arrays(*arrays: tuple, count: int | None = None) -> None:
+    """Raise ``TypeError`` unless each ``(name, array, dtype)`` is a 1-D C-contiguous array of
+    ``dtype`` with ``count`` elements (default: the first array's): the library reads raw
+    memory, so a wrong one would be read as something else."""
+    count = arrays[0][1].size if count is None else count
+    for name, array, dtype in arrays:
+        if (not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != 1
+                or array.size != count or not array.flags.c_contiguous):
+            raise TypeError(f"native kernels: {name} must be a C-contiguous 1-D {np.dtype(dtype)} "
+                            f"array of {count} elements, got {getattr(array, 'dtype', type(array))}"
+                            f" {getattr(array, 'shape', '')}")
+
+
 class NativeKernels:
     """The library's entries, called like :func:`..passes.quantize_blocks`."""
 
@@ -81,6 +94,17 @@ class NativeKernels:
         """:func:`..passes.quantize_blocks` in the native library (same arguments and results;
         the arrays as the caller builds them: 1-D, C-contiguous, of the dtypes it documents).
         Releases the GIL. Raises ``RuntimeError`` if the library reports a failure."""
+        _check_arrays(("ch_address", ch_address, np.int64),
+                      ("ch_codes_address", ch_codes_address, np.int64),
+                      ("ch_inner", ch_inner, np.int64), ("ch_ksize", ch_ksize, np.int64),
+                      ("ch_bits", ch_bits, np.int64), ("ch_flags", ch_flags, np.int64),
+                      ("ch_lo", ch_lo, np.float32), ("ch_hi", ch_hi, np.float32),
+                      ("scale", scale, np.float32), ("zero", zero, np.float32),
+                      ("finite", finite, np.bool_),
+                      ("ch_moments_start", ch_moments_start, np.int64))
+        _check_arrays(("block_start", block_start, np.int64), count=block_start.size)
+        if search_moments is not None:
+            _check_arrays(("search_moments", search_moments, np.float64), count=search_moments.size)
         size = ch_inner * ch_ksize
         scratch = np.empty(scratch_layout(int(size.max(initial=1)), int(ch_inner.max(initial=1)),
                                           int(ch_ksize.max(initial=1)))[-1], np.uint8)
