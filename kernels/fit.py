@@ -49,36 +49,54 @@ def fit_error(w, codes, scale, zero):
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
-def rounded_fit_error(w, scale, zero, t_min, t_max):
-    """:func:`fit_error` of the codes round to nearest (mode E) gives on the grid
-    ``(S, Z, t_min, t_max)``, without writing them: one pass per candidate grid."""
+def window_error(w, scale, bottom, top):
+    """:func:`fit_error` of round to nearest on the grid of step ``1 / S`` (``scale``: S) and
+    the window of levels ``bottom .. top``, without writing codes: each element's level
+    ``clamp(rint(S * w), bottom, top)``, the codes those of :func:`write_lattice_codes`. One
+    pass, summed as in :func:`fit_error`. (Not ``inline="always"``: numba would inline it
+    into its caller's IR and compile it with the caller's flags, without fastmath, and the
+    sum would no longer vectorise: 3x slower.)"""
     step = np.float32(1.0) / scale
-    total = 0.0
     n = w.shape[0]
+    if n <= _CHUNK:  # a group: one float32 sum, in a loop without the chunks' bounds
+        part = np.float32(0.0)
+        for i in range(n):
+            part += np.sqrt(abs(w[i] - min(max(np.rint(scale * w[i]), bottom), top) * step))
+        return np.float64(part)
+    total = 0.0
     for first in range(0, n, _CHUNK):
         part = np.float32(0.0)
         for i in range(first, min(first + _CHUNK, n)):
-            r = min(max(np.rint(scale * w[i] - zero), t_min), t_max)
-            part += np.sqrt(abs(w[i] - (r + zero) * step))
+            level = min(max(np.rint(scale * w[i]), bottom), top)
+            part += np.sqrt(abs(w[i] - level * step))
         total += np.float64(part)
     return total
 
 
 @njit(cache=True)
+def write_lattice_codes(w, scale, bottom, top, zero, codes):
+    """The codes of the window ``bottom .. top`` of levels of step ``1 / S``:
+    ``clamp(rint(S * w), bottom, top) - Z`` (``Z = bottom + 2**(b-1)``, codes in
+    ``[-2**(b-1), 2**(b-1) - 1]``), the levels :func:`window_error` evaluates."""
+    for i in range(w.shape[0]):
+        codes[i] = np.int8(min(max(np.rint(scale * w[i]), bottom), top) - zero)
+
+
+@njit(cache=True, inline="always")  # scalar: a call would cost as much as the arithmetic
 def fit_windows(scale, lo, hi, bits, factor, include_zero):
     """For the step ``factor / scale`` (``scale``: the minmax grid's S): ``(S, first, last)``,
-    the candidates' S and the range of window starts ``first .. last`` (integers as float64;
+    the candidates' S and the range of window starts ``first .. last`` (integers as float32;
     ``first > last``: none, when ``include_zero`` leaves no window holding level 0; one start
-    for ``factor > 1``)."""
-    levels = np.float64(2**bits - 1)
-    s = np.float64(scale) / np.float64(factor)
-    top = np.rint(np.float64(hi) * s) - levels  # the window whose top level is the max's
-    bottom = np.rint(np.float64(lo) * s)  # the window whose bottom level is the min's
+    for ``factor > 1``). All float32: the levels are small integers, exact."""
+    levels = np.float32(2**bits - 1)
+    s = np.float32(scale / factor)
+    top = np.rint(hi * s) - levels  # the window whose top level is the max's
+    bottom = np.rint(lo * s)  # the window whose bottom level is the min's
     first, last = min(top, bottom), max(top, bottom)
     if include_zero:  # level 0 inside the window: an integer zero point among the codes
-        first, last = max(first, -levels), min(last, 0.0)
+        first, last = max(first, -levels), min(last, np.float32(0.0))
     if factor > 1 and first <= last:
         # A coarser step: every window from top to bottom holds all the levels round(S * w),
         # so none clips and all give the same values: the middle one stands for them all.
-        first = last = np.floor((first + last) * 0.5)
+        first = last = np.floor((first + last) * np.float32(0.5))
     return s, first, last
