@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 from .channel_pass import channel_pass_after_kernels, channel_pass_eq
-from .fit import FIT_FACTORS, fit_error, fit_windows, window_error, write_lattice_codes
+from .fit import fit_error, fit_factors, fit_windows, window_error, write_lattice_codes
 from .grid import RANGE_FLOOR, channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
@@ -175,7 +175,7 @@ def _fit_rounded(w, bits, flags, lo, hi, codes):
         return scale, zero
     best_scale, best_bottom = scale, zero - n
     best = window_error(w, scale, best_bottom, best_bottom + count)
-    for f in FIT_FACTORS:
+    for f in fit_factors(bits):
         s, first, last = fit_windows(scale, lo, hi, bits, f, flags & INCLUDE_ZERO != 0)
         b = first
         while b <= last:
@@ -192,8 +192,8 @@ def _fit_rounded(w, bits, flags, lo, hi, codes):
 def _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err, value, scratch,
                trial):
     """Given the channel quantized on its full range ``[lo, hi]`` (``codes``, ``scale``,
-    ``zero``), quantize it again on each grid of :func:`kernels.fit.fit_windows` for each
-    factor of ``FIT_FACTORS`` (into ``trial``; the very passes of the full range) and keep in
+    ``zero``), quantize it again on each grid of :func:`kernels.fit.fit_windows` for each factor of
+    :func:`kernels.fit.fit_factors` (into ``trial``; the very passes of the full range) and keep in
     ``codes`` the one whose :func:`kernels.fit.fit_error` is least, the earliest on ties.
     Returns the kept ``(S, Z)``. A symmetric grid has one window per step: ``[f*lo, f*hi]``.
     (Round to nearest on an asymmetric grid: :func:`_fit_rounded`.)
@@ -205,7 +205,7 @@ def _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err,
     trial = trial[: w.shape[0]]
     levels = np.float64(2**bits - 1)
     minmax_scale = scale
-    for f in FIT_FACTORS:
+    for f in fit_factors(bits):
         s, first, last = fit_windows(minmax_scale, lo, hi, bits, f, flags & INCLUDE_ZERO != 0)
         if symmetric:
             first, last = 0.0, 0.0

@@ -139,13 +139,13 @@ def test_quantize_gives_each_layer_the_recipe_of_its_grid() -> None:
 def candidate_objectives(weight: np.ndarray, bits: int, g: int, include_zero: bool
                          ) -> np.ndarray:
     """Per group of a 2-D weight, the least ``sum |d| ** 0.5`` over minmax's grid and every
-    candidate grid the fit's spec names (kernels/fit.py: steps ``minmax / f`` for each of
-    ``FIT_FACTORS``; for finer steps every window start between the one that puts the top
-    level on the max and the one that puts the bottom level on the min, for coarser ones the
-    middle start; with ``include_zero`` only windows holding level 0), each by round to
-    nearest, written here from that spec in numpy. Infinite for a flat group (range within
-    1e-8), which keeps minmax's grid."""
-    from squant.kernels.fit import FIT_FACTORS
+    candidate grid the fit's spec names (kernels/fit.py: steps ``minmax / f`` for each ``f`` of
+    ``FIT_FACTORS`` at 2-3 bits, ``FIT_FACTORS_WIDE`` at 4+; for finer steps every window start
+    between the one that puts the top level on the max and the one that puts the bottom level on the
+    min, for coarser ones the middle start; with ``include_zero`` only windows holding level 0),
+    each by round to nearest, written here from that spec in numpy. Infinite for a flat group
+    (range within 1e-8), which keeps minmax's grid."""
+    from squant.kernels.fit import FIT_FACTORS, FIT_FACTORS_WIDE
 
     count = F32(2**bits - 1)
     rows = []
@@ -161,7 +161,7 @@ def candidate_objectives(weight: np.ndarray, bits: int, g: int, include_zero: bo
                 continue
             scale = count / max(hi - lo, F32(1e-8))
             grids = [(scale, np.rint(scale * lo))]
-            for f in FIT_FACTORS:
+            for f in FIT_FACTORS if bits < 4 else FIT_FACTORS_WIDE:
                 s = F32(scale / f)
                 top, bottom = np.rint(hi * s) - count, np.rint(lo * s)
                 first, last = min(top, bottom), max(top, bottom)
