@@ -127,10 +127,70 @@ def proto_method(group: int, norms: Norms, weighted: bool):
     return run
 
 
+def weighted_fit(w: torch.Tensor, omega: torch.Tensor, bits: int, group: int,
+                 factors: tuple[float, ...], p: float = 0.5) -> torch.Tensor:
+    """PROTOTYPE of ``range="fit"`` (kernels/fit.py: the same candidates, round to nearest on
+    integer-zero grids) with each element's error weighted: ``sum (omega_c * |d_c|) ** p`` per
+    group (``omega = |gamma|``: the error of the output term ``gamma_c x_c w_c`` of a
+    norm-fed input). ``omega`` = ones is the kernels' fit. ``w``: ``(O, I)`` with
+    ``group | I``; returns float32."""
+    rows, cols = w.shape
+    groups = w.detach().float().reshape(rows, cols // group, group)
+    weight = omega.float().reshape(1, cols // group, group)
+    levels = 2**bits - 1
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = levels / (hi - lo).clamp(min=1e-8)
+
+    def error(q: torch.Tensor) -> torch.Tensor:
+        return ((q - groups).abs() * weight).pow(p).sum(-1, keepdim=True)
+
+    def on_grid(s: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(groups * s), bottom, bottom + levels) / s
+
+    best = on_grid(scale, torch.round(lo * scale))
+    best_err = error(best)
+    for f in factors:
+        s = scale / f
+        top, bottom = torch.round(hi * s) - levels, torch.round(lo * s)
+        first, last = torch.minimum(top, bottom), torch.maximum(top, bottom)
+        if f > 1:
+            first = last = torch.floor((first + last) * 0.5)
+        for k in range(4):  # window starts first .. last (at most 3 for these factors)
+            cand = on_grid(s, first + k)
+            err = error(cand)
+            better = (first + k <= last) & (err < best_err)
+            best = torch.where(better, cand, best)
+            best_err = torch.where(better, err, best_err)
+    return best.reshape(rows, cols)
+
+
+def weighted_fit_method(group: int, norms: Norms, power: float, p: float = 0.5):
+    """The weighted fit on every named Linear: ``omega = |gamma| ** power`` where a norm feeds
+    the layer, else 1 (``power`` 0: the kernels' unweighted fit); the kernels' factors."""
+    from squant.kernels.fit import FIT_FACTORS, FIT_FACTORS_WIDE
+
+    def run(model: nn.Module, names: list[str], bits: int) -> Weights:
+        factors = tuple(float(f) for f in (FIT_FACTORS if bits < 4 else FIT_FACTORS_WIDE))
+        out = {}
+        for name, m in _linears(model, names).items():
+            cols = m.weight.shape[1]
+            omega = (norms[name][0].abs() ** power if power and name in norms
+                     else torch.ones(cols))
+            out[name] = weighted_fit(m.weight, omega, bits, group, factors, p)
+        return out
+    return run
+
+
 def methods(norms: Norms) -> list[Method]:
-    """The prototype rows: MSE range search and gamma**2-weighted range search, g64 and g128."""
+    """The prototype rows: MSE range search and gamma**2-weighted range search, g64 and g128;
+    the fit unweighted and weighted by |gamma| (p = 1/2 and 1), g64."""
     out = []
     for g in (64, 128):
         out.append(Method(f"proto RTN+MSE range g{g}", "proto", g, proto_method(g, norms, False)))
         out.append(Method(f"proto RTN+γ² range g{g}", "proto", g, proto_method(g, norms, True)))
+    out.append(Method("proto fit g64", "proto", 64, weighted_fit_method(64, norms, 0.0)))
+    out.append(Method("proto fit |γ| g64", "proto", 64, weighted_fit_method(64, norms, 1.0)))
+    out.append(Method("proto fit |γ|^0.5 g64", "proto", 64, weighted_fit_method(64, norms, 0.5)))
+    out.append(Method("proto fit |γ| p=1 g64", "proto", 64,
+                      weighted_fit_method(64, norms, 1.0, p=1.0)))
     return out

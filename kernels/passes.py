@@ -27,7 +27,7 @@ from .constants import (
     SYMMETRIC,
     scratch_layout,
 )
-from .fit import FIT_FACTORS, fit_error, fit_windows, rounded_fit_error
+from .fit import fit_error, fit_factors, fit_windows, window_error, write_lattice_codes
 from .grid import channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
@@ -172,26 +172,52 @@ def _search_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, e
 
 
 @njit(cache=True)
+def _fit_rounded(w, bits, flags, lo, hi, codes):
+    """``range="fit"`` for round to nearest (mode E) on an asymmetric grid, in one function:
+    the minmax grid of ``[lo, hi]`` and the candidates of :func:`_fit_range`, each evaluated
+    in one pass without writing codes (:func:`kernels.fit.window_error`), the codes of the
+    least error (minmax's on ties) written once. A grid with an integer zero point is a step
+    ``1 / S`` and a window of ``2**b`` levels ``l .. l + 2**b - 1``: ``Z = l + 2**(b-1)``.
+    Returns ``(S, Z)``."""
+    n = np.float32(2 ** (bits - 1))
+    count = np.float32(2**bits - 1)
+    scale, zero, t_min, t_max = grid_params(lo, hi, bits, False)
+    if not (scale > 0 and hi - lo > RANGE_FLOOR):  # exact, or S = 0 for the caller to report
+        _round_only(w, scale, zero, t_min, t_max, codes)
+        return scale, zero
+    best_scale, best_bottom = scale, zero - n
+    best = window_error(w, scale, best_bottom, best_bottom + count)
+    for f in fit_factors(bits):
+        s, first, last = fit_windows(scale, lo, hi, bits, f, flags & INCLUDE_ZERO != 0)
+        b = first
+        while b <= last:
+            error = window_error(w, s, b, b + count)
+            if error < best:
+                best, best_scale, best_bottom = error, s, b
+            b += np.float32(1.0)
+    zero = best_bottom + n
+    write_lattice_codes(w, best_scale, best_bottom, best_bottom + count, zero, codes)
+    return best_scale, zero
+
+
+@njit(cache=True)
 def _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err, value, scratch,
                trial):
     """Given the channel quantized on its full range ``[lo, hi]`` (``codes``, ``scale``,
-    ``zero``), quantize it again on each grid of :func:`kernels.fit.fit_windows` for each
-    factor of ``FIT_FACTORS`` (into ``trial``; the very passes of the full range) and keep in
+    ``zero``), quantize it again on each grid of :func:`kernels.fit.fit_windows` for each factor of
+    :func:`kernels.fit.fit_factors` (into ``trial``; the very passes of the full range) and keep in
     ``codes`` the one whose :func:`kernels.fit.fit_error` is least, the earliest on ties.
     Returns the kept ``(S, Z)``. A symmetric grid has one window per step: ``[f*lo, f*hi]``.
+    (Round to nearest on an asymmetric grid: :func:`_fit_rounded`.)
     """
     if not hi - lo > RANGE_FLOOR:  # all elements (about) equal: the minmax grid is exact
         return scale, zero
+    symmetric = flags & SYMMETRIC != 0
     best = fit_error(w, codes, scale, zero)
     trial = trial[: w.shape[0]]
     levels = np.float64(2**bits - 1)
-    symmetric = flags & SYMMETRIC != 0
-    # Round to nearest only (mode E): each candidate's error in one pass, codes written once.
-    rounding = not (flags & CHANNEL_PASS != 0 or (flags & KERNEL_PASS != 0 and ksize > 1))
-    kept = False
-    k_min, k_max = np.float32(0.0), np.float32(0.0)
     minmax_scale = scale
-    for f in FIT_FACTORS:
+    for f in fit_factors(bits):
         s, first, last = fit_windows(minmax_scale, lo, hi, bits, f, flags & INCLUDE_ZERO != 0)
         if symmetric:
             first, last = 0.0, 0.0
@@ -201,23 +227,14 @@ def _fit_range(w, inner, ksize, bits, flags, lo, hi, scale, zero, codes, x, err,
                 c_lo, c_hi = f * lo, f * hi
             else:
                 c_lo, c_hi = np.float32(start / s), np.float32((start + levels) / s)
-            if rounding:
-                t_s, t_z, t_min, t_max = grid_params(c_lo, c_hi, bits, symmetric)
-                error = rounded_fit_error(w, t_s, t_z, t_min, t_max)
-                if error < best:
-                    best, scale, zero, kept = error, t_s, t_z, True
-                    k_min, k_max = t_min, t_max
-            else:
-                t_s, t_z = _quantize_on_grid(w, inner, ksize, bits, flags, c_lo, c_hi, trial, x,
-                                             err, value, scratch)
-                error = fit_error(w, trial, t_s, t_z)
-                if error < best:
-                    best, scale, zero = error, t_s, t_z
-                    for i in range(trial.shape[0]):
-                        codes[i] = trial[i]
+            t_s, t_z = _quantize_on_grid(w, inner, ksize, bits, flags, c_lo, c_hi, trial, x,
+                                         err, value, scratch)
+            error = fit_error(w, trial, t_s, t_z)
+            if error < best:
+                best, scale, zero = error, t_s, t_z
+                for i in range(trial.shape[0]):
+                    codes[i] = trial[i]
             start += 1.0
-    if kept:
-        _round_only(w, scale, zero, k_min, k_max, codes)
     return scale, zero
 
 
@@ -241,6 +258,10 @@ def quantize_channel(w, w_bits, inner, ksize, bits, flags, lo, hi, codes, x, err
         lo, hi = range_floats[0], range_floats[1]
     if flags & INCLUDE_ZERO:
         lo, hi = min(lo, np.float32(0.0)), max(hi, np.float32(0.0))
+    if trial is not None and flags & (RANGE_FIT | RANGE_SEARCH | SYMMETRIC) == RANGE_FIT and not (
+            flags & CHANNEL_PASS != 0 or (flags & KERNEL_PASS != 0 and ksize > 1)):
+        scale, zero = _fit_rounded(w, bits, flags, lo, hi, codes)
+        return scale, zero, True
     scale, zero = _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value,
                                     scratch)
     # S = 0 (max - min overflows float32) is the caller's to report: no search then

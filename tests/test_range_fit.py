@@ -134,3 +134,64 @@ def test_quantize_gives_each_layer_the_recipe_of_its_grid() -> None:
     assert torch.equal(qnet[0].codes, squant.quantize_weight(net[0].weight, 4, "KC",
                                                             range="fit", group_size=16).codes)
     assert torch.equal(squant.quantize(net, 4, group_size=16)[0].codes, want.codes)
+
+
+def candidate_objectives(weight: np.ndarray, bits: int, g: int, include_zero: bool
+                         ) -> np.ndarray:
+    """Per group of a 2-D weight, the least ``sum |d| ** 0.5`` over minmax's grid and every
+    candidate grid the fit's spec names (kernels/fit.py: steps ``minmax / f`` for each ``f`` of
+    ``FIT_FACTORS`` at 2-3 bits, ``FIT_FACTORS_WIDE`` at 4+; for finer steps every window start
+    between the one that puts the top level on the max and the one that puts the bottom level on the
+    min, for coarser ones the middle start; with ``include_zero`` only windows holding level 0),
+    each by round to nearest, written here from that spec in numpy. Infinite for a flat group
+    (range within 1e-8), which keeps minmax's grid."""
+    from squant.kernels.fit import FIT_FACTORS, FIT_FACTORS_WIDE
+
+    count = F32(2**bits - 1)
+    rows = []
+    for row in weight.astype(F32):
+        best_row = []
+        for part in group_slices(row.shape[0], g):
+            w = row[part]
+            lo, hi = w.min(), w.max()
+            if include_zero:
+                lo, hi = min(lo, F32(0)), max(hi, F32(0))
+            if not hi - lo > F32(1e-8):  # a flat group keeps minmax's exact grid: no candidates
+                best_row.append(np.inf)
+                continue
+            scale = count / max(hi - lo, F32(1e-8))
+            grids = [(scale, np.rint(scale * lo))]
+            for f in FIT_FACTORS if bits < 4 else FIT_FACTORS_WIDE:
+                s = F32(scale / f)
+                top, bottom = np.rint(hi * s) - count, np.rint(lo * s)
+                first, last = min(top, bottom), max(top, bottom)
+                if include_zero:
+                    first, last = max(first, -count), min(last, F32(0))
+                if f > 1 and first <= last:
+                    first = last = np.floor((first + last) * F32(0.5))
+                grids += [(s, F32(b)) for b in np.arange(first, last + 1)]
+            errors = []
+            for s, b in grids:
+                level = np.clip(np.rint(s * w), b, b + count)
+                errors.append(np.sqrt(np.abs(w - level * (F32(1) / s))).astype(np.float64).sum())
+            best_row.append(min(errors))
+        rows.append(best_row)
+    return np.array(rows)
+
+
+@settings(max_examples=100, deadline=None)
+@given(grouped(mode=st.just("E")), st.booleans())
+def test_round_to_nearest_fit_finds_the_best_candidate(drawn: tuple, include_zero: bool
+                                                       ) -> None:
+    """Mode E, asymmetric (kernels' ``_fit_rounded``, one pass per candidate, codes written
+    once): each group's objective is the least over every candidate grid of the spec,
+    enumerated independently in numpy (to float32 slack), not just below minmax's."""
+    weight, bits, _, _, g, _ = drawn
+    if not _finite(weight):
+        return
+    weight = weight.reshape(weight.shape[0], -1)
+    q = squant.quantize_weight(weight, bits, "E", scheme="asymmetric", range="fit",
+                               group_size=g, include_zero=include_zero)
+    got = fit_objective(weight, q)
+    want = candidate_objectives(weight, bits, g, include_zero)
+    assert (got <= want * (1 + 1e-6) + float32_slack(weight, g)).all()

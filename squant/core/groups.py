@@ -66,7 +66,8 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero_point: torc
     ``zero_point`` hold ``(groups * shape[axis], n_groups)`` values, the groups running along each
     output channel's elements (inputs, then kernel positions) in C order. The same float32
     addition and division as per channel, so both give the same bits for the same grid."""
-    blocks = codes.to(torch.float32).reshape(groups, -1, *codes.shape[1:])
+    # A copy of our own (codes are integers): the arithmetic below may work in place on it.
+    blocks = codes.to(torch.float32, copy=True).reshape(groups, -1, *codes.shape[1:])
     moved = blocks.movedim(axis + 1, 1)
     flat = moved.reshape(moved.shape[0], moved.shape[1], -1)  # (blocks, channels, n)
     size = flat.shape[2]
@@ -77,6 +78,12 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero_point: torc
     parts = []
     if whole:
         full = flat[..., : whole * group_size].reshape(*flat.shape[:2], whole, group_size)
+        shared = full.untyped_storage().data_ptr() == blocks.untyped_storage().data_ptr()
+        if whole == count and shared:
+            # Every group whole and ``full`` a view of our copy: the same two operations in
+            # place (the same bits), without two more weight-sized tensors.
+            full.add_(zero_point[..., None]).div_(scale[..., None])
+            return blocks.reshape(codes.shape)
         parts.append(((full + zero_point[..., :whole, None]) / scale[..., :whole, None])
                      .reshape(*flat.shape[:2], -1))
     if whole < count:
