@@ -46,7 +46,8 @@ def onnx_session_options(path: str | os.PathLike, *, threads: int | None = None)
 
 def export_faithful(qmodel: nn.Module, path: str | os.PathLike,
                     example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
-                    opset: int = 21, dynamic_batch: bool = True) -> nn.Module:
+                    opset: int = 21, dynamic_batch: bool = True,
+                    integer_kernels: bool = True) -> nn.Module:
     """The PyTorch model that computes what the ONNX file at ``path``, written by
     :func:`squant.export_onnx` for ``qmodel``, computes: ``qmodel``'s dequantized weights in
     float, and every activation the file quantizes (layer inputs as squant does, but also the
@@ -64,12 +65,13 @@ def export_faithful(qmodel: nn.Module, path: str | os.PathLike,
         QuantizationError: the file quantizes a tensor the model's graph does not compute (the
             file was not written for this model).
     """
+    from .faithful import simulate
     from .onnx_export import as_inputs, export_float, require_onnx
-    from .qdq import simulate
 
     require_onnx()
     import onnx
 
     float_model, program = export_float(qmodel, as_inputs(example_inputs), opset,
                                         dynamic_batch)
-    return simulate(program, float_model, onnx.load(os.fspath(path)))
+    return simulate(program, float_model, onnx.load(os.fspath(path)),
+                    integer_kernels=integer_kernels)
