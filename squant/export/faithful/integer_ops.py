@@ -15,8 +15,9 @@ documented behaviour (checked value for value against onnxruntime 1.32 in
   ``fl32(acc) * fl32(x_scale * w_scale[c])``. The sums are exact here: float64 over integer
   codes, or float32 where every partial sum stays below ``2**24``.
 * ``QLinearAdd`` (x86 AVX2 kernel): ``rA = fl32(sA / sC)``, ``rB = fl32(sB / sC)``,
-  ``f = fl32(zC - (rA * zA + rB * zB))``, then per element ``fma(a, rA, fma(b, rB, f))`` on the
-  raw uint8 codes, rounded half to even and saturated.
+  ``f = fl32(zC - fma(rA, zA, fl32(rB * zB)))`` (its build contracts the sum), then per
+  element ``fma(a, rA, fma(b, rB, f))`` on the raw uint8 codes, rounded half to even and
+  saturated.
 
 Weights with 8-bit codes on x86 without VNNI need ``session.x64quantprecision=1`` for
 onnxruntime to compute these sums exactly (``squant.onnx_session_options`` sets it); without
@@ -101,13 +102,27 @@ class QLinearConv(_Fused):
         self.pads = tuple(pads)  # (top, left, bottom, right)
         self.depthwise = group == weight.shape[0] and weight.shape[1] == 1 and group > 1
 
+        self.chunks = _exact_chunks(self.weight) if group == 1 else None
+        if self.chunks is not None:
+            self.register_buffer("weight32", self.weight.float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes = F.pad(centered(x, self.x_scale),  # padding is the zero point: centered 0
                       (self.pads[1], self.pads[3], self.pads[0], self.pads[2]))
         if self.depthwise:
             return self.output(self._depthwise(codes))
-        return self.output(F.conv2d(codes, self.weight, None, self.strides, 0, self.dilations,
-                                    self.group))
+        if self.chunks is None:
+            return self.output(F.conv2d(codes, self.weight, None, self.strides, 0,
+                                        self.dilations, self.group))
+        # float32 over input-channel chunks whose sums stay exact (no Winograd: NNPACK off),
+        # added in float64: the integer sums, at float32 speed
+        codes, acc = codes.float(), None
+        with torch.backends.nnpack.flags(enabled=False):
+            for lo, hi in self.chunks:
+                part = F.conv2d(codes[:, lo:hi], self.weight32[:, lo:hi], None, self.strides,
+                                0, self.dilations).double()
+                acc = part if acc is None else acc.add_(part)
+        return self.output(acc)
 
     def _depthwise(self, codes: torch.Tensor) -> torch.Tensor:
         """A depthwise conv as a sum of shifted slices: exact, and faster than float64
@@ -126,6 +141,19 @@ class QLinearConv(_Fused):
                 term = tap * weight[:, 0, i, j].reshape(1, -1, 1, 1)
                 acc = term if acc is None else acc.add_(term)
         return acc
+
+
+def _exact_chunks(weight: torch.Tensor) -> list[tuple[int, int]]:
+    """Input-channel ranges ``[lo, hi)`` of ``weight`` (centered codes, ``(out, in, ...)``)
+    over which any partial sum of ``x * w`` with ``|x| <= 255`` stays below ``2**24``."""
+    per_input = weight.abs().flatten(2).sum(2) * 255.0  # (out, in)
+    chunks, lo, total = [], 0, torch.zeros(weight.shape[0], dtype=weight.dtype)
+    for i in range(weight.shape[1]):
+        if i > lo and float((total + per_input[:, i]).max()) >= _EXACT_FLOAT32:
+            chunks.append((lo, i))
+            lo, total = i, torch.zeros_like(total)
+        total += per_input[:, i]
+    return [*chunks, (lo, weight.shape[1])]
 
 
 class QGemm(_Fused):
@@ -152,8 +180,10 @@ class QLinearAdd(nn.Module):
         self.sa, self.sb, self.sy = float(sa), float(sb), float(sy)
         self.low, self.high = y_range
         ra, rb = np.float32(sa) / np.float32(sy), np.float32(sb) / np.float32(sy)
-        fixed = np.float32(self.zy) - (ra * np.float32(self.za) + rb * np.float32(self.zb))
-        self.ra, self.rb, self.fixed = float(ra), float(rb), float(np.float32(fixed))
+        # onnxruntime's build contracts ``rA * zA + rB * zB`` into fma(rA, zA, fl32(rB * zB))
+        inner = np.float32(float(ra) * self.za + float(np.float32(rb * np.float32(self.zb))))
+        fixed = np.float32(self.zy) - inner
+        self.ra, self.rb, self.fixed = float(ra), float(rb), float(fixed)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         codes_a = centered(a, self.sa) + self.za  # the raw uint8 codes
