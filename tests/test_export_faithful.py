@@ -69,7 +69,7 @@ def test_faithful_model_equals_onnxruntime_value_for_value(tmp_path, bits, schem
     np.testing.assert_array_equal(file_output, faithful)
     kinds = {name.split("_")[1] for name, _ in report.faithful_model.named_children()
              if name.startswith("squant_")}
-    assert kinds == {"QLinearConv", "QLinearAdd", "QGemm"}
+    assert kinds == {"QLinearConv", "QLinearAdd", "QGemm", "ReduceMean"}
     # float ops between fake-quantizers (the model of the file before): not the same values
     plain = squant.export_faithful(qmodel, tmp_path / "m.onnx", x[:4], integer_kernels=False)
     with torch.no_grad():
@@ -246,3 +246,27 @@ def test_qlinearadd_is_onnxruntimes_for_every_pair_of_codes(grids):
         return np.clip(np.rint(np.float32(a * add.ra + inner.astype(np.float64))), 0, 255)
 
     assert np.any(codes_with(other) != codes_with(add.fixed))
+
+
+@pytest.mark.parametrize(("shape", "axes", "keepdims"),
+                         [((5, 64, 7, 7), [2, 3], 1), ((3, 40, 4, 4), [-1, -2], 0),
+                          ((6, 33, 3, 3), [2, 3], 0), ((4, 24, 10), [2], 1)])
+def test_reduce_mean_sums_in_onnxruntimes_order(shape, axes, keepdims):
+    """A global average pool onnxruntime computes in float: the same bits, row lengths 9-49
+    with every alignment of their first element."""
+    rng = np.random.default_rng(len(shape) + shape[1])
+    node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=keepdims)
+    graph = helper.make_graph(
+        [node], "mean", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(axes, np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    x = ((rng.integers(0, 256, shape) - 7) * np.float32(0.0173)).astype(np.float32)
+    expected = session.run(None, {"x": x})[0]
+    got = integer_ops.ReduceMean(axes, keepdims)(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, expected)
+    # the test can tell: torch's own mean differs in the last bit
+    plain = torch.from_numpy(x).mean([a % len(shape) for a in axes], keepdim=bool(keepdims))
+    assert not np.array_equal(plain.numpy(), expected)

@@ -6,9 +6,9 @@ onnxruntime's QDQ transformers turn ``DequantizeLinear → Conv → QuantizeLine
 2 → Add → QuantizeLinear`` into ``QLinearAdd``, when the weights and biases are constants and the
 op's output feeds one ``QuantizeLinear`` (or, for ``Gemm``, stays float). :func:`fused_groups`
 finds those groups in the file and builds, for each, the module of :mod:`.integer_ops` that
-computes it; other ops (``MaxPool`` on codes, ``Reshape``, ``ReduceMean`` between a
-``DequantizeLinear`` and a ``QuantizeLinear``...) compute what float ops between fake-quantizers
-compute.
+computes it, and one for each float ``ReduceMean`` reading a ``DequantizeLinear`` (its sum's
+order decides its last bit); other ops (``MaxPool`` on codes, ``Reshape``...) compute what
+float ops between fake-quantizers compute.
 """
 
 from __future__ import annotations
@@ -185,4 +185,16 @@ def _add(graph: _Graph, node: onnx.NodeProto) -> FusedGroup | None:
         a[1:], b[1:], out[1:], _UINT8))
 
 
-_BUILDERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _add}
+def _reduce_mean(graph: _Graph, node: onnx.NodeProto) -> FusedGroup | None:
+    x = graph.activation(node.input[0])
+    attributes = _attributes(node)
+    axes = (graph.constants.get(node.input[1]) if len(node.input) > 1 and node.input[1]
+            else attributes.get("axes"))
+    if x is None or axes is None or not len(np.atleast_1d(axes)):
+        return None
+    return FusedGroup("ReduceMean", node.output[0], (x[0],), integer_ops.ReduceMean(
+        [int(a) for a in np.atleast_1d(axes)], attributes.get("keepdims", 1)))
+
+
+_BUILDERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _add,
+             "ReduceMean": _reduce_mean}

@@ -19,6 +19,12 @@ documented behaviour (checked value for value against onnxruntime 1.32 in
   element ``fma(a, rA, fma(b, rB, f))`` on the raw uint8 codes, rounded half to even and
   saturated.
 
+* ``ReduceMean`` over the trailing axes (a global average pool between a ``DequantizeLinear``
+  and a ``QuantizeLinear``): float32, each row summed in Eigen's order for SSE packets of 4
+  floats (from the row's first 16-byte aligned element: two packet accumulators, their sum
+  reduced as ``(p0 + p2) + (p1 + p3)``, then the unaligned head and tail one by one), then
+  divided by the row's length.
+
 Weights with 8-bit codes on x86 without VNNI need ``session.x64quantprecision=1`` for
 onnxruntime to compute these sums exactly (``squant.onnx_session_options`` sets it); without
 it its U8S8 kernels saturate and no exact model of the file exists.
@@ -193,3 +199,56 @@ class QLinearAdd(nn.Module):
         y = (codes_a * self.ra + inner).float()
         code = torch.round(y).clamp_(self.low, self.high)
         return (code - self.zy) * torch.tensor(self.sy, dtype=torch.float32)
+
+
+class ReduceMean(nn.Module):
+    """onnxruntime's float ``ReduceMean`` over ``axes`` (see the module docstring): exact when
+    they are the trailing axes of a contiguous input (its fast path), else torch's mean."""
+
+    _PACKET = 4  # floats per SSE packet; buffers are aligned to at least 16 bytes
+
+    def __init__(self, axes: list[int], keepdims: bool) -> None:
+        super().__init__()
+        self.axes, self.keepdims = list(axes), bool(keepdims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = sorted(a % x.dim() for a in self.axes)
+        if axes != list(range(x.dim() - len(axes), x.dim())) or x.dtype != torch.float32:
+            return x.mean(axes, keepdim=self.keepdims)
+        kept = x.shape[:x.dim() - len(axes)]
+        rows = x.contiguous().reshape(-1, int(np.prod(x.shape[x.dim() - len(axes):])))
+        sums = torch.empty(rows.shape[0], dtype=torch.float32)
+        first = (torch.arange(rows.shape[0]) * rows.shape[1]) % self._PACKET  # row's offset
+        for offset in range(self._PACKET):
+            chosen = first == offset
+            if bool(chosen.any()):
+                sums[chosen] = self._row_sums(rows[chosen], (-offset) % self._PACKET)
+        mean = sums / torch.tensor(float(rows.shape[1]), dtype=torch.float32)
+        shape = [*kept, *([1] * len(axes))] if self.keepdims else list(kept)
+        return mean.reshape(shape)
+
+    def _row_sums(self, rows: torch.Tensor, start: int) -> torch.Tensor:
+        """Eigen's vectorized sum of each row, its first aligned element at ``start``."""
+        size, p = rows.shape[1], self._PACKET
+        start = min(start, size)
+        end2 = start + (size - start) // (2 * p) * 2 * p
+        end = start + (size - start) // p * p
+        if end == start:  # too short to vectorize: left to right
+            total = rows[:, 0].clone()
+            for i in range(1, size):
+                total += rows[:, i]
+            return total
+        packet = rows[:, start:start + p].clone()
+        if end - start > p:
+            second = rows[:, start + p:start + 2 * p].clone()
+            for i in range(start + 2 * p, end2, 2 * p):
+                packet += rows[:, i:i + p]
+                second += rows[:, i + p:i + 2 * p]
+            packet += second
+            if end > end2:
+                packet += rows[:, end2:end2 + p]
+        pair = packet[:, :2] + packet[:, 2:]
+        total = pair[:, 0] + pair[:, 1]
+        for i in [*range(start), *range(end, size)]:
+            total += rows[:, i]
+        return total
