@@ -61,10 +61,11 @@ def export_faithful(qmodel: nn.Module, path: str | os.PathLike,
     file's, in PyTorch. ``integer_kernels=False`` computes those groups in float between the
     fake-quantizers instead (what the file means, not what onnxruntime rounds).
 
-    Exact for files whose weight codes have at most 7 bits, or run with
-    :func:`onnx_session_options` (8-bit codes: ``x64quantprecision``), on x86's AVX2 kernels;
-    a ``ReduceMean`` between Q/DQ pairs sums in float32 in onnxruntime's order, which may
-    differ in the last bit.
+    Bit-exact (checked against onnxruntime 1.32's x86 AVX2 kernels) for files whose weight
+    codes have at most 7 bits, or run with :func:`onnx_session_options` (8-bit codes:
+    ``x64quantprecision``; without it onnxruntime's U8S8 kernels saturate); a ``ReduceMean``
+    between Q/DQ pairs sums in onnxruntime's order. Float ops onnxruntime runs outside such
+    groups (``LayerNormalization``, ``Gelu``...) may differ in the last bit.
 
     ``example_inputs``, ``opset``, ``dynamic_batch``: as given to ``export_onnx`` (torch's
     exporter runs again: its graph names the tensors the file quantizes). Returns a
