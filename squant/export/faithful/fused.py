@@ -37,6 +37,9 @@ class FusedGroup:
     output: str
     inputs: tuple[str, ...]
     module: nn.Module
+    # the module computes the float value before the file's QuantizeLinear, if any (a float
+    # ReduceMean), rather than the dequantized output codes
+    before_quantize: bool = False
 
 
 class _Graph:
@@ -193,7 +196,7 @@ def _reduce_mean(graph: _Graph, node: onnx.NodeProto) -> FusedGroup | None:
     if x is None or axes is None or not len(np.atleast_1d(axes)):
         return None
     return FusedGroup("ReduceMean", node.output[0], (x[0],), integer_ops.ReduceMean(
-        [int(a) for a in np.atleast_1d(axes)], attributes.get("keepdims", 1)))
+        [int(a) for a in np.atleast_1d(axes)], attributes.get("keepdims", 1)), True)
 
 
 _BUILDERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _add,

@@ -60,6 +60,7 @@ def simulate(program: torch.export.ExportedProgram, float_model, model, *,
                                 "this model and these example inputs?")
     offsets = {name: value for name, value in bias_offsets(float_model, model).items()
                if name in nodes}
+    originals = dict(nodes)  # before the quantizers and offsets follow them
     last_input = [node for node in graph.nodes if node.op == "placeholder"][-1]
 
     def follow(name: str, function, *args) -> None:  # tensor ``name`` := function(it, *args)
@@ -77,28 +78,30 @@ def simulate(program: torch.export.ExportedProgram, float_model, model, *,
     for name, parameters in grids.items():
         follow(name, fake_quantize_linear, *parameters)
     if integer_kernels:
-        _fuse(module, model, nodes)
+        _fuse(module, model, nodes, originals)
     graph.lint()
     module.recompile()
     return module
 
 
-def _fuse(module: torch.fx.GraphModule, model, nodes: dict) -> None:
+def _fuse(module: torch.fx.GraphModule, model, nodes: dict, originals: dict) -> None:
     """Replace, in ``module``'s graph, each group of ``model`` that onnxruntime fuses
     (:func:`.fused.fused_groups`) by its integer kernel's module, reading the dequantized
-    tensors the group reads (``nodes``: tensor name -> the node computing it, fake-quantized);
-    the float ops it replaces are dropped."""
+    tensors the group reads (``nodes``: tensor name -> the node computing it, quantized as the
+    file does; ``originals``: before that); the float ops it replaces are dropped."""
     graph = module.graph
     for index, group in enumerate(fused_groups(model)):
         if group.output not in nodes or not all(name in nodes for name in group.inputs):
             continue  # values of torch's exporter with no node here: left as they are
         name = f"squant_{group.kind}_{index}"
         module.add_submodule(name, group.module)
-        old = nodes[group.output]
+        # a float result keeps the file's quantizer after it; codes replace the quantizer
+        old = originals[group.output] if group.before_quantize else nodes[group.output]
         with graph.inserting_after(old):
             new = graph.call_module(name, tuple(nodes[n] for n in group.inputs))
         old.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        nodes[group.output] = new
+        if nodes[group.output] is old:
+            nodes[group.output] = new
     graph.eliminate_dead_code()
 
 
