@@ -15,8 +15,10 @@ twice: with squant's session options, exact, and in a plain session):
   running one sample;
 - top-1 agreement with the FP32 model, with the PyTorch quantized model, and with the PyTorch
   model of the file (``export_onnx(faithful=True)``: the quantized model plus the first layer's
-  input, layer outputs and residual adds fake-quantized as the file does), and accuracy on
-  labelled data; the ops histogram of onnxruntime's optimized graph.
+  input, layer outputs and residual adds quantized as the file does, and onnxruntime's fused
+  integer kernels computed as it computes them), the largest difference of onnxruntime's
+  outputs from that model's (0: the same bits), and accuracy on labelled data; the ops
+  histogram of onnxruntime's optimized graph.
 "W8A8 calibrated" ranges activations from the first 16 inputs (``act_range="percentile"``, and
 ``export_onnx(calibration_data=...)`` for the tensors squant does not range); every row is
 evaluated on the other inputs. The first layer's input grid (``input_range``) is the range of
@@ -98,6 +100,7 @@ class Row:
     agree_fp32: float
     agree_torch: float
     agree_faithful: float  # with squant.export_faithful's PyTorch model of the file
+    faithful_max_diff: float  # max |onnxruntime - faithful model| over the outputs
     accuracy: float | None
     export_s: float
     integer_layers: str
@@ -235,9 +238,11 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
         with torch.no_grad():
             torch_top1 = torch.cat([qmodel(task.inputs[i:i + 50])
                                     for i in range(0, len(task.inputs), 50)]).argmax(1)
-            faithful_top1 = torch.cat([faithful(task.inputs[i:i + 50])
-                                       for i in range(0, len(task.inputs), 50)]).argmax(1)
-        onnx_top1 = torch.from_numpy(outputs(path, task.inputs).argmax(1))
+            faithful_out = torch.cat([faithful(task.inputs[i:i + 50])
+                                      for i in range(0, len(task.inputs), 50)])
+        faithful_top1 = faithful_out.argmax(1)
+        onnx_out = torch.from_numpy(outputs(path, task.inputs))
+        onnx_top1 = onnx_out.argmax(1)
         accuracy = (None if task.labels is None
                     else float((onnx_top1 == task.labels).float().mean()))
         rows[config] = Row(
@@ -245,11 +250,13 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
             session_memory(path, shape) / session_memory(float_path, shape),
             float((onnx_top1 == fp32).float().mean()),
             float((onnx_top1 == torch_top1).float().mean()),
-            float((onnx_top1 == faithful_top1).float().mean()), accuracy, export_s,
+            float((onnx_top1 == faithful_top1).float().mean()),
+            float((onnx_out - faithful_out).abs().max()), accuracy, export_s,
             f"{report.integer_layers}/{len(report.layers)}", dict(report.optimized_ops))
         paths[config] = path
         if config == "W8A8":
-            plain_top1 = torch.from_numpy(outputs(path, task.inputs, plain=True).argmax(1))
+            plain_out = torch.from_numpy(outputs(path, task.inputs, plain=True))
+            plain_top1 = plain_out.argmax(1)
             rows[PLAIN_SESSION] = replace(
                 rows[config], config=PLAIN_SESSION,
                 memory_ratio=session_memory(path, shape, plain=True) / session_memory(
@@ -257,6 +264,7 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
                 agree_fp32=float((plain_top1 == fp32).float().mean()),
                 agree_torch=float((plain_top1 == torch_top1).float().mean()),
                 agree_faithful=float((plain_top1 == faithful_top1).float().mean()),
+                faithful_max_diff=float((plain_out - faithful_out).abs().max()),
                 accuracy=(None if task.labels is None
                           else float((plain_top1 == task.labels).float().mean())))
             paths[PLAIN_SESSION] = path
@@ -273,7 +281,8 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
 def table(rows: list[Row]) -> str:
     labels = [f"b{b}/t{t}" for t in THREADS for b in BATCHES]
     head = ("| model | config | file | " + " | ".join(f"latency {lb}" for lb in labels)
-            + " | memory | agree FP32 | agree torch | agree faithful | accuracy | integer layers"
+            + " | memory | agree FP32 | agree torch | agree faithful | max diff faithful"
+            " | accuracy | integer layers"
             " | export |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
@@ -282,7 +291,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.model} | {r.config} | {r.file_ratio:.3f}x | "
             + " | ".join(f"{r.latency[lb]:.2f}x" for lb in labels)
             + f" | {r.memory_ratio:.2f}x | {100 * r.agree_fp32:.1f}% | "
-            f"{100 * r.agree_torch:.1f}% | {100 * r.agree_faithful:.1f}% | {accuracy} | "
+            f"{100 * r.agree_torch:.1f}% | {100 * r.agree_faithful:.1f}% | "
+            f"{r.faithful_max_diff:.2g} | {accuracy} | "
             f"{r.integer_layers} | {r.export_s:.1f} s |")
     return "\n".join(lines)
 

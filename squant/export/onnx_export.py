@@ -101,6 +101,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     import onnx
 
     from . import fold, graph, qdq, weights
+    from .faithful import simulate
 
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"export_onnx expects a torch.nn.Module, got {type(qmodel).__name__}")
@@ -164,7 +165,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     report = ExportReport(str(path), [results[name] for name in layers],
                           session_config=session_config)
     if faithful:
-        report.faithful_model = qdq.simulate(program, float_model if grids else model, model)
+        report.faithful_model = simulate(program, float_model if grids else model, model)
     _save_atomically(model, Path(path))
     report.file_bytes = Path(path).stat().st_size
     report.optimized_ops = optimized_ops(path, session_config)

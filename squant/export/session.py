@@ -46,14 +46,26 @@ def onnx_session_options(path: str | os.PathLike, *, threads: int | None = None)
 
 def export_faithful(qmodel: nn.Module, path: str | os.PathLike,
                     example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
-                    opset: int = 21, dynamic_batch: bool = True) -> nn.Module:
+                    opset: int = 21, dynamic_batch: bool = True,
+                    integer_kernels: bool = True) -> nn.Module:
     """The PyTorch model that computes what the ONNX file at ``path``, written by
-    :func:`squant.export_onnx` for ``qmodel``, computes: ``qmodel``'s dequantized weights in
-    float, and every activation the file quantizes (layer inputs as squant does, but also the
-    first layer's input, layer outputs, residual adds, pools: each ``QuantizeLinear`` →
+    :func:`squant.export_onnx` for ``qmodel``, computes, value for value as onnxruntime's CPU
+    provider does (:mod:`squant.export.faithful`): ``qmodel``'s dequantized weights in float,
+    every activation the file quantizes (layer inputs as squant does, but also the first
+    layer's input, layer outputs, residual adds, pools: each ``QuantizeLinear`` →
     ``DequantizeLinear`` pair) fake-quantized with the file's own scale and zero point
-    (:func:`squant.core.fake_quant.fake_quantize_linear`). onnxruntime's output then agrees
-    with it up to the integer kernels' rounding, and its accuracy is the file's, in PyTorch.
+    (:func:`squant.core.fake_quant.fake_quantize_linear`), and, with ``integer_kernels``
+    (default), every group onnxruntime fuses into an integer kernel (``QLinearConv``,
+    ``QGemm``, ``QLinearMatMul``, ``QLinearAdd``) computed as that kernel computes it: integer
+    sums, its float32 requantization multiplier, round half to even. Its accuracy is then the
+    file's, in PyTorch. ``integer_kernels=False`` computes those groups in float between the
+    fake-quantizers instead (what the file means, not what onnxruntime rounds).
+
+    Bit-exact (checked against onnxruntime 1.32's x86 AVX2 kernels) for files whose weight
+    codes have at most 7 bits, or run with :func:`onnx_session_options` (8-bit codes:
+    ``x64quantprecision``; without it onnxruntime's U8S8 kernels saturate); a ``ReduceMean``
+    between Q/DQ pairs sums in onnxruntime's order. Float ops onnxruntime runs outside such
+    groups (``LayerNormalization``, ``Gelu``...) may differ in the last bit.
 
     ``example_inputs``, ``opset``, ``dynamic_batch``: as given to ``export_onnx`` (torch's
     exporter runs again: its graph names the tensors the file quantizes). Returns a
@@ -64,12 +76,13 @@ def export_faithful(qmodel: nn.Module, path: str | os.PathLike,
         QuantizationError: the file quantizes a tensor the model's graph does not compute (the
             file was not written for this model).
     """
+    from .faithful import simulate
     from .onnx_export import as_inputs, export_float, require_onnx
-    from .qdq import simulate
 
     require_onnx()
     import onnx
 
     float_model, program = export_float(qmodel, as_inputs(example_inputs), opset,
                                         dynamic_batch)
-    return simulate(program, float_model, onnx.load(os.fspath(path)))
+    return simulate(program, float_model, onnx.load(os.fspath(path)),
+                    integer_kernels=integer_kernels)
