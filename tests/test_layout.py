@@ -195,3 +195,19 @@ def test_a_pickle_written_with_the_old_path_loads():
     again = pickle.loads(written.replace(b"squant.core.tensor", b"squant.tensor"))
     assert type(again) is squant.QuantizedTensor
     assert torch.equal(again.codes, qtensor.codes)
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages explicitly: a new subpackage missing there would be
+    absent from a (non-editable) install."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {"squant." + ".".join(p.parent.relative_to(ROOT / "squant").parts)
+             for p in (ROOT / "squant").rglob("__init__.py")}
+    found = {name.rstrip(".") for name in found}
+    found |= {"squant.kernels" + "".join("." + part for part in
+                                        p.parent.relative_to(ROOT / "kernels").parts)
+              for p in (ROOT / "kernels").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
