@@ -67,5 +67,7 @@ def both_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         entry: Callable = request.getfixturevalue("native_kernels").quantize_blocks
     else:
         entry = kernels.quantize_blocks
-    monkeypatch.setattr(batch, "_quantize_blocks", lambda: entry)
+    other = batch.kernel
+    monkeypatch.setattr(batch, "kernel",
+                        lambda name: entry if name == "quantize_blocks" else other(name))
     return request.param

@@ -22,12 +22,12 @@ from squant.core.options import QuantOptions
 
 def _run(entry, weights, options, ranges=None, moments=None):
     """``batch.quantize_batch`` with the kernel ``entry``."""
-    before = batch._quantize_blocks
-    batch._quantize_blocks = lambda: entry
+    before = batch.kernel
+    batch.kernel = lambda name: entry if name == "quantize_blocks" else before(name)
     try:
         return batch.quantize_batch(weights, options, ranges, moments)
     finally:
-        batch._quantize_blocks = before
+        batch.kernel = before
 
 
 @st.composite
@@ -83,12 +83,13 @@ def test_a_whole_model_is_the_same_with_both_kernels(native_kernels) -> None:
                                 torch.nn.Linear(256, 1000))
     states = []
     for entry in (kernels.quantize_blocks, native_kernels.quantize_blocks):
-        before = batch._quantize_blocks
-        batch._quantize_blocks = lambda entry=entry: entry
+        before = batch.kernel
+        batch.kernel = lambda name, entry=entry, before=before: (
+            entry if name == "quantize_blocks" else before(name))
         try:
             states.append(squant.quantize(model, bits=4).state_dict())
         finally:
-            batch._quantize_blocks = before
+            batch.kernel = before
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key

@@ -13,6 +13,7 @@ numba import, no compile), else numba's JIT (compiled on first use, with a notic
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
@@ -84,15 +85,21 @@ def max_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _quantize_blocks() -> Callable:
-    """The kernel: native when it loads, else numba's JIT (which says so when it compiles)."""
+# The kernels squant calls, and the module of kernels/ that holds each one's JIT version.
+_JIT_MODULES = {"quantize_blocks": "passes", "pack_groups": "packing",
+                "unpack_groups": "packing", "add_error_stats": "error_stats"}
+
+
+def kernel(name: str) -> Callable:
+    """The kernel ``name`` (a key of ``_JIT_MODULES``): the native library's when it loads, else
+    numba's JIT version (imported now; the compile notice says so when it compiles)."""
     loaded = native.load()
     if loaded is not None:
-        return loaded.quantize_blocks
+        return getattr(loaded, name)
     from . import compile_notice
 
     compile_notice.install(native.why_not_native())
-    return kernels.quantize_blocks
+    return getattr(importlib.import_module(f"...kernels.{_JIT_MODULES[name]}", __name__), name)
 
 
 def _thread_count(elements: int, blocks: int) -> int:
@@ -137,7 +144,7 @@ def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elemen
     ran what."""
     count = block_start.shape[0] - 1
     threads = _thread_count(elements, count)
-    quantize_blocks = _quantize_blocks()
+    quantize_blocks = kernel("quantize_blocks")
     if threads == 1:
         quantize_blocks(*args, 0, count, *search_args)
         return

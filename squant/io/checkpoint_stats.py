@@ -10,10 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.batch import run_in_threads
+from ..core import batch
 from ..core.report import channel_parts
 from ..core.tensor import QuantizedTensor
-from ..kernels import native
 from ..kernels.constants import STAT_COUNT, error_stats_scratch
 
 STAT_FIELDS = ("kernel_sum_eq_mean", "kernel_sum_eq_max", "kernel_sum_squant_mean",
@@ -45,16 +44,6 @@ class _Totals:
         return {field: out[field] for field in STAT_FIELDS}
 
 
-def _kernel():
-    """``add_error_stats``: native when it loads, else numba's JIT (compiled on first use)."""
-    loaded = native.load()
-    if loaded is not None:
-        return loaded.add_error_stats
-    from ..kernels.error_stats import add_error_stats
-
-    return add_error_stats
-
-
 def _add(totals: _Totals, weight: torch.Tensor, qweight: QuantizedTensor) -> None:
     """Add a tensor (or block of output channels) with one grid per channel, in blocks of
     channels on squant's threads (each range of blocks into its own accumulator)."""
@@ -68,7 +57,7 @@ def _add(totals: _Totals, weight: torch.Tensor, qweight: QuantizedTensor) -> Non
     step = max(1, _STATS_ELEMENTS * channels // max(1, w.numel()))
     starts = list(range(0, channels, step))
     partial = []
-    add_error_stats = _kernel()
+    add_error_stats = batch.kernel("add_error_stats")
 
     def task(first: int, last: int) -> None:
         out = np.zeros(STAT_COUNT)
@@ -82,7 +71,7 @@ def _add(totals: _Totals, weight: torch.Tensor, qweight: QuantizedTensor) -> Non
                             t_max, out, scratch)
         partial.append(out)  # list.append is atomic under the GIL
 
-    run_in_threads(task, len(starts), w.numel())
+    batch.run_in_threads(task, len(starts), w.numel())
     for out in partial:
         totals.values[:4] += out[:4]
         totals.values[4:] = np.maximum(totals.values[4:], out[4:])

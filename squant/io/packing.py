@@ -7,29 +7,16 @@ group is padded (with unsigned 0) around them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-from ..core.batch import run_in_threads
+from ..core.batch import kernel, run_in_threads
 from ..core.errors import QuantizationError
-from ..kernels import native
-
-
-def _kernel(name: str) -> Callable:
-    """``pack_groups`` or ``unpack_groups``: native when it loads, else numba's JIT."""
-    loaded = native.load()
-    if loaded is not None:
-        return getattr(loaded, name)
-    from ..kernels import packing
-
-    return getattr(packing, name)
 
 
 def _run_groups(name: str, source: np.ndarray, bits: int, out: np.ndarray, groups: int) -> None:
     """The kernel ``name`` over ``groups`` groups of 8 codes, on squant's threads."""
-    kernel = _kernel(name)
-    run_in_threads(lambda first, last: kernel(source, bits, out, first, last), groups, groups * 8)
+    task = kernel(name)
+    run_in_threads(lambda first, last: task(source, bits, out, first, last), groups, groups * 8)
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -48,7 +35,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
         last = np.full(8, -(1 << (bits - 1)), np.int8)  # unsigned 0: zero padding bits
         last[: flat.size - whole] = flat[whole:]
         tail = np.empty(bits, np.uint8)
-        _kernel("pack_groups")(last, bits, tail, 0, 1)
+        kernel("pack_groups")(last, bits, tail, 0, 1)
         out[whole // 8 * bits :] = tail[: out.size - whole // 8 * bits]
     return out
 
@@ -66,6 +53,6 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
         tail = np.zeros(bits, np.uint8)
         tail[: packed.size - whole // 8 * bits] = packed[whole // 8 * bits :]
         last = np.empty(8, np.int8)
-        _kernel("unpack_groups")(tail, bits, last, 0, 1)
+        kernel("unpack_groups")(tail, bits, last, 0, 1)
         out[whole:] = last[: count - whole]
     return out
