@@ -23,20 +23,27 @@ LIBRARY = "squant_kernels.so"
 RECORD = "squant_kernels.json"
 HERE = Path(__file__).resolve().parent
 
-# The entries' one argument: an int64 array of these, addresses of the arrays (their first
-# element) and counts.
-ARGS = ("channels", "blocks", "first_block", "last_block", "ch_address", "ch_codes_address",
+# Each entry's one argument: an int64 array of these values in this order, addresses of arrays
+# (their first element) and counts. The callers below fill it by name; native/build.py reads it
+# by position. quantize_blocks_searched takes quantize_blocks' and unpack_groups pack_groups'.
+ARGS = {
+    "quantize_blocks": (
+        "channels", "blocks", "first_block", "last_block", "ch_address", "ch_codes_address",
         "ch_inner", "ch_ksize", "ch_bits", "ch_flags", "ch_lo", "ch_hi", "block_start", "scale",
-        "zero", "finite", "moments", "moment_count", "ch_moments_start", "scratch")
+        "zero", "finite", "moments", "moment_count", "ch_moments_start", "scratch"),
+    "pack_groups": ("codes", "code_count", "bits", "packed", "packed_count", "first", "last"),
+    "add_error_stats": ("w", "codes", "channels", "kernels", "ksize", "scale", "zero", "t_min",
+                        "t_max", "out", "scratch", "scratch_size"),
+}
 
 
-def source_digest(folder: Path = HERE) -> str:
-    """SHA-256 of the kernels' sources: every ``.py`` and ``.c`` file of ``folder`` (this one)
-    and of the kernels' folder above it, by name."""
+def source_digest() -> str:
+    """SHA-256 of the kernels' sources: every ``.py`` and ``.c`` file of this folder and of the
+    kernels' folder above it, by name."""
     digest = hashlib.sha256()
-    for path in sorted([*folder.parent.iterdir(), *folder.iterdir()]):
+    for path in sorted([*HERE.parent.iterdir(), *HERE.iterdir()]):
         if path.suffix in (".py", ".c"):
-            name = path.relative_to(folder.parent).as_posix()
+            name = path.relative_to(HERE.parent).as_posix()
             digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -109,20 +116,24 @@ class NativeKernels:
         scratch = np.empty(scratch_layout(int(size.max(initial=1)), int(ch_inner.max(initial=1)),
                                           int(ch_ksize.max(initial=1)))[-1], np.uint8)
         moments = np.empty(0) if search_moments is None else search_moments
-        args = [
-            ch_address.size, block_start.size - 1, first_block, last_block,
-            ch_address.ctypes.data, ch_codes_address.ctypes.data, ch_inner.ctypes.data,
-            ch_ksize.ctypes.data, ch_bits.ctypes.data, ch_flags.ctypes.data, ch_lo.ctypes.data,
-            ch_hi.ctypes.data, block_start.ctypes.data, scale.ctypes.data, zero.ctypes.data,
-            finite.ctypes.data, moments.ctypes.data, moments.size, ch_moments_start.ctypes.data,
-            scratch.ctypes.data]
-        self._call("quantize_blocks" if search_moments is None else "quantize_blocks_searched",
-                   *args)
+        self._call(
+            "quantize_blocks" if search_moments is None else "quantize_blocks_searched",
+            "quantize_blocks", channels=ch_address.size, blocks=block_start.size - 1,
+            first_block=first_block, last_block=last_block, ch_address=ch_address.ctypes.data,
+            ch_codes_address=ch_codes_address.ctypes.data, ch_inner=ch_inner.ctypes.data,
+            ch_ksize=ch_ksize.ctypes.data, ch_bits=ch_bits.ctypes.data,
+            ch_flags=ch_flags.ctypes.data, ch_lo=ch_lo.ctypes.data, ch_hi=ch_hi.ctypes.data,
+            block_start=block_start.ctypes.data, scale=scale.ctypes.data, zero=zero.ctypes.data,
+            finite=finite.ctypes.data, moments=moments.ctypes.data, moment_count=moments.size,
+            ch_moments_start=ch_moments_start.ctypes.data, scratch=scratch.ctypes.data)
 
-    def _call(self, name: str, *args: int) -> None:
-        """The entry ``name`` with the int64 array of ``args`` (addresses and counts; the caller
-        keeps the arrays they point into alive)."""
-        table = np.array(args, np.int64)  # alive until the call returns
+    def _call(self, name: str, layout: str, **values: int) -> None:
+        """The entry ``name`` with the int64 array of ``values`` in the order of
+        ``ARGS[layout]`` (addresses and counts; the caller keeps the arrays they point into
+        alive)."""
+        if values.keys() != set(ARGS[layout]):
+            raise TypeError(f"native {name}: arguments {sorted(values)} are not {ARGS[layout]}")
+        table = np.array([values[key] for key in ARGS[layout]], np.int64)  # alive until return
         if self._entries[name](table.ctypes.data) != 1:
             raise RuntimeError(f"squant's native kernels ({self.path}) failed in {name}; "
                                "SQUANT_KERNELS=jit runs numba's JIT, which names the error")
@@ -130,15 +141,16 @@ class NativeKernels:
     def pack_groups(self, codes, bits, out, first, last) -> None:
         """:func:`..packing.pack_groups` in the native library (int8 ``codes`` and uint8
         ``out``, 1-D and C-contiguous)."""
-        self._call("pack_groups", codes.ctypes.data, codes.size, bits, out.ctypes.data,
-                   out.size, first, last)
+        self._call("pack_groups", "pack_groups", codes=codes.ctypes.data, code_count=codes.size,
+                   bits=bits, packed=out.ctypes.data, packed_count=out.size, first=first,
+                   last=last)
 
     def unpack_groups(self, packed, bits, out, first, last) -> None:
         """:func:`..packing.unpack_groups` in the native library (uint8 ``packed`` and int8
         ``out``, 1-D and C-contiguous)."""
-        self._call("unpack_groups", out.ctypes.data, out.size, bits, packed.ctypes.data,
-                   packed.size, first, last)
-
+        self._call("unpack_groups", "pack_groups", codes=out.ctypes.data, code_count=out.size,
+                   bits=bits, packed=packed.ctypes.data, packed_count=packed.size, first=first,
+                   last=last)
 
     def add_error_stats(self, w, codes, scale, zero, t_min, t_max, out, scratch) -> None:
         """:func:`..error_stats.add_error_stats` in the native library (C-contiguous arrays of
@@ -146,9 +158,10 @@ class NativeKernels:
         channels, kernels, ksize = w.shape
         if codes.shape != w.shape or scratch.size < error_stats_scratch(channels, kernels, ksize):
             raise ValueError("add_error_stats: codes' shape or scratch's size does not fit w")
-        self._call("add_error_stats", w.ctypes.data, codes.ctypes.data, channels, kernels,
-                   ksize, scale.ctypes.data, zero.ctypes.data, t_min, t_max, out.ctypes.data,
-                   scratch.ctypes.data, scratch.size)
+        self._call("add_error_stats", "add_error_stats", w=w.ctypes.data,
+                   codes=codes.ctypes.data, channels=channels, kernels=kernels, ksize=ksize,
+                   scale=scale.ctypes.data, zero=zero.ctypes.data, t_min=t_min, t_max=t_max,
+                   out=out.ctypes.data, scratch=scratch.ctypes.data, scratch_size=scratch.size)
 
 
 _loaded: list = []  # [NativeKernels | None, why not] once tried

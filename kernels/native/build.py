@@ -45,11 +45,16 @@ from ..packing import pack_groups, unpack_groups
 from ..passes import block_extent, quantize_block
 from . import ARGS, LIBRARY, RECORD, cpu_identity, host_cpu, source_digest
 
-# Positions in the argument array (globals: numba freezes them as constants).
+# Positions in the argument arrays, in the order of ARGS (globals: numba freezes them).
 (_CHANNELS, _BLOCKS, _FIRST_BLOCK, _LAST_BLOCK, _CH_ADDRESS, _CH_CODES_ADDRESS, _CH_INNER,
  _CH_KSIZE, _CH_BITS, _CH_FLAGS, _CH_LO, _CH_HI, _BLOCK_START, _SCALE, _ZERO, _FINITE, _MOMENTS,
- _MOMENT_COUNT, _CH_MOMENTS_START, _SCRATCH) = range(len(ARGS))
-_COUNT = len(ARGS)
+ _MOMENT_COUNT, _CH_MOMENTS_START, _SCRATCH) = range(len(ARGS["quantize_blocks"]))
+_COUNT = len(ARGS["quantize_blocks"])
+_CODES, _CODE_COUNT, _BITS, _PACKED, _PACKED_COUNT, _FIRST, _LAST = range(len(ARGS["pack_groups"]))
+_PACK_COUNT = len(ARGS["pack_groups"])
+(_W, _STAT_CODES, _STAT_CHANNELS, _STAT_KERNELS, _STAT_KSIZE, _STAT_SCALE, _STAT_ZERO, _T_MIN,
+ _T_MAX, _OUT, _STAT_SCRATCH, _STAT_SCRATCH_SIZE) = range(len(ARGS["add_error_stats"]))
+_STAT_ARG_COUNT = len(ARGS["add_error_stats"])
 _SIGNATURE = types.int64(types.CPointer(types.int64))
 HERE = Path(__file__).resolve().parent
 
@@ -93,13 +98,9 @@ def _quantize_blocks_searched(args):
     return _run(a, view_at(a[_MOMENTS], a[_MOMENT_COUNT], np.float64))
 
 
-# Packing's entries: codes (address, count), bits, packed bytes (address, count), groups.
-_CODES, _CODE_COUNT, _BITS, _PACKED, _PACKED_COUNT, _FIRST, _LAST = range(7)
-
-
 @cfunc(_SIGNATURE, cache=False)
 def _pack_groups(args):
-    a = numba.carray(args, 7)
+    a = numba.carray(args, _PACK_COUNT)
     pack_groups(view_at(a[_CODES], a[_CODE_COUNT], np.int8), a[_BITS],
                 view_at(a[_PACKED], a[_PACKED_COUNT], np.uint8), a[_FIRST], a[_LAST])
     return np.int64(1)
@@ -107,21 +108,15 @@ def _pack_groups(args):
 
 @cfunc(_SIGNATURE, cache=False)
 def _unpack_groups(args):
-    a = numba.carray(args, 7)
+    a = numba.carray(args, _PACK_COUNT)
     unpack_groups(view_at(a[_PACKED], a[_PACKED_COUNT], np.uint8), a[_BITS],
                   view_at(a[_CODES], a[_CODE_COUNT], np.int8), a[_FIRST], a[_LAST])
     return np.int64(1)
 
 
-# The statistics' entry: weights, codes, (channels, kernels, kernel), scale, zero, code range,
-# out, scratch (its size in float64).
-(_W, _STAT_CODES, _STAT_CHANNELS, _STAT_KERNELS, _STAT_KSIZE, _STAT_SCALE, _STAT_ZERO, _T_MIN,
- _T_MAX, _OUT, _STAT_SCRATCH, _STAT_SCRATCH_SIZE) = range(12)
-
-
 @cfunc(_SIGNATURE, cache=False)
 def _error_stats(args):
-    a = numba.carray(args, 12)
+    a = numba.carray(args, _STAT_ARG_COUNT)
     shape = (a[_STAT_CHANNELS], a[_STAT_KERNELS], a[_STAT_KSIZE])
     add_error_stats(view_at(a[_W], shape, np.float32), view_at(a[_STAT_CODES], shape, np.int8),
                     view_at(a[_STAT_SCALE], shape[0], np.float32),
@@ -131,13 +126,10 @@ def _error_stats(args):
     return np.int64(1)
 
 
-def _object_code(entry) -> bytes:
-    """The entry's finalized module (its callees linked in) as a PIC object for the host CPU."""
+def _object_code(entry, machine: llvm.TargetMachine) -> bytes:
+    """The entry's finalized module (its callees linked in) as an object made by ``machine``."""
     library = entry._library
     library._ensure_finalized()
-    cpu, features = host_cpu()
-    machine = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
-        cpu=cpu, features=features, opt=3, reloc="pic", codemodel="default")
     return machine.emit_object(library._final_module)
 
 
@@ -153,11 +145,14 @@ def build(out: Path) -> Path:
                "quantize_blocks_searched": _quantize_blocks_searched,
                "pack_groups": _pack_groups, "unpack_groups": _unpack_groups,
                "add_error_stats": _error_stats}
+    cpu, features = host_cpu()
+    machine = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
+        cpu=cpu, features=features, opt=3, reloc="pic", codemodel="default")
     with tempfile.TemporaryDirectory(dir=out) as work:
         objects = []
         for name, entry in entries.items():
             path = Path(work) / f"{name}.o"
-            path.write_bytes(_object_code(entry))
+            path.write_bytes(_object_code(entry, machine))
             objects.append(str(path))
         library = Path(work) / LIBRARY
         command = [*compiler, "-shared", "-fPIC", "-O2", "-o", str(library), *objects,
@@ -172,7 +167,6 @@ def build(out: Path) -> Path:
             ctypes.CDLL(str(library), mode=os.RTLD_NOW | os.RTLD_LOCAL)
         except OSError as error:
             raise RuntimeError(f"the native kernels do not load: {error}") from error
-        cpu, features = host_cpu()
         record = {"source": source_digest(), "cpu_identity": cpu_identity(), "cpu": cpu,
                   "features": features,
                   "numba": numba.__version__, "platform": sys.platform,
