@@ -17,8 +17,6 @@ asked for.
 import numpy as np
 from numba import njit
 
-from .constants import STAT_COUNT  # noqa: F401 (out's length: re-exported)
-
 KERNEL_EQ, KERNEL_SQUANT, CHANNEL_EQ, CHANNEL_SQUANT = 0, 1, 2, 3
 
 
@@ -27,7 +25,7 @@ KERNEL_EQ, KERNEL_SQUANT, CHANNEL_EQ, CHANNEL_SQUANT = 0, 1, 2, 3
 # the loops from being vectorized).
 @njit(cache=True, nogil=True)
 def add_error_stats(w, codes, scale, zero, t_min, t_max, out, scratch):
-    """Add a block's statistics to ``out`` (float64, ``STAT_COUNT``).
+    """Add a block's statistics to ``out`` (float64, ``kernels.constants.STAT_COUNT``).
 
     ``w``: float32 (channels, kernels, kernel); ``codes``: int8 of the same shape; ``scale``,
     ``zero``: float32 (channels,); ``t_min``, ``t_max``: the grid's code range; ``scratch``:

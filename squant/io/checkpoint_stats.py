@@ -24,7 +24,7 @@ _STATS_ELEMENTS = 1 << 20
 
 
 class _Totals:
-    """The kernels' accumulated statistics (``error_stats.STAT_COUNT`` float64) and the counts
+    """The kernels' accumulated statistics (``kernels.constants.STAT_COUNT`` float64) and the counts
     of kernels and channels they are over."""
 
     def __init__(self) -> None:
