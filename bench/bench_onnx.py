@@ -8,7 +8,8 @@ crops of bench/accuracy.py, at W8A8 (symmetric grid; and the default asymmetric 
 ``include_zero=True``, whose non-zero weight zero points onnxruntime runs on a slow path), W4A8
 and W4 weight-only (all squant KC, data-free activation ranges), it prints (symmetric W8A8
 twice: with squant's session options, exact, and in a plain session):
-- file size against the float ONNX file;
+- file size against the float ONNX file (torch.onnx.export's), and against that file without
+  the exporter's debugging metadata, which squant's files drop ("bare float");
 - onnxruntime latency against the float ONNX model at batch 1 and 8, with 1 and 2 threads:
   sessions interleaved in one process, each timed for >= 0.2 s per round, median over rounds;
 - session memory: RSS growth of a fresh process (its imports done) creating the session and
@@ -46,12 +47,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 import squant
 from squant.demo_model import PIXEL_MEAN, PIXEL_STD, load_demo_data, load_demo_model
+from squant.export.graph import drop_exporter_debug_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_data import (  # noqa: E402
@@ -94,7 +97,8 @@ class Task:
 class Row:
     model: str
     config: str
-    file_ratio: float
+    file_ratio: float  # against the float file torch.onnx.export writes
+    file_ratio_bare: float  # against that file without torch's debugging metadata
     latency: dict[str, float]  # "b1/t1": time ratio to float ONNX
     memory_ratio: float
     agree_fp32: float
@@ -221,6 +225,10 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
     float_path = folder / f"{task.name}-float.onnx".replace(" ", "_")
     torch.onnx.export(task.model, (example,), str(float_path), dynamo=True, external_data=False,
                       verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    bare = onnx.load(str(float_path))  # squant's files drop the exporter's debug metadata
+    drop_exporter_debug_info(bare)
+    onnx.save(bare, str(float_path.with_suffix(".bare.onnx")))
+    bare_bytes = float_path.with_suffix(".bare.onnx").stat().st_size
     with torch.no_grad():
         fp32 = torch.cat([task.model(task.inputs[i:i + 50])
                           for i in range(0, len(task.inputs), 50)]).argmax(1)
@@ -246,7 +254,8 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
         accuracy = (None if task.labels is None
                     else float((onnx_top1 == task.labels).float().mean()))
         rows[config] = Row(
-            task.name, config, path.stat().st_size / float_path.stat().st_size, {},
+            task.name, config, path.stat().st_size / float_path.stat().st_size,
+            path.stat().st_size / bare_bytes, {},
             session_memory(path, shape) / session_memory(float_path, shape),
             float((onnx_top1 == fp32).float().mean()),
             float((onnx_top1 == torch_top1).float().mean()),
@@ -280,7 +289,8 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
 
 def table(rows: list[Row]) -> str:
     labels = [f"b{b}/t{t}" for t in THREADS for b in BATCHES]
-    head = ("| model | config | file | " + " | ".join(f"latency {lb}" for lb in labels)
+    head = ("| model | config | file | file vs bare float | "
+            + " | ".join(f"latency {lb}" for lb in labels)
             + " | memory | agree FP32 | agree torch | agree faithful | max diff faithful"
             " | accuracy | integer layers"
             " | export |")
@@ -288,7 +298,7 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         accuracy = "—" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
         lines.append(
-            f"| {r.model} | {r.config} | {r.file_ratio:.3f}x | "
+            f"| {r.model} | {r.config} | {r.file_ratio:.3f}x | {r.file_ratio_bare:.3f}x | "
             + " | ".join(f"{r.latency[lb]:.2f}x" for lb in labels)
             + f" | {r.memory_ratio:.2f}x | {100 * r.agree_fp32:.1f}% | "
             f"{100 * r.agree_torch:.1f}% | {100 * r.agree_faithful:.1f}% | "

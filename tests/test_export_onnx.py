@@ -97,6 +97,66 @@ def test_file_is_smaller_and_batch_is_dynamic(tmp_path):
     assert (tmp_path / "q.onnx").stat().st_size < 0.3 * (tmp_path / "f.onnx").stat().st_size
 
 
+def _metadata_keys(model) -> set[str]:
+    graph = model.graph
+    owners = [*graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer]
+    return {prop.key for owner in owners for prop in owner.metadata_props}
+
+
+def test_exporter_debug_metadata_is_dropped_and_squants_kept(cnn, tmp_path):
+    example = torch.rand(2, 3, 8, 8)
+    squant.export_onnx(squant.quantize(cnn, 4, act_bits=8, input_shape=(3, 8, 8)),
+                       tmp_path / "q.onnx", example)
+    torch.onnx.export(cnn, (example,), str(tmp_path / "f.onnx"), dynamo=True,
+                      external_data=False, verbose=False)
+    exported = _metadata_keys(onnx.load(str(tmp_path / "f.onnx")))
+    assert any(key.startswith("pkg.torch.") for key in exported)  # what there is to drop
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert not {key for key in _metadata_keys(model)
+                if key.startswith(("pkg.torch.", "pkg.onnxscript.")) or key == "namespace"}
+    assert {prop.key for prop in model.metadata_props} >= {"squant.producer",
+                                                            "squant.session_config"}
+
+
+def test_quantized_biases_use_dequantize_default_zero_point(cnn, tmp_path):
+    example = torch.rand(2, 3, 8, 8)
+    qmodel = squant.quantize(cnn, 4, act_bits=8, input_shape=(3, 8, 8))
+    report = squant.export_onnx(qmodel, tmp_path / "q.onnx", example)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    int32 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT32}
+    biases = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0] in int32]
+    assert len(biases) == 4 and all(len(n.input) == 2 for n in biases)
+    assert set(int32) == {n.input[0] for n in biases}  # no zero-point initializer left
+    assert report.optimized_ops["QLinearConv"] == 3 and report.optimized_ops["QGemm"] == 1
+
+
+def test_drop_exporter_debug_info_reaches_subgraphs_and_keeps_other_keys():
+    from onnx import TensorProto, helper
+
+    from squant.export.graph import drop_exporter_debug_info
+
+    def tagged(node, **props):
+        helper.set_metadata_props(node, props)
+        return node
+
+    branch = helper.make_graph(
+        [tagged(helper.make_node("Identity", ["x"], ["y"]), namespace="a",
+                **{"pkg.torch.onnx.stack_trace": "/home/me/model.py", "mine": "kept"})],
+        "branch", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    condition = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])
+    helper.set_metadata_props(x, {"pkg.torch.export.graph_signature.InputSpec.kind": "USER"})
+    node = tagged(helper.make_node("If", ["c"], ["out"], then_branch=branch, else_branch=branch),
+                  **{"pkg.onnxscript.rewriter.rule_name": "r"})
+    model = helper.make_model(helper.make_graph([node], "g", [condition, x], [out]))
+    assert drop_exporter_debug_info(model) == 6  # the branch is one graph proto, copied twice
+    inner = model.graph.node[0].attribute[0].g.node[0]
+    assert [(p.key, p.value) for p in inner.metadata_props] == [("mine", "kept")]
+    assert not model.graph.node[0].metadata_props and not model.graph.input[1].metadata_props
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_low_bit_linear_becomes_matmul_nbits(tmp_path, bits):
     torch.manual_seed(1)

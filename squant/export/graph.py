@@ -22,6 +22,39 @@ from .weights import WeightCodes
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+# Debugging metadata torch's exporter (and onnxscript's optimizer) attach to nodes and values.
+_EXPORTER_DEBUG_KEYS = ("pkg.torch.", "pkg.onnxscript.", "namespace")
+
+
+def drop_exporter_debug_info(model: onnx.ModelProto) -> int:
+    """Remove, in place, the debugging metadata torch's dynamo exporter attaches to every node
+    and value: ``pkg.torch.*`` (stack traces holding the exporting machine's file paths, fx node
+    dumps, module scopes and class hierarchies), ``namespace``, and onnxscript's rewrite-rule
+    names. Runtimes ignore them; on MobileNetV2 they are 116 KB, 3% of its 8-bit file. Other
+    metadata, and the model's own properties, are kept. Subgraphs and functions included.
+    Returns the number of entries removed."""
+    removed = 0
+    graphs = [model.graph]
+    owners: list = []
+    while graphs:
+        graph = graphs.pop()
+        owners += [*graph.node, *graph.input, *graph.output, *graph.value_info,
+                   *graph.initializer]
+        for node in graph.node:
+            for attribute in node.attribute:
+                graphs += [attribute.g] if attribute.HasField("g") else []
+                graphs += list(attribute.graphs)
+    for function in model.functions:
+        owners += list(function.node)
+    for owner in owners:
+        kept = [prop for prop in owner.metadata_props
+                if not prop.key.startswith(_EXPORTER_DEBUG_KEYS)]
+        removed += len(owner.metadata_props) - len(kept)
+        del owner.metadata_props[:]
+        owner.metadata_props.extend(kept)
+    return removed
+
+
 @dataclass
 class LayerSite:
     """Where a quantized layer's weight sits in the graph.

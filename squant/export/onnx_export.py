@@ -166,6 +166,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
                           session_config=session_config)
     if faithful:
         report.faithful_model = simulate(program, float_model if grids else model, model)
+    graph.drop_exporter_debug_info(model)
     _save_atomically(model, Path(path))
     report.file_bytes = Path(path).stat().st_size
     report.optimized_ops = optimized_ops(path, session_config)

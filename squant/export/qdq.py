@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..core.errors import QuantizationError
 from ..core.fake_quant import grid
@@ -251,7 +251,26 @@ def quantize_qdq(model: onnx.ModelProto, codes: dict[str, WeightCodes],
                                        "ActivationSymmetric": False})
         quantized = onnx.load(target)
     _float_outputs(quantized)
+    _default_bias_zero_points(quantized)
     return quantized
+
+
+def _default_bias_zero_points(model: onnx.ModelProto) -> None:
+    """Drop the all-zero int32 zero points onnxruntime's quantizer writes for each quantized
+    bias (4 bytes per output channel: 72 KB, 2% of MobileNetV2's 8-bit file): 0 is
+    ``DequantizeLinear``'s default, and onnxruntime fuses the same kernels and computes the same
+    bits without them (checked on MobileNetV2, with and without ``x64quantprecision``). The
+    int8 weight zero points stay: without them onnxruntime leaves a ``Gemm`` float."""
+    graph = model.graph
+    constants = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        zero = constants.get(node.input[2]) if (
+            node.op_type == "DequantizeLinear" and len(node.input) == 3) else None
+        if zero is None or zero.data_type != TensorProto.INT32 or \
+                numpy_helper.to_array(zero).any():
+            continue
+        del node.input[2]
+        drop_initializer(graph, zero.name)
 
 
 def _float_outputs(model: onnx.ModelProto) -> None:
