@@ -92,6 +92,9 @@ def dither_off_q4_1(model: torch.nn.Module, names: list[str], block: int = 32,
         for name in names:
             weight = modules[name].weight
             rows, cols = weight.shape
+            if cols % block:
+                raise ValueError(f"{name}: {cols} input features are not whole Q4_1 blocks of "
+                                 f"{block}: not a weight stored as Q4_1")
             blocks = weight.reshape(rows, cols // block, block)
             low = blocks.amin(-1, keepdim=True)
             step = ((blocks.amax(-1, keepdim=True) - low) / 15).clamp(min=1e-12)
