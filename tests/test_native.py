@@ -203,3 +203,42 @@ def test_native_kernels_refuse_arrays_they_would_misread(native_kernels) -> None
         wrong[position] = bad
         with pytest.raises(TypeError, match="must be a C-contiguous 1-D"):
             native_kernels.quantize_blocks(*wrong)
+
+
+def test_prepared_runner_takes_any_block_range_and_refuses_others(native_kernels) -> None:
+    """``prepare_quantize_blocks`` checks once; its runner quantizes any range of blocks (the
+    driver's threads each take some) into the same codes as one call, and refuses a range
+    outside the table before the library reads it."""
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((60, 200, 9)).astype(np.float32)]  # 4 blocks
+    captured = {}
+
+    def capture(*args):
+        captured["args"] = args
+
+    _run(capture, weights, [QuantOptions()])
+    args = list(captured["args"])
+    block_start = args[8]
+    blocks = block_start.size - 1
+    outputs = {}
+    for label, ranges in (("one call", [(0, blocks)]),
+                          ("in pieces", [(b, b + 1) for b in range(blocks)][::-1])):
+        codes = np.zeros(sum(w.size for w in weights), np.int8)
+        tables = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+        tables[1] = codes.ctypes.data + (args[1] - args[1][0])  # codes at a fresh address
+        scale, zero, finite = tables[9], tables[10], tables[11]
+        scale[:], zero[:], finite[:] = 0, 0, False
+        run = native_kernels.prepare_quantize_blocks(*tables[:12], *tables[14:])
+        for first, last in ranges:
+            run(first, last)
+        outputs[label] = (codes, scale.copy(), zero.copy(), finite.copy())
+    assert blocks > 1 and outputs["one call"][3].all()
+    for a, b in zip(outputs["one call"], outputs["in pieces"]):
+        np.testing.assert_array_equal(a, b)
+    finite = run.arrays[11]
+    finite[:] = False
+    run(blocks - 1, blocks)  # the last block only
+    assert finite[block_start[-2]:].all() and not finite[:block_start[-2]].any()
+    for first, last in ((0, blocks + 1), (-1, 1), (2, 1)):
+        with pytest.raises(ValueError, match="out of"):
+            run(first, last)

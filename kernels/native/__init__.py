@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,17 @@ class NativeKernels:
         """:func:`..passes.quantize_blocks` in the native library (same arguments and results;
         the arrays as the caller builds them: 1-D, C-contiguous, of the dtypes it documents).
         Releases the GIL. Raises ``RuntimeError`` if the library reports a failure."""
+        self.prepare_quantize_blocks(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits,
+                                     ch_flags, ch_lo, ch_hi, block_start, scale, zero, finite,
+                                     search_moments, ch_moments_start)(first_block, last_block)
+
+    def prepare_quantize_blocks(self, ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits,
+                                ch_flags, ch_lo, ch_hi, block_start, scale, zero, finite,
+                                search_moments, ch_moments_start) -> Callable[[int, int], None]:
+        """:meth:`quantize_blocks` with every argument but the block range checked and laid out
+        once: returns ``run(first_block, last_block)``, which several threads may call at once
+        (each call gets its own scratch). A call then costs microseconds of Python, not the
+        checks' and the table's hundred: the driver calls it once per range of blocks."""
         _check_arrays(("ch_address", ch_address, np.int64),
                       ("ch_codes_address", ch_codes_address, np.int64),
                       ("ch_inner", ch_inner, np.int64), ("ch_ksize", ch_ksize, np.int64),
@@ -113,30 +125,55 @@ class NativeKernels:
         if search_moments is not None:
             _check_arrays(("search_moments", search_moments, np.float64), count=search_moments.size)
         size = ch_inner * ch_ksize
-        scratch = np.empty(scratch_layout(int(size.max(initial=1)), int(ch_inner.max(initial=1)),
-                                          int(ch_ksize.max(initial=1)))[-1], np.uint8)
+        scratch_bytes = scratch_layout(int(size.max(initial=1)), int(ch_inner.max(initial=1)),
+                                       int(ch_ksize.max(initial=1)))[-1]
         moments = np.empty(0) if search_moments is None else search_moments
-        self._call(
-            "quantize_blocks" if search_moments is None else "quantize_blocks_searched",
-            "quantize_blocks", channels=ch_address.size, blocks=block_start.size - 1,
-            first_block=first_block, last_block=last_block, ch_address=ch_address.ctypes.data,
+        name = "quantize_blocks" if search_moments is None else "quantize_blocks_searched"
+        blocks = block_start.size - 1
+        template = self._table(
+            "quantize_blocks", channels=ch_address.size, blocks=blocks, first_block=0,
+            last_block=0, ch_address=ch_address.ctypes.data,
             ch_codes_address=ch_codes_address.ctypes.data, ch_inner=ch_inner.ctypes.data,
             ch_ksize=ch_ksize.ctypes.data, ch_bits=ch_bits.ctypes.data,
             ch_flags=ch_flags.ctypes.data, ch_lo=ch_lo.ctypes.data, ch_hi=ch_hi.ctypes.data,
             block_start=block_start.ctypes.data, scale=scale.ctypes.data, zero=zero.ctypes.data,
             finite=finite.ctypes.data, moments=moments.ctypes.data, moment_count=moments.size,
-            ch_moments_start=ch_moments_start.ctypes.data, scratch=scratch.ctypes.data)
+            ch_moments_start=ch_moments_start.ctypes.data, scratch=0)
+        first_at, last_at, scratch_at = (ARGS["quantize_blocks"].index(key)
+                                         for key in ("first_block", "last_block", "scratch"))
+        def run(first_block: int, last_block: int) -> None:
+            if not 0 <= first_block <= last_block <= blocks:
+                raise ValueError(f"native quantize_blocks: blocks {first_block}..{last_block} "
+                                 f"out of 0..{blocks}")
+            table = template.copy()
+            scratch = np.empty(scratch_bytes, np.uint8)
+            table[first_at], table[last_at] = first_block, last_block
+            table[scratch_at] = scratch.ctypes.data
+            self._run_entry(name, table)
 
-    def _call(self, name: str, layout: str, **values: int) -> None:
-        """The entry ``name`` with the int64 array of ``values`` in the order of
-        ``ARGS[layout]`` (addresses and counts; the caller keeps the arrays they point into
-        alive)."""
+        # The arrays the table points into stay alive as long as run does.
+        run.arrays = (ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
+                      ch_hi, block_start, scale, zero, finite, moments, ch_moments_start)
+        return run
+
+    def _table(self, layout: str, **values: int) -> np.ndarray:
+        """The int64 argument array of ``values`` in the order of ``ARGS[layout]`` (addresses
+        and counts)."""
         if values.keys() != set(ARGS[layout]):
-            raise TypeError(f"native {name}: arguments {sorted(values)} are not {ARGS[layout]}")
-        table = np.array([values[key] for key in ARGS[layout]], np.int64)  # alive until return
+            raise TypeError(f"native {layout}: arguments {sorted(values)} are not {ARGS[layout]}")
+        return np.array([values[key] for key in ARGS[layout]], np.int64)
+
+    def _run_entry(self, name: str, table: np.ndarray) -> None:
+        """The entry ``name`` on the argument array ``table`` (the caller keeps the arrays its
+        addresses point into alive)."""
         if self._entries[name](table.ctypes.data) != 1:
             raise RuntimeError(f"squant's native kernels ({self.path}) failed in {name}; "
                                "SQUANT_KERNELS=jit runs numba's JIT, which names the error")
+
+    def _call(self, name: str, layout: str, **values: int) -> None:
+        """The entry ``name`` with the argument array of ``values`` (see :meth:`_table`; the
+        caller keeps the arrays they point into alive)."""
+        self._run_entry(name, self._table(layout, **values))
 
     def pack_groups(self, codes, bits, out, first, last) -> None:
         """:func:`..packing.pack_groups` in the native library (int8 ``codes`` and uint8

@@ -144,14 +144,24 @@ def _run_blocks(args: tuple, search_args: tuple, block_start: np.ndarray, elemen
     ran what."""
     count = block_start.shape[0] - 1
     threads = _thread_count(elements, count)
-    quantize_blocks = kernel("quantize_blocks")
+    run = _block_runner(kernel("quantize_blocks"), args, search_args)
     if threads == 1:
-        quantize_blocks(*args, 0, count, *search_args)
+        run(0, count)
         return
     inner, ksize, flags = args[2], args[3], args[5]
     block_work = np.add.reduceat(_channel_work(inner * ksize, ksize, flags), block_start[:-1])
-    _run_ranges(lambda first, last: quantize_blocks(*args, first, last, *search_args),
-                _chunk_cuts(block_work, threads), threads)
+    _run_ranges(run, _chunk_cuts(block_work, threads), threads)
+
+
+def _block_runner(quantize_blocks: Callable, args: tuple, search_args: tuple
+                  ) -> Callable[[int, int], None]:
+    """``run(first_block, last_block)``: ``quantize_blocks`` on that range of blocks. The
+    native library's entry checks and lays out its arguments once for every range
+    (``prepare_quantize_blocks``); numba's JIT function takes them as they are."""
+    owner = getattr(quantize_blocks, "__self__", None)
+    if isinstance(owner, native.NativeKernels):
+        return owner.prepare_quantize_blocks(*args, *search_args)
+    return lambda first, last: quantize_blocks(*args, first, last, *search_args)
 
 
 def run_in_threads(task: Callable[[int, int], None], count: int, elements: int) -> None:
