@@ -141,6 +141,7 @@ class NativeKernels:
             ch_moments_start=ch_moments_start.ctypes.data, scratch=0)
         first_at, last_at, scratch_at = (ARGS["quantize_blocks"].index(key)
                                          for key in ("first_block", "last_block", "scratch"))
+
         def run(first_block: int, last_block: int) -> None:
             if not 0 <= first_block <= last_block <= blocks:
                 raise ValueError(f"native quantize_blocks: blocks {first_block}..{last_block} "
