@@ -216,6 +216,18 @@ def session_memory(path: Path, shape: tuple[int, ...], plain: bool = False) -> i
     return int(done.stdout.strip().splitlines()[-1])
 
 
+def export_float_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """The float model as ``torch.onnx.export`` writes it (dynamic batch) at ``path``, and beside
+    it the same file without the exporter's debugging metadata, which squant's files drop
+    ("bare float"): returns the bare file's path."""
+    torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
+                      verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    bare = onnx.load(str(path))
+    drop_exporter_debug_info(bare)
+    onnx.save(bare, str(path.with_suffix(".bare.onnx")))
+    return path.with_suffix(".bare.onnx")
+
+
 def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
     calibration = list(task.inputs[:CALIBRATION_IMAGES].split(8))
     labels = None if task.labels is None else task.labels[CALIBRATION_IMAGES:]
@@ -223,12 +235,7 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
     example = task.inputs[:2]
     shape = tuple(task.inputs.shape[1:])
     float_path = folder / f"{task.name}-float.onnx".replace(" ", "_")
-    torch.onnx.export(task.model, (example,), str(float_path), dynamo=True, external_data=False,
-                      verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
-    bare = onnx.load(str(float_path))  # squant's files drop the exporter's debug metadata
-    drop_exporter_debug_info(bare)
-    onnx.save(bare, str(float_path.with_suffix(".bare.onnx")))
-    bare_bytes = float_path.with_suffix(".bare.onnx").stat().st_size
+    bare_bytes = export_float_onnx(task.model, example, float_path).stat().st_size
     with torch.no_grad():
         fp32 = torch.cat([task.model(task.inputs[i:i + 50])
                           for i in range(0, len(task.inputs), 50)]).argmax(1)

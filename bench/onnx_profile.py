@@ -24,10 +24,9 @@ import onnxruntime as ort
 import torch
 
 import squant
-from squant.export.graph import drop_exporter_debug_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_onnx import IMAGENET_RANGE  # noqa: E402
+from bench_onnx import IMAGENET_RANGE, export_float_onnx  # noqa: E402
 from mobilenet_v2 import mobilenet_v2_imagenet  # noqa: E402
 
 
@@ -94,12 +93,8 @@ def main() -> None:
     model = mobilenet_v2_imagenet()
     example = torch.rand(2, 3, 224, 224)
     with tempfile.TemporaryDirectory() as folder:
-        float_path, quantized_path = Path(folder, "float.onnx"), Path(folder, "w4a8.onnx")
-        torch.onnx.export(model, (example,), str(float_path), dynamo=True, external_data=False,
-                          verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
-        bare = onnx.load(str(float_path))
-        drop_exporter_debug_info(bare)
-        onnx.save(bare, str(float_path))
+        float_path = export_float_onnx(model, example, Path(folder, "float.onnx"))
+        quantized_path = Path(folder, "w4a8.onnx")
         qmodel = squant.quantize(model, bits=4, act_bits=8, input_shape=(3, 224, 224))
         squant.export_onnx(qmodel, quantized_path, example, input_range=IMAGENET_RANGE)
         paths = {"float": float_path, "W4A8": quantized_path}
