@@ -43,7 +43,8 @@ def scratch_layout(max_size, max_inner, max_ksize):
     (int64), priority set (bool), priority (float32), error sum and magnitude sum (float64),
     fine count, first, second and last key (int64), all ``max_inner``; one kernel's errors
     (float32, ``max_ksize``); an exact sum's partials (float64, ``MAX_PARTIALS``); a range
-    (int32, 2); trial codes (int8, ``max_size``); the end.
+    (int32, 2); trial codes (int8, ``max_size``); the address of the native 3x3 kernel pass
+    (int64, 1; 0 for none, see kernels/native/kernel_pass_3x3.c); the end.
     Plain arithmetic: numba compiles it into the kernels (no allocation), and callers size
     buffers with it.
     """
@@ -63,6 +64,7 @@ def scratch_layout(max_size, max_inner, max_ksize):
     partials = kernel + (max_ksize * 4 + 7) // 8 * 8
     range_bits = partials + MAX_PARTIALS * 8
     trial = range_bits + 8
-    end = trial + (max_size + 7) // 8 * 8
+    native = trial + (max_size + 7) // 8 * 8
+    end = native + 8
     return (x, keys, first_keys, handed, priority_set, priority, sums, magnitudes, fine, first,
-            second, last, kernel, partials, range_bits, trial, end)
+            second, last, kernel, partials, range_bits, trial, native, end)

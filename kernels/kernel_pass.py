@@ -19,6 +19,8 @@ from .flip import (
     select_top,
 )
 from .grid import flip, flipped
+from .kernel_pass_3x3 import KSIZE as NATIVE_KSIZE
+from .kernel_pass_3x3 import native_kernel_pass_3x3
 
 
 @njit(cache=True, inline="always")
@@ -95,9 +97,15 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     Every priority of the layer is reset to 0 before the kernels run, so afterwards the only
     non-zero priority of kernel ``i`` is the one its step 5 set: ``hand_priority[i]`` in the up
     (``hand_up[i]``) or down direction of the channel's element ``hand_index[i]``.
+
+    3x3 kernels go to the native library's code when ``scratch`` holds its address
+    (:mod:`kernels.kernel_pass_3x3`; the same results).
     """
     (keys, top, hand_index, hand_up, hand_priority,
-     total, magnitude, flips, first, second, last, group, partials) = scratch
+     total, magnitude, flips, first, second, last, group, partials, native) = scratch
+    if ksize == NATIVE_KSIZE and native[0] != 0:
+        native_kernel_pass_3x3(native[0], x, err, value, inner, t_min, t_max, scratch)
+        return
     _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, flips, group, partials)
     _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last)
     _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_index, hand_up)

@@ -56,6 +56,7 @@ def _scratch_at(base, max_size, max_inner, max_ksize):
         view_at(base + at[11], max_inner, np.int64),  # and last key of its order;
         view_at(base + at[12], max_ksize, np.float32),  # one kernel's errors, gathered
         view_at(base + at[13], MAX_PARTIALS, np.float64),  # an exact sum's partials
+        view_at(base + at[16], 1, np.int64),  # the native 3x3 kernel pass's address, or 0
     )
     return (floats[:max_size], floats[max_size : 2 * max_size], floats[2 * max_size :], scratch,
             view_at(base + at[14], 2, np.int32), view_at(base + at[15], max_size, np.int8))
@@ -298,12 +299,15 @@ def block_extent(ch_inner, ch_ksize, first, last):
 @njit(cache=True, inline="always")
 def quantize_block(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
                    ch_hi, scale, zero, finite, first, last, search_moments, ch_moments_start,
-                   base, max_size, max_inner, max_ksize):
+                   base, max_size, max_inner, max_ksize, kernel_pass_3x3):
     """Quantize channels ``first .. last - 1`` (see :func:`quantize_blocks`) with the scratch
     buffer at address ``base``, laid out for ``(max_size, max_inner, max_ksize)`` (at least the
-    block's :func:`block_extent`). Allocates nothing."""
+    block's :func:`block_extent`). ``kernel_pass_3x3``: the address of the native library's KQ
+    for 3x3 kernels (:func:`kernels.kernel_pass.kernel_pass` calls it), or 0 for numba's code.
+    Allocates nothing."""
     x, err, value, scratch, range_scratch, trial = _scratch_at(base, max_size, max_inner,
                                                                 max_ksize)
+    scratch[13][0] = kernel_pass_3x3
     table = search_moments if search_moments is None else unowned(search_moments)
     for c in range(first, last):
         size = ch_inner[c] * ch_ksize[c]
@@ -351,5 +355,6 @@ def quantize_blocks(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, c
         buffer = np.empty(_layout(max_size, max_inner, max_ksize)[-1], np.uint8)
         quantize_block(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags,
                        ch_lo, ch_hi, scale, zero, finite, first, last, search_moments,
-                       ch_moments_start, buffer.ctypes.data, max_size, max_inner, max_ksize)
+                       ch_moments_start, buffer.ctypes.data, max_size, max_inner, max_ksize,
+                       np.int64(0))
         _keep_alive(buffer, search_moments)

@@ -73,6 +73,38 @@ def test_native_kernels_give_the_jits_results_bit_for_bit(native_kernels, batch_
             np.testing.assert_array_equal(a.zero_point, b.zero_point)
 
 
+def test_the_3x3_kernel_pass_in_c_is_there_on_avx2_and_gives_the_jits_codes(native_kernels
+                                                                           ) -> None:
+    """The library holds the C kernel pass for 3x3 kernels exactly where the CPU has AVX2, and
+    its codes are numba's: every count of kernels around its blocks of eight (the last
+    ``inner % 8`` and the kernels it leaves run numba's single-kernel pass), weights a hair off
+    the grid (errors too fine for the fast sum), outliers clamped, every width, both grids."""
+    has_avx2 = "+avx2" in native.host_cpu()[1].split(",")
+    assert (native_kernels.kernel_pass_3x3 != 0) == has_avx2
+    rng = np.random.default_rng(7)
+    weights, options = [], []
+    for inner in (1, 2, 7, 8, 9, 15, 16, 17, 40, 67):
+        for kind in ("normal", "near grid", "outliers"):
+            w = rng.standard_normal((4, inner, 9)).astype(np.float32)
+            if kind == "near grid":  # on a 1/4 lattice, some a hair off it
+                w = np.round(w * 4) / 4
+                w += (rng.random(w.shape) < 0.3) * rng.standard_normal(w.shape) * 1e-6
+                w = w.astype(np.float32)
+            elif kind == "outliers":
+                w[rng.random(w.shape) < 0.05] *= 6
+            for bits, scheme in ((2, "asymmetric"), (4, "asymmetric"), (4, "symmetric"),
+                                 (8, "asymmetric")):
+                for mode in ("K", "KC"):
+                    weights.append(w)
+                    options.append(QuantOptions(bits=bits, mode=mode, scheme=scheme))
+    jit = _run(kernels.quantize_blocks, weights, options)
+    ours = _run(native_kernels.quantize_blocks, weights, options)
+    for a, b in zip(jit, ours):
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scale, b.scale)
+        np.testing.assert_array_equal(a.zero_point, b.zero_point)
+
+
 def test_a_whole_model_is_the_same_with_both_kernels(native_kernels) -> None:
     """A ResNet-like batch, split among threads: same state_dict with either kernel."""
     import torch

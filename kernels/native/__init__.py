@@ -31,7 +31,8 @@ ARGS = {
     "quantize_blocks": (
         "channels", "blocks", "first_block", "last_block", "ch_address", "ch_codes_address",
         "ch_inner", "ch_ksize", "ch_bits", "ch_flags", "ch_lo", "ch_hi", "block_start", "scale",
-        "zero", "finite", "moments", "moment_count", "ch_moments_start", "scratch"),
+        "zero", "finite", "moments", "moment_count", "ch_moments_start", "scratch",
+        "kernel_pass_3x3"),
     "pack_groups": ("codes", "code_count", "bits", "packed", "packed_count", "first", "last"),
     "add_error_stats": ("w", "codes", "channels", "kernels", "ksize", "scale", "zero", "t_min",
                         "t_max", "out", "scratch", "scratch_size"),
@@ -95,6 +96,12 @@ class NativeKernels:
             entry.restype = ctypes.c_int64
             entry.argtypes = [ctypes.c_void_p]
             self._entries[name] = entry
+        # KQ on 3x3 kernels in C (kernel_pass_3x3.c; built for CPUs with AVX2), or 0: numba's
+        try:
+            self.kernel_pass_3x3 = ctypes.cast(library.squant_kernel_pass_3x3,
+                                               ctypes.c_void_p).value or 0
+        except AttributeError:
+            self.kernel_pass_3x3 = 0
 
     def quantize_blocks(self, ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags,
                         ch_lo, ch_hi, block_start, scale, zero, finite, first_block, last_block,
@@ -138,7 +145,8 @@ class NativeKernels:
             ch_flags=ch_flags.ctypes.data, ch_lo=ch_lo.ctypes.data, ch_hi=ch_hi.ctypes.data,
             block_start=block_start.ctypes.data, scale=scale.ctypes.data, zero=zero.ctypes.data,
             finite=finite.ctypes.data, moments=moments.ctypes.data, moment_count=moments.size,
-            ch_moments_start=ch_moments_start.ctypes.data, scratch=0)
+            ch_moments_start=ch_moments_start.ctypes.data, scratch=0,
+            kernel_pass_3x3=self.kernel_pass_3x3)
         first_at, last_at, scratch_at = (ARGS["quantize_blocks"].index(key)
                                          for key in ("first_block", "last_block", "scratch"))
 

@@ -1,0 +1,156 @@
+/* KQ on a channel of 3x3 kernels (SQUANT_SPEC.md, 'KQ then CQ'), eight kernels at a time in
+ * AVX2 registers: the native library's fast path for what kernels/kernel_pass.py's
+ * ``kernel_pass`` computes, with the same results bit for bit (tests/test_native.py).
+ *
+ * The channel is held transposed (element j of kernel i at j * inner + i), so element j of eight
+ * neighbouring kernels is one 8-float load. For each kernel: EQ (value = rint(x), err = value - x),
+ * its error sum in float64 in element order (exact: errors of at least 2**-17 are multiples of
+ * 2**-40, nine of them at most 0.5 each), the first two and the last of its order (priority |e|
+ * where the element has a candidate in the sum's direction, else 0; ties: lower index first),
+ * how many to flip (k = rint(|sum|)), the flips, and the element handed on to CQ.
+ *
+ * A kernel it cannot finish this way gets state -1 and is left to the caller (numba's
+ * ``single_kernel_pass``): a kernel holding an error below 2**-17 (its sum needs the exact path),
+ * one that needs more than the first two of its order, and the last inner % 8 kernels. Its
+ * value and err then hold EQ or nothing; the caller redoes it from x.
+ *
+ * Built only for CPUs with AVX2 (kernels/native/build.py): elsewhere the library has no
+ * squant_kernel_pass_3x3 and numba's code runs.
+ */
+#include <stdint.h>
+#include <immintrin.h>
+
+#define K 9
+
+/* 2**-17: errors at least this large are multiples of 2**-40 (kernels/exact_sum.py's FINE) */
+#define FINE 7.62939453125e-06f
+
+static inline __m256i lanes_of_pd_mask(__m256d lo, __m256d hi) {
+    /* two masks of 4 float64 lanes -> one of 8 int32 lanes */
+    __m128i a = _mm256_cvtpd_epi32(_mm256_and_pd(lo, _mm256_set1_pd(1.0)));
+    __m128i b = _mm256_cvtpd_epi32(_mm256_and_pd(hi, _mm256_set1_pd(1.0)));
+    return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_set_m128i(b, a));
+}
+
+static inline __m256 candidate(__m256 e, __m256 x, __m256 up, __m256 t_min, __m256 t_max) {
+    __m256 zero = _mm256_setzero_ps();
+    __m256 up_ok = _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_LT_OQ), _mm256_cmp_ps(x, t_max, _CMP_LT_OQ));
+    __m256 down_ok = _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, t_min, _CMP_GT_OQ));
+    return _mm256_or_ps(_mm256_and_ps(up, up_ok), _mm256_andnot_ps(up, down_ok));
+}
+
+static inline void chunk8(const float *x, float *err, float *value, int64_t inner, int64_t i0,
+                          __m256 t_min, __m256 t_max, int64_t *state, int64_t *hand_index,
+                          uint8_t *hand_up, float *hand_priority) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 fine_bound = _mm256_set1_ps(FINE);
+    __m256d tot_lo = _mm256_setzero_pd(), tot_hi = _mm256_setzero_pd();
+    __m256 any_fine = _mm256_setzero_ps();
+    for (int j = 0; j < K; j++) {
+        int64_t o = j * inner + i0;
+        __m256 xv = _mm256_loadu_ps(x + o);
+        __m256 r = _mm256_round_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 e = _mm256_sub_ps(r, xv);
+        _mm256_storeu_ps(value + o, r);
+        _mm256_storeu_ps(err + o, e);
+        __m256 a = _mm256_and_ps(e, abs_mask);
+        __m256 coarse = _mm256_cmp_ps(a, fine_bound, _CMP_GE_OQ);
+        __m256 nonzero = _mm256_cmp_ps(e, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+        any_fine = _mm256_or_ps(any_fine, _mm256_andnot_ps(coarse, nonzero));
+        __m256 ec = _mm256_and_ps(e, coarse);
+        tot_lo = _mm256_add_pd(tot_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(ec)));
+        tot_hi = _mm256_add_pd(tot_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(ec, 1)));
+    }
+    __m256d zero_pd = _mm256_setzero_pd();
+    __m256 up = _mm256_castsi256_ps(lanes_of_pd_mask(_mm256_cmp_pd(tot_lo, zero_pd, _CMP_LT_OQ),
+                                                     _mm256_cmp_pd(tot_hi, zero_pd, _CMP_LT_OQ)));
+    __m256i p1 = _mm256_set1_epi32(-1), p2 = p1, pl = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i j1 = _mm256_setzero_si256(), j2 = j1, jl = j1;
+    for (int j = 0; j < K; j++) {
+        int64_t o = j * inner + i0;
+        __m256 e = _mm256_loadu_ps(err + o);
+        __m256 xv = _mm256_loadu_ps(x + o);
+        __m256i p = _mm256_castps_si256(_mm256_and_ps(_mm256_and_ps(e, abs_mask),
+                                                      candidate(e, xv, up, t_min, t_max)));
+        __m256i jv = _mm256_set1_epi32(j);
+        __m256i above1 = _mm256_cmpgt_epi32(p, p1);
+        __m256i above2 = _mm256_cmpgt_epi32(p, p2);
+        __m256i not_low = _mm256_cmpgt_epi32(p, pl);
+        j2 = _mm256_blendv_epi8(_mm256_blendv_epi8(j2, jv, above2), j1, above1);
+        p2 = _mm256_blendv_epi8(_mm256_blendv_epi8(p2, p, above2), p1, above1);
+        j1 = _mm256_blendv_epi8(j1, jv, above1);
+        p1 = _mm256_blendv_epi8(p1, p, above1);
+        jl = _mm256_blendv_epi8(jv, jl, not_low);
+        pl = _mm256_blendv_epi8(p, pl, not_low);
+    }
+    const __m256d sign_pd = _mm256_set1_pd(-0.0);
+    __m256d m_lo = _mm256_andnot_pd(sign_pd, tot_lo), m_hi = _mm256_andnot_pd(sign_pd, tot_hi);
+    __m256d k_lo = _mm256_round_pd(m_lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d k_hi = _mm256_round_pd(m_hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256i over = lanes_of_pd_mask(_mm256_cmp_pd(k_lo, m_lo, _CMP_GE_OQ),
+                                    _mm256_cmp_pd(k_hi, m_hi, _CMP_GE_OQ));
+    __m256i k = _mm256_set_m128i(_mm256_cvtpd_epi32(k_hi), _mm256_cvtpd_epi32(k_lo));
+    __m256i place = _mm256_add_epi32(k, over); /* over is -1 where true */
+    __m256i one = _mm256_set1_epi32(1);
+    __m256i general = _mm256_or_si256(_mm256_castps_si256(any_fine), _mm256_cmpgt_epi32(place, one));
+    __m256i flips = _mm256_andnot_si256(general, k);
+    __m256i handed = _mm256_blendv_epi8(j2, j1, _mm256_cmpeq_epi32(place, _mm256_setzero_si256()));
+    handed = _mm256_blendv_epi8(handed, jl, _mm256_cmpgt_epi32(_mm256_setzero_si256(), place));
+    handed = _mm256_or_si256(handed, general); /* -1: no element of the kernel */
+    __m256i flip1 = _mm256_cmpgt_epi32(flips, _mm256_setzero_si256());
+    __m256i flip2 = _mm256_cmpgt_epi32(flips, one);
+    __m256 step = _mm256_or_ps(_mm256_and_ps(up, _mm256_set1_ps(1.0f)),
+                               _mm256_andnot_ps(up, _mm256_set1_ps(-1.0f)));
+    __m256 hp = _mm256_setzero_ps();
+    for (int j = 0; j < K; j++) {
+        int64_t o = j * inner + i0;
+        __m256 xv = _mm256_loadu_ps(x + o);
+        __m256 r = _mm256_loadu_ps(value + o);
+        __m256 e = _mm256_loadu_ps(err + o);
+        __m256 cand = candidate(e, xv, up, t_min, t_max);
+        __m256 fv = _mm256_blendv_ps(r, _mm256_add_ps(r, step), cand);
+        __m256 fe = _mm256_and_ps(_mm256_add_ps(e, step), cand);
+        __m256i jv = _mm256_set1_epi32(j);
+        __m256 chosen = _mm256_castsi256_ps(_mm256_or_si256(
+            _mm256_and_si256(flip1, _mm256_cmpeq_epi32(j1, jv)),
+            _mm256_and_si256(flip2, _mm256_cmpeq_epi32(j2, jv))));
+        __m256 nv = _mm256_blendv_ps(r, fv, chosen);
+        __m256 ne = _mm256_blendv_ps(e, fe, chosen);
+        _mm256_storeu_ps(value + o, nv);
+        _mm256_storeu_ps(err + o, ne);
+        hp = _mm256_blendv_ps(hp, _mm256_and_ps(ne, abs_mask),
+                              _mm256_castsi256_ps(_mm256_cmpeq_epi32(handed, jv)));
+    }
+    _mm256_storeu_ps(hand_priority + i0, hp);
+    int32_t st[8], hd[8], u[8], ov[8];
+    _mm256_storeu_si256((__m256i *)st, _mm256_or_si256(flips, general));
+    _mm256_storeu_si256((__m256i *)hd, handed);
+    _mm256_storeu_si256((__m256i *)u, _mm256_castps_si256(up));
+    _mm256_storeu_si256((__m256i *)ov, over);
+    for (int l = 0; l < 8; l++) {
+        state[i0 + l] = st[l];
+        hand_index[i0 + l] = (i0 + l) * K + hd[l];
+        hand_up[i0 + l] = (uint8_t)((u[l] ^ ov[l]) & 1);
+    }
+}
+
+/* Runs the kernels of one channel: x, err, value (float32, 9 * inner, transposed), state
+ * (int64, inner: flips made, or -1 where the caller must run the kernel), hand_index (int64,
+ * inner: i * 9 + j of the element handed on), hand_up (uint8, inner) and hand_priority
+ * (float32, inner), all addresses. Returns how many kernels have state -1. */
+int64_t squant_kernel_pass_3x3(int64_t x_, int64_t err_, int64_t value_, int64_t inner, float t_min,
+                   float t_max, int64_t state_, int64_t hand_index_, int64_t hand_up_,
+                   int64_t hand_priority_) {
+    const float *x = (const float *)x_;
+    float *err = (float *)err_, *value = (float *)value_, *hand_priority = (float *)hand_priority_;
+    int64_t *state = (int64_t *)state_, *hand_index = (int64_t *)hand_index_;
+    uint8_t *hand_up = (uint8_t *)hand_up_;
+    __m256 lo = _mm256_set1_ps(t_min), hi = _mm256_set1_ps(t_max);
+    int64_t full = inner - inner % 8;
+    for (int64_t i0 = 0; i0 < full; i0 += 8)
+        chunk8(x, err, value, inner, i0, lo, hi, state, hand_index, hand_up, hand_priority);
+    int64_t general = 0;
+    for (int64_t i = full; i < inner; i++) state[i] = -1;
+    for (int64_t i = 0; i < inner; i++) general += state[i] < 0;
+    return general;
+}
