@@ -15,6 +15,9 @@ GIVEN_RANGE = 8  # use the caller's per-channel [lo, hi] instead of the channel'
 RANGE_SEARCH = 16  # also try shrunk ranges; keep the one with the least reconstruction error
 INCLUDE_ZERO = 32  # widen each range to include 0 (int8 runtimes need an integer zero point)
 RANGE_FIT = 64  # also try other steps and windows (kernels/fit.py); keep the least l_p error
+# The passes the native library holds in C (kernels/native/*.c), in the order of the table of
+# their addresses that the driver hands the kernels (kernels/native_passes.py).
+NATIVE_PASSES = ("squant_kernel_pass_3x3", "squant_channel_pass_eq")
 MAX_PARTIALS = 64  # an exact sum's non-overlapping float64 partials (kernels/exact_sum.py)
 NO_MOMENTS = -1  # a channel's start in the input-moment table when it has none: plain error
 
@@ -43,8 +46,8 @@ def scratch_layout(max_size, max_inner, max_ksize):
     (int64), priority set (bool), priority (float32), error sum and magnitude sum (float64),
     fine count, first, second and last key (int64), all ``max_inner``; one kernel's errors
     (float32, ``max_ksize``); an exact sum's partials (float64, ``MAX_PARTIALS``); a range
-    (int32, 2); trial codes (int8, ``max_size``); the address of the native 3x3 kernel pass
-    (int64, 1; 0 for none, see kernels/native/kernel_pass_3x3.c); the end.
+    (int32, 2); trial codes (int8, ``max_size``); the addresses of the native library's C passes
+    (int64, one per ``NATIVE_PASSES``; 0 for none); the end.
     Plain arithmetic: numba compiles it into the kernels (no allocation), and callers size
     buffers with it.
     """
@@ -65,6 +68,6 @@ def scratch_layout(max_size, max_inner, max_ksize):
     range_bits = partials + MAX_PARTIALS * 8
     trial = range_bits + 8
     native = trial + (max_size + 7) // 8 * 8
-    end = native + 8
+    end = native + 8 * len(NATIVE_PASSES)
     return (x, keys, first_keys, handed, priority_set, priority, sums, magnitudes, fine, first,
             second, last, kernel, partials, range_bits, trial, native, end)

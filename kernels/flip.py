@@ -104,7 +104,8 @@ def flip_count(error_sum):
     """Steps 1-2: ``(up, k, overshoot)``: the direction (up if the sum is negative), how many
     to flip (``round(|sum|)``) and whether ``k >= |sum|`` (step 5's first case)."""
     magnitude = abs(error_sum)
-    k = np.int64(np.rint(magnitude))
+    # a grid on which x overflows gives NaN sums: no flips (never an index out of bounds)
+    k = np.int64(np.rint(magnitude)) if magnitude < 2.0**62 else np.int64(0)
     return error_sum < 0, k, k >= magnitude
 
 

@@ -46,6 +46,10 @@ def grid_params(lo, hi, bits, symmetric):
     asymmetric: ``S = (2**b - 1) / max(hi - lo, 1e-8)``, ``Z = round(S * lo) + n``, codes in
     ``[-n, n-1]``; symmetric: ``S = (n - 1) / max(max(|lo|, |hi|), 1e-8)``, ``Z = 0``, codes in
     ``[-(n-1), n-1]``; ``n = 2**(b-1)``. All float32.
+
+    ``S = 0`` says that the grid overflows float32: ``hi - lo`` is not finite, or ``Z`` is not
+    (``S * lo`` overflows: a channel of nearly equal huge values); the caller reports it, and
+    the passes do not run on such a grid.
     """
     n = np.float32(2 ** (bits - 1))
     one = np.float32(1.0)
@@ -55,6 +59,8 @@ def grid_params(lo, hi, bits, symmetric):
         return scale, np.float32(0.0), one - n, n - one
     scale = np.float32(2**bits - 1) / max(hi - lo, RANGE_FLOOR)
     zero = np.rint(scale * lo) + n
+    if not abs(zero) < np.float32(np.inf):
+        scale = np.float32(0.0)
     return scale, zero, -n, n - one
 
 

@@ -19,8 +19,8 @@ from .flip import (
     select_top,
 )
 from .grid import flip, flipped
-from .kernel_pass_3x3 import KSIZE as NATIVE_KSIZE
-from .kernel_pass_3x3 import native_kernel_pass_3x3
+from .native_passes import KSIZE as NATIVE_KSIZE
+from .native_passes import native_kernel_pass_3x3
 
 
 @njit(cache=True, inline="always")
@@ -98,8 +98,8 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     non-zero priority of kernel ``i`` is the one its step 5 set: ``hand_priority[i]`` in the up
     (``hand_up[i]``) or down direction of the channel's element ``hand_index[i]``.
 
-    3x3 kernels go to the native library's code when ``scratch`` holds its address
-    (:mod:`kernels.kernel_pass_3x3`; the same results).
+    3x3 kernels go to the native library's C code when ``scratch`` holds its address
+    (:mod:`kernels.native_passes`; the same results).
     """
     (keys, top, hand_index, hand_up, hand_priority,
      total, magnitude, flips, first, second, last, group, partials, native) = scratch

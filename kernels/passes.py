@@ -19,6 +19,7 @@ from .constants import (
     INCLUDE_ZERO,
     KERNEL_PASS,
     MAX_PARTIALS,
+    NATIVE_PASSES,
     NO_MOMENTS,
     RANGE_FIT,
     RANGE_FLOOR,
@@ -31,6 +32,7 @@ from .fit import fit_error, fit_factors, fit_windows, window_error, write_lattic
 from .grid import channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
+from .native_passes import address_of, channel_pass_eq_in_c
 
 _layout = njit(cache=True, inline="always")(scratch_layout)
 
@@ -56,7 +58,7 @@ def _scratch_at(base, max_size, max_inner, max_ksize):
         view_at(base + at[11], max_inner, np.int64),  # and last key of its order;
         view_at(base + at[12], max_ksize, np.float32),  # one kernel's errors, gathered
         view_at(base + at[13], MAX_PARTIALS, np.float64),  # an exact sum's partials
-        view_at(base + at[16], 1, np.int64),  # the native 3x3 kernel pass's address, or 0
+        view_at(base + at[16], len(NATIVE_PASSES), np.int64),  # the C passes' addresses, or 0
     )
     return (floats[:max_size], floats[max_size : 2 * max_size], floats[2 * max_size :], scratch,
             view_at(base + at[14], 2, np.int32), view_at(base + at[15], max_size, np.int8))
@@ -78,13 +80,17 @@ def _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value
     scale, zero, t_min, t_max = grid_params(lo, hi, bits, flags & SYMMETRIC != 0)
     after_kernels = (flags & KERNEL_PASS != 0) and ksize > 1
     channel_pass = flags & CHANNEL_PASS != 0
-    if not (after_kernels or channel_pass):
+    if not (after_kernels or channel_pass) or not scale > 0:  # S = 0: the caller reports it
         _round_only(w, scale, zero, t_min, t_max, codes)
         return scale, zero
     x, err, value = x[:size], err[:size], value[:size]
     if not after_kernels:
-        channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, scratch[0], scratch[1],
-                        scratch[12])
+        native = scratch[13][1]  # CQ after EQ in C (kernels/native/channel_pass_eq.c), or 0
+        if native == 0 or channel_pass_eq_in_c(
+                native, address_of(w), np.int64(size), np.float32(scale), np.float32(zero),
+                np.float32(t_min), np.float32(t_max), address_of(codes)) != 1:
+            channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, scratch[0], scratch[1],
+                            scratch[12])
         return scale, zero
     transpose_in(w, scale, zero, inner, ksize, x)
     kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
@@ -299,15 +305,18 @@ def block_extent(ch_inner, ch_ksize, first, last):
 @njit(cache=True, inline="always")
 def quantize_block(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
                    ch_hi, scale, zero, finite, first, last, search_moments, ch_moments_start,
-                   base, max_size, max_inner, max_ksize, kernel_pass_3x3):
+                   base, max_size, max_inner, max_ksize, native_passes):
     """Quantize channels ``first .. last - 1`` (see :func:`quantize_blocks`) with the scratch
     buffer at address ``base``, laid out for ``(max_size, max_inner, max_ksize)`` (at least the
-    block's :func:`block_extent`). ``kernel_pass_3x3``: the address of the native library's KQ
-    for 3x3 kernels (:func:`kernels.kernel_pass.kernel_pass` calls it), or 0 for numba's code.
-    Allocates nothing."""
+    block's :func:`block_extent`). ``native_passes``: the address of the native library's table
+    of its C passes (:data:`kernels.constants.NATIVE_PASSES`, see :mod:`kernels.native_passes`),
+    or 0 for numba's code everywhere. Allocates nothing."""
     x, err, value, scratch, range_scratch, trial = _scratch_at(base, max_size, max_inner,
                                                                 max_ksize)
-    scratch[13][0] = kernel_pass_3x3
+    natives = scratch[13]
+    for p in range(natives.shape[0]):
+        natives[p] = 0 if native_passes == 0 else view_at(native_passes, natives.shape[0],
+                                                          np.int64)[p]
     table = search_moments if search_moments is None else unowned(search_moments)
     for c in range(first, last):
         size = ch_inner[c] * ch_ksize[c]

@@ -73,7 +73,11 @@ def test_quantization_error_is_a_value_error() -> None:
     pytest.param(torch.empty(4, 3, device="meta"), TypeError, r"meta device.*holds no values",
                  id="meta-tensor"),
     pytest.param(np.array([[-3e38, 3e38, 1.0]], np.float32), QuantizationError,
-                 r"span more than float32.*overflows", id="range-overflows-float32"),
+                 r"grid overflows float32 at channel 0 \(max - min", id="range-overflows-float32"),
+    pytest.param(np.concatenate([np.ones((2, 1000), np.float32),
+                                 np.full((1, 1000), 1e30, np.float32)]), QuantizationError,
+                 r"grid overflows float32 at channel 2 .*scale \* min",
+                 id="huge-constant-channel-overflows-the-zero-point"),
 ])
 def test_bad_weight_is_refused_with_its_problem_named(weight: object, error: type[Exception],
                                                       message: str) -> None:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from squant.kernels import native
+from squant.kernels.constants import NATIVE_PASSES
 
 import squant
 from squant import kernels
@@ -73,36 +74,72 @@ def test_native_kernels_give_the_jits_results_bit_for_bit(native_kernels, batch_
             np.testing.assert_array_equal(a.zero_point, b.zero_point)
 
 
-def test_the_3x3_kernel_pass_in_c_is_there_on_avx2_and_gives_the_jits_codes(native_kernels
-                                                                           ) -> None:
-    """The library holds the C kernel pass for 3x3 kernels exactly where the CPU has AVX2, and
-    its codes are numba's: every count of kernels around its blocks of eight (the last
-    ``inner % 8`` and the kernels it leaves run numba's single-kernel pass), weights a hair off
-    the grid (errors too fine for the fast sum), outliers clamped, every width, both grids."""
+def _assert_same_as_jit(native_kernels, weights, options) -> None:
+    """Both kernels give the same codes, scales and zero points for ``weights``."""
+    jit = _run(kernels.quantize_blocks, weights, options)
+    ours = _run(native_kernels.quantize_blocks, weights, options)
+    for a, b in zip(jit, ours):
+        assert a.finite == b.finite
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scale, b.scale)
+        np.testing.assert_array_equal(a.zero_point, b.zero_point)
+
+
+def test_the_c_passes_are_there_exactly_on_avx2(native_kernels) -> None:
     has_avx2 = "+avx2" in native.host_cpu()[1].split(",")
-    assert (native_kernels.kernel_pass_3x3 != 0) == has_avx2
+    assert native_kernels.native_passes.shape == (len(NATIVE_PASSES),)
+    assert bool(np.all(native_kernels.native_passes != 0)) == has_avx2
+    assert bool(np.any(native_kernels.native_passes != 0)) == has_avx2
+
+
+def _awkward(rng, shape, kind):
+    """Normal weights of ``shape``, or on a 1/4 lattice with some a hair off it (errors too fine
+    for the fast sum), or with outliers (clamped codes)."""
+    w = rng.standard_normal(shape).astype(np.float32)
+    if kind == "near grid":
+        w = np.round(w * 4) / 4
+        w += (rng.random(shape) < 0.3) * rng.standard_normal(shape) * 1e-6
+    elif kind == "outliers":
+        w[rng.random(shape) < 0.05] *= 6
+    return w.astype(np.float32)
+
+
+def test_the_3x3_kernel_pass_in_c_gives_the_jits_codes(native_kernels) -> None:
+    """KQ in C on 3x3 kernels: every count of kernels around its blocks of eight (the last
+    ``inner % 8`` and the kernels it leaves run numba's single-kernel pass), awkward weights,
+    every width, both grids, with and without CQ."""
     rng = np.random.default_rng(7)
     weights, options = [], []
     for inner in (1, 2, 7, 8, 9, 15, 16, 17, 40, 67):
         for kind in ("normal", "near grid", "outliers"):
-            w = rng.standard_normal((4, inner, 9)).astype(np.float32)
-            if kind == "near grid":  # on a 1/4 lattice, some a hair off it
-                w = np.round(w * 4) / 4
-                w += (rng.random(w.shape) < 0.3) * rng.standard_normal(w.shape) * 1e-6
-                w = w.astype(np.float32)
-            elif kind == "outliers":
-                w[rng.random(w.shape) < 0.05] *= 6
+            w = _awkward(rng, (4, inner, 9), kind)
             for bits, scheme in ((2, "asymmetric"), (4, "asymmetric"), (4, "symmetric"),
                                  (8, "asymmetric")):
                 for mode in ("K", "KC"):
                     weights.append(w)
                     options.append(QuantOptions(bits=bits, mode=mode, scheme=scheme))
-    jit = _run(kernels.quantize_blocks, weights, options)
-    ours = _run(native_kernels.quantize_blocks, weights, options)
-    for a, b in zip(jit, ours):
-        np.testing.assert_array_equal(a.codes, b.codes)
-        np.testing.assert_array_equal(a.scale, b.scale)
-        np.testing.assert_array_equal(a.zero_point, b.zero_point)
+    _assert_same_as_jit(native_kernels, weights, options)
+
+
+def test_the_channel_pass_in_c_gives_the_jits_codes(native_kernels) -> None:
+    """CQ after EQ in C (1x1 kernels, Linear rows, mode C on 3x3): lengths around its blocks of
+    eight, awkward weights, channels it leaves to numba (more than 64 flips, a huge constant
+    channel whose grid overflows, errors too fine for the fast sum), every width, both grids."""
+    rng = np.random.default_rng(11)
+    weights, options = [], []
+    shapes = [(3, n, 1) for n in (1, 2, 7, 8, 9, 63, 64, 65, 1000, 2048)]
+    shapes += [(2, 80_000, 1), (3, 50, 9)]
+    for shape in shapes:
+        for kind in ("normal", "near grid", "outliers"):
+            w = _awkward(rng, shape, kind)
+            if kind == "outliers":
+                w[0] = np.float32(1e30)  # S * w overflows: not finite on the grid
+            for bits, scheme in ((2, "asymmetric"), (4, "asymmetric"), (4, "symmetric"),
+                                 (8, "asymmetric"), (8, "symmetric")):
+                weights.append(w)
+                options.append(QuantOptions(bits=bits, mode="C" if shape[2] > 1 else "KC",
+                                            scheme=scheme))
+    _assert_same_as_jit(native_kernels, weights, options)
 
 
 def test_a_whole_model_is_the_same_with_both_kernels(native_kernels) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..constants import error_stats_scratch, scratch_layout
+from ..constants import NATIVE_PASSES, error_stats_scratch, scratch_layout
 
 LIBRARY = "squant_kernels.so"
 RECORD = "squant_kernels.json"
@@ -32,7 +32,7 @@ ARGS = {
         "channels", "blocks", "first_block", "last_block", "ch_address", "ch_codes_address",
         "ch_inner", "ch_ksize", "ch_bits", "ch_flags", "ch_lo", "ch_hi", "block_start", "scale",
         "zero", "finite", "moments", "moment_count", "ch_moments_start", "scratch",
-        "kernel_pass_3x3"),
+        "native_passes"),
     "pack_groups": ("codes", "code_count", "bits", "packed", "packed_count", "first", "last"),
     "add_error_stats": ("w", "codes", "channels", "kernels", "ksize", "scale", "zero", "t_min",
                         "t_max", "out", "scratch", "scratch_size"),
@@ -71,6 +71,14 @@ def cpu_identity() -> str:
     return "cpuinfo:" + hashlib.sha256("\n".join(kept).encode()).hexdigest()
 
 
+def _address(library: ctypes.CDLL, name: str) -> int:
+    """The address of the function ``name`` in ``library``, or 0 if it has none."""
+    try:
+        return ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0
+    except AttributeError:
+        return 0
+
+
 def _check_arrays(*arrays: tuple, count: int | None = None) -> None:
     """Raise ``TypeError`` unless each ``(name, array, dtype)`` is a 1-D C-contiguous array of
     ``dtype`` with ``count`` elements (default: the first array's): the library reads raw
@@ -96,12 +104,9 @@ class NativeKernels:
             entry.restype = ctypes.c_int64
             entry.argtypes = [ctypes.c_void_p]
             self._entries[name] = entry
-        # KQ on 3x3 kernels in C (kernel_pass_3x3.c; built for CPUs with AVX2), or 0: numba's
-        try:
-            self.kernel_pass_3x3 = ctypes.cast(library.squant_kernel_pass_3x3,
-                                               ctypes.c_void_p).value or 0
-        except AttributeError:
-            self.kernel_pass_3x3 = 0
+        # The passes in C (built for CPUs with AVX2): their addresses, 0 where absent
+        self.native_passes = np.array([_address(library, name) for name in NATIVE_PASSES],
+                                      np.int64)
 
     def quantize_blocks(self, ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags,
                         ch_lo, ch_hi, block_start, scale, zero, finite, first_block, last_block,
@@ -146,7 +151,7 @@ class NativeKernels:
             block_start=block_start.ctypes.data, scale=scale.ctypes.data, zero=zero.ctypes.data,
             finite=finite.ctypes.data, moments=moments.ctypes.data, moment_count=moments.size,
             ch_moments_start=ch_moments_start.ctypes.data, scratch=0,
-            kernel_pass_3x3=self.kernel_pass_3x3)
+            native_passes=self.native_passes.ctypes.data)
         first_at, last_at, scratch_at = (ARGS["quantize_blocks"].index(key)
                                          for key in ("first_block", "last_block", "scratch"))
 
@@ -162,7 +167,8 @@ class NativeKernels:
 
         # The arrays the table points into stay alive as long as run does.
         run.arrays = (ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
-                      ch_hi, block_start, scale, zero, finite, moments, ch_moments_start)
+                      ch_hi, block_start, scale, zero, finite, moments, ch_moments_start,
+                      self.native_passes)
         return run
 
     def _table(self, layout: str, **values: int) -> np.ndarray:

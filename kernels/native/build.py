@@ -13,9 +13,9 @@ array of addresses and counts (:data:`squant.kernels.native.ARGS`); they allocat
 numba's finalized module of each is emitted as a position-independent object for the host
 CPU and linked with a few C stubs (``support.c``) for the numba runtime symbols the wrappers
 reference: only their error paths use them, and those report a failure to the caller, which
-raises. On a CPU with AVX2 the library also holds KQ for 3x3 kernels written in C with AVX2
-intrinsics (``kernel_pass_3x3.c``, 3-4x numba's loops; numba's code calls it through the
-address the driver passes, see :mod:`..kernel_pass_3x3`).
+raises. On a CPU with AVX2 the library also holds two passes written in C with AVX2 intrinsics,
+KQ on 3x3 kernels (``kernel_pass_3x3.c``) and CQ after EQ (``channel_pass_eq.c``), which
+numba's code calls through the addresses the driver passes (see :mod:`..native_passes`).
 
 Run ``python -m squant.kernels.native.build`` (at install, setup.py does it) to write
 ``squant_kernels.so`` and its record ``squant_kernels.json`` next to this file, or
@@ -50,7 +50,7 @@ from . import ARGS, LIBRARY, RECORD, cpu_identity, host_cpu, source_digest
 # Positions in the argument arrays, in the order of ARGS (globals: numba freezes them).
 (_CHANNELS, _BLOCKS, _FIRST_BLOCK, _LAST_BLOCK, _CH_ADDRESS, _CH_CODES_ADDRESS, _CH_INNER,
  _CH_KSIZE, _CH_BITS, _CH_FLAGS, _CH_LO, _CH_HI, _BLOCK_START, _SCALE, _ZERO, _FINITE, _MOMENTS,
- _MOMENT_COUNT, _CH_MOMENTS_START, _SCRATCH, _KERNEL_PASS_3X3) = range(len(ARGS["quantize_blocks"]))
+ _MOMENT_COUNT, _CH_MOMENTS_START, _SCRATCH, _NATIVE_PASSES) = range(len(ARGS["quantize_blocks"]))
 _COUNT = len(ARGS["quantize_blocks"])
 _CODES, _CODE_COUNT, _BITS, _PACKED, _PACKED_COUNT, _FIRST, _LAST = range(len(ARGS["pack_groups"]))
 _PACK_COUNT = len(ARGS["pack_groups"])
@@ -85,7 +85,7 @@ def _run(a, moments):
         max_size, max_inner, max_ksize = block_extent(ch_inner, ch_ksize, first, last)
         quantize_block(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags, ch_lo,
                        ch_hi, scale, zero, finite, first, last, moments, ch_moments_start,
-                       a[_SCRATCH], max_size, max_inner, max_ksize, a[_KERNEL_PASS_3X3])
+                       a[_SCRATCH], max_size, max_inner, max_ksize, a[_NATIVE_PASSES])
     return np.int64(1)
 
 
@@ -159,8 +159,8 @@ def build(out: Path) -> Path:
         library = Path(work) / LIBRARY
         sources = [str(HERE / "support.c")]
         flags = ["-O2"]
-        if "+avx2" in features.split(","):  # the 3x3 kernel pass (C with AVX2 intrinsics)
-            sources.append(str(HERE / "kernel_pass_3x3.c"))
+        if "+avx2" in features.split(","):  # the passes in C with AVX2 intrinsics
+            sources += [str(HERE / "kernel_pass_3x3.c"), str(HERE / "channel_pass_eq.c")]
             flags += ["-mavx2", "-ffp-contract=off"]  # no fused multiply-adds: numba has none
         command = [*compiler, "-shared", "-fPIC", *flags, "-o", str(library), *objects,
                    *sources, "-lm"]

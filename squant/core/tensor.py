@@ -216,10 +216,13 @@ def quantize_with_options(
     for result, array, name in zip(results, arrays, names):
         if not result.finite:
             _raise_non_finite(array, name)
-        if not (result.scale > 0).all():  # only max - min overflowing float32 gives S = 0
+        if not (result.scale > 0).all():  # S = 0: the grid overflows float32
+            where = [int(i) for i in np.argwhere(~(result.scale > 0))[0]]
+            place = f"channel {where[0]}" + (f", group {where[1]}" if len(where) > 1 else "")
             raise QuantizationError(
-                f"{name}: its values span more than float32 arithmetic can hold (max - min "
-                f"overflows); rescale the weight or use scheme='symmetric'")
+                f"{name}: its quantization grid overflows float32 at {place} (max - min, or "
+                f"scale * min for nearly equal huge values, is not finite); rescale the weight "
+                f"or use scheme='symmetric'")
     for result, view, opts, name in zip(results, views, options, names):
         _warn_below_floor(result.scale.reshape(-1), view, opts, name)
     out = []

@@ -1,9 +1,11 @@
-"""KQ on 3x3 kernels with the native library's AVX2 code (``native/kernel_pass_3x3.c``), and the
-scalar pass on one kernel that finishes the kernels that code leaves.
+"""The passes the native library holds in C with AVX2 intrinsics (``native/*.c``): KQ on 3x3
+kernels and CQ straight after EQ, called from numba's code through their addresses, and the
+scalar pass on one kernel that finishes the kernels the C KQ leaves.
 
-The native code is called through its address (the library's ``squant_kernel_pass_3x3``, which
-the driver hands to ``quantize_block``), so numba's compiled code names no external symbol: the
-same functions run, and are cached, with the address 0, where ``kernel_pass`` runs its own loops.
+The driver hands ``quantize_block`` a table of the C functions' addresses (in the order of
+:data:`kernels.constants.NATIVE_PASSES`, 0 for one the library lacks) and the block's scratch
+keeps a copy, so numba's compiled code names no external symbol: the same functions run, and
+are cached, without the library (all addresses 0), where numba's own loops run.
 """
 
 import numpy as np
@@ -18,25 +20,41 @@ from .grid import flip
 KSIZE = 9  # the kernels the native code takes: 3x3
 
 
-@intrinsic
-def _call_native(typingctx, address, x, err, value, inner, t_min, t_max, state, hand_index,
-                 hand_up, hand_priority):
-    """Call the C function at ``address`` (int64) with ``squant_kernel_pass_3x3``'s arguments:
-    int64 addresses and counts, float32 ``t_min`` and ``t_max``. Returns its int64 result."""
-    address_types = (x, err, value, inner, state, hand_index, hand_up, hand_priority)
-    if not all(isinstance(t, types.Integer) for t in (address, *address_types)):
-        return None
-    signature = types.int64(types.int64, types.int64, types.int64, types.int64, types.int64,
-                            types.float32, types.float32, types.int64, types.int64, types.int64,
-                            types.int64)
+def _c_codegen(arguments):
+    """Code that calls the C function at the int64 address ``args[0]`` with ``args[1:]``, int64
+    (``"i"``) or float32 (``"f"``) as ``arguments`` says, and returns its int64 result."""
+    llvm_types = {"i": ir.IntType(64), "f": ir.FloatType()}
 
     def codegen(context, builder, sig, args):
-        i64, f32 = ir.IntType(64), ir.FloatType()
-        function = ir.FunctionType(i64, [i64, i64, i64, i64, f32, f32, i64, i64, i64, i64])
-        pointer = builder.inttoptr(args[0], function.as_pointer())
-        return builder.call(pointer, args[1:])
+        function = ir.FunctionType(ir.IntType(64), [llvm_types[a] for a in arguments])
+        return builder.call(builder.inttoptr(args[0], function.as_pointer()), args[1:])
 
-    return signature, codegen
+    return codegen
+
+
+_I, _F = types.int64, types.float32
+
+
+@intrinsic
+def kernel_pass_3x3_in_c(typingctx, address, x, err, value, inner, t_min, t_max, state,
+                         hand_index, hand_up, hand_priority):
+    """``squant_kernel_pass_3x3`` at ``address`` (kernels/native/kernel_pass_3x3.c): arrays by
+    their addresses (int64), ``inner`` int64, ``t_min`` and ``t_max`` float32."""
+    return (types.int64(_I, _I, _I, _I, _I, _F, _F, _I, _I, _I, _I),
+            _c_codegen("iiiiffiiii"))
+
+
+@intrinsic
+def channel_pass_eq_in_c(typingctx, address, w, size, scale, zero, t_min, t_max, codes):
+    """``squant_channel_pass_eq`` at ``address`` (kernels/native/channel_pass_eq.c): arrays by
+    their addresses (int64), ``size`` int64, the grid's four numbers float32."""
+    return types.int64(_I, _I, _I, _F, _F, _F, _F, _I), _c_codegen("iiffffi")
+
+
+@njit(cache=True, inline="always")
+def address_of(array):
+    """The address of ``array``'s first element as an int64."""
+    return np.int64(array.ctypes.data)
 
 
 @njit(cache=True)
@@ -81,15 +99,14 @@ def single_kernel_pass(x, err, value, i, inner, ksize, t_min, t_max, keys, top, 
 
 @njit(cache=True)
 def native_kernel_pass_3x3(address, x, err, value, inner, t_min, t_max, scratch):
-    """``kernel_pass`` on a channel of 3x3 kernels by the native code at ``address``, and
+    """``kernel_pass`` on a channel of 3x3 kernels by the C code at ``address``, and
     :func:`single_kernel_pass` on the kernels it leaves (state -1)."""
     keys, top, hand_index, hand_up, hand_priority = scratch[:5]
     state, group, partials = scratch[7], scratch[11], scratch[12]
-    left = _call_native(address, np.int64(x.ctypes.data), np.int64(err.ctypes.data),
-                        np.int64(value.ctypes.data), np.int64(inner), np.float32(t_min),
-                        np.float32(t_max), np.int64(state.ctypes.data),
-                        np.int64(hand_index.ctypes.data), np.int64(hand_up.ctypes.data),
-                        np.int64(hand_priority.ctypes.data))
+    left = kernel_pass_3x3_in_c(address, address_of(x), address_of(err), address_of(value),
+                                np.int64(inner), np.float32(t_min), np.float32(t_max),
+                                address_of(state), address_of(hand_index), address_of(hand_up),
+                                address_of(hand_priority))
     if left == 0:
         return
     for i in range(inner):
