@@ -3,9 +3,9 @@ layers (1x1 convs and the fc, 3x3 convs, the 7x7 stem), 4-bit KC, and numpy roun
 the same weights: CPU time of the calling thread per weight, one numba thread, the three timed
 in turn in the same process (medians). Both kernels give the same codes (checked here too).
 
-On a CPU with AVX2 the native library runs KQ on 3x3 kernels in C (kernels/native/
-kernel_pass_3x3.c); every other part of it is numba's code compiled ahead of time, so the other
-rows show what the C code does not touch.
+On a CPU with AVX2 the native library runs two passes in C (kernels/native/*.c): KQ on 3x3
+kernels and CQ after EQ (1x1 kernels and Linear rows); the rest is numba's code compiled ahead
+of time (the 7x7 row: KQ on other kernel sizes is numba's).
 
 Run: ``python bench/bench_kernel_sizes.py [--repeats 15]`` (needs the native library built).
 """
@@ -58,7 +58,7 @@ def main() -> None:
         size = int(np.prod(w.shape[2:], dtype=np.int64))
         by_size.setdefault(size, []).append(w.reshape(w.shape[0], w.shape[1], size))
     print(f"numba threads {os.environ['NUMBA_NUM_THREADS']}; CPU time of the calling thread; "
-          f"3x3 kernels in C: {'yes' if library.kernel_pass_3x3 else 'no (no AVX2)'}")
+          f"passes in C: {'yes' if library.native_passes.all() else 'no (no AVX2)'}")
     print(f"{'ResNet-50 layers':18} {'weights':>8} {'numpy RTN':>10} {'numba JIT':>10} "
           f"{'native':>10} {'native/JIT':>11} {'native/RTN':>11}   (ns per weight)")
     for size, group in sorted(by_size.items()):

@@ -5,13 +5,13 @@
  * The channel is held transposed (element j of kernel i at j * inner + i), so element j of eight
  * neighbouring kernels is one 8-float load. For each kernel: EQ (value = rint(x), err = value - x),
  * its error sum in float64 in element order (exact: errors of at least 2**-17 are multiples of
- * 2**-40, nine of them at most 0.5 each), the first two and the last of its order (priority |e|
+ * 2**-40, nine of them at most 0.5 each), the first three and the last of its order (priority |e|
  * where the element has a candidate in the sum's direction, else 0; ties: lower index first),
  * how many to flip (k = rint(|sum|)), the flips, and the element handed on to CQ.
  *
  * A kernel it cannot finish this way gets state -1 and is left to the caller (numba's
  * ``single_kernel_pass``): a kernel holding an error below 2**-17 (its sum needs the exact path),
- * one that needs more than the first two of its order, and the last inner % 8 kernels. Its
+ * one that needs more than the first three of its order, and the last inner % 8 kernels. Its
  * value and err then hold EQ or nothing; the caller redoes it from x.
  *
  * Built only for CPUs with AVX2 (kernels/native/build.py): elsewhere the library has no
@@ -64,8 +64,8 @@ static inline void chunk8(const float *x, float *err, float *value, int64_t inne
     __m256d zero_pd = _mm256_setzero_pd();
     __m256 up = _mm256_castsi256_ps(lanes_of_pd_mask(_mm256_cmp_pd(tot_lo, zero_pd, _CMP_LT_OQ),
                                                      _mm256_cmp_pd(tot_hi, zero_pd, _CMP_LT_OQ)));
-    __m256i p1 = _mm256_set1_epi32(-1), p2 = p1, pl = _mm256_set1_epi32(0x7FFFFFFF);
-    __m256i j1 = _mm256_setzero_si256(), j2 = j1, jl = j1;
+    __m256i p1 = _mm256_set1_epi32(-1), p2 = p1, p3 = p1, pl = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i j1 = _mm256_setzero_si256(), j2 = j1, j3 = j1, jl = j1;
     for (int j = 0; j < K; j++) {
         int64_t o = j * inner + i0;
         __m256 e = _mm256_loadu_ps(err + o);
@@ -75,7 +75,11 @@ static inline void chunk8(const float *x, float *err, float *value, int64_t inne
         __m256i jv = _mm256_set1_epi32(j);
         __m256i above1 = _mm256_cmpgt_epi32(p, p1);
         __m256i above2 = _mm256_cmpgt_epi32(p, p2);
+        __m256i above3 = _mm256_cmpgt_epi32(p, p3);
         __m256i not_low = _mm256_cmpgt_epi32(p, pl);
+        /* the first three of the order so far (a later index never wins a tie), the last */
+        j3 = _mm256_blendv_epi8(_mm256_blendv_epi8(j3, jv, above3), j2, above2);
+        p3 = _mm256_blendv_epi8(_mm256_blendv_epi8(p3, p, above3), p2, above2);
         j2 = _mm256_blendv_epi8(_mm256_blendv_epi8(j2, jv, above2), j1, above1);
         p2 = _mm256_blendv_epi8(_mm256_blendv_epi8(p2, p, above2), p1, above1);
         j1 = _mm256_blendv_epi8(j1, jv, above1);
@@ -91,14 +95,16 @@ static inline void chunk8(const float *x, float *err, float *value, int64_t inne
                                     _mm256_cmp_pd(k_hi, m_hi, _CMP_GE_OQ));
     __m256i k = _mm256_set_m128i(_mm256_cvtpd_epi32(k_hi), _mm256_cvtpd_epi32(k_lo));
     __m256i place = _mm256_add_epi32(k, over); /* over is -1 where true */
-    __m256i one = _mm256_set1_epi32(1);
-    __m256i general = _mm256_or_si256(_mm256_castps_si256(any_fine), _mm256_cmpgt_epi32(place, one));
+    __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
+    __m256i general = _mm256_or_si256(_mm256_castps_si256(any_fine), _mm256_cmpgt_epi32(place, two));
     __m256i flips = _mm256_andnot_si256(general, k);
-    __m256i handed = _mm256_blendv_epi8(j2, j1, _mm256_cmpeq_epi32(place, _mm256_setzero_si256()));
+    __m256i handed = _mm256_blendv_epi8(j3, j2, _mm256_cmpeq_epi32(place, one));
+    handed = _mm256_blendv_epi8(handed, j1, _mm256_cmpeq_epi32(place, _mm256_setzero_si256()));
     handed = _mm256_blendv_epi8(handed, jl, _mm256_cmpgt_epi32(_mm256_setzero_si256(), place));
     handed = _mm256_or_si256(handed, general); /* -1: no element of the kernel */
     __m256i flip1 = _mm256_cmpgt_epi32(flips, _mm256_setzero_si256());
     __m256i flip2 = _mm256_cmpgt_epi32(flips, one);
+    __m256i flip3 = _mm256_cmpgt_epi32(flips, two);
     __m256 step = _mm256_or_ps(_mm256_and_ps(up, _mm256_set1_ps(1.0f)),
                                _mm256_andnot_ps(up, _mm256_set1_ps(-1.0f)));
     __m256 hp = _mm256_setzero_ps();
@@ -111,9 +117,10 @@ static inline void chunk8(const float *x, float *err, float *value, int64_t inne
         __m256 fv = _mm256_blendv_ps(r, _mm256_add_ps(r, step), cand);
         __m256 fe = _mm256_and_ps(_mm256_add_ps(e, step), cand);
         __m256i jv = _mm256_set1_epi32(j);
-        __m256 chosen = _mm256_castsi256_ps(_mm256_or_si256(
+        __m256 chosen = _mm256_castsi256_ps(_mm256_or_si256(_mm256_or_si256(
             _mm256_and_si256(flip1, _mm256_cmpeq_epi32(j1, jv)),
-            _mm256_and_si256(flip2, _mm256_cmpeq_epi32(j2, jv))));
+            _mm256_and_si256(flip2, _mm256_cmpeq_epi32(j2, jv))),
+            _mm256_and_si256(flip3, _mm256_cmpeq_epi32(j3, jv))));
         __m256 nv = _mm256_blendv_ps(r, fv, chosen);
         __m256 ne = _mm256_blendv_ps(e, fe, chosen);
         _mm256_storeu_ps(value + o, nv);
