@@ -98,6 +98,7 @@ int64_t squant_channel_pass_eq(int64_t w_, int64_t size, float scale_, float zer
     for (i = 0; i < size; i += 8) {
         int lanes = size - i < 8 ? (int)(size - i) : 8;
         int32_t p[8];
+        unsigned entering; /* lanes whose priority beats the k-th so far */
         if (lanes == 8) {
             __m256 x = grid_x(w, i, scale, zero);
             __m256 e = _mm256_sub_ps(_mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), x);
@@ -105,19 +106,24 @@ int64_t squant_channel_pass_eq(int64_t w_, int64_t size, float scale_, float zer
             __m256 down_ok = _mm256_and_ps(_mm256_cmp_ps(e, zero_ps, _CMP_GT_OQ), _mm256_cmp_ps(x, lo, _CMP_GT_OQ));
             __m256 cand = _mm256_or_ps(_mm256_and_ps(up_mask, up_ok), _mm256_andnot_ps(up_mask, down_ok));
             __m256i pv = _mm256_castps_si256(_mm256_and_ps(_mm256_and_ps(e, abs_mask), cand));
-            if (!_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(pv, _mm256_set1_epi32(threshold)))))
+            entering = (unsigned)_mm256_movemask_ps(
+                _mm256_castsi256_ps(_mm256_cmpgt_epi32(pv, _mm256_set1_epi32(threshold))));
+            if (!entering)
                 continue;
             _mm256_storeu_si256((__m256i *)p, pv);
         } else {
+            entering = 0;
             for (int l = 0; l < lanes; l++) {
                 float x = scale_ * w[i + l] - zero_;
                 float e = __builtin_rintf(x) - x;
                 int cand = up ? (e < 0.0f && x < t_max) : (e > 0.0f && x > t_min);
                 float a = cand ? __builtin_fabsf(e) : 0.0f;
                 __builtin_memcpy(&p[l], &a, 4);
+                entering |= 1u << l;
             }
         }
-        for (int l = 0; l < lanes; l++) {
+        for (; entering; entering &= entering - 1) { /* in index order */
+            int l = __builtin_ctz(entering);
             if (p[l] <= threshold)
                 continue;
             int64_t pos = count < k ? count : k - 1;
