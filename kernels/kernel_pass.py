@@ -99,13 +99,13 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     (``hand_up[i]``) or down direction of the channel's element ``hand_index[i]``.
 
     3x3 kernels go to the native library's C code when ``scratch`` holds its address
-    (:mod:`kernels.native_passes`; the same results).
+    (:mod:`kernels.native_passes`; the same results). Returns the channel's error sum after KQ
+    when that code has it exactly (what ``error_sum`` gives), else NaN.
     """
     (keys, top, hand_index, hand_up, hand_priority,
      total, magnitude, flips, first, second, last, group, partials, native) = scratch
     if ksize == NATIVE_KSIZE and native[0] != 0:
-        native_kernel_pass_3x3(native[0], x, err, value, inner, t_min, t_max, scratch)
-        return
+        return native_kernel_pass_3x3(native[0], x, err, value, inner, t_min, t_max, scratch)
     _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, flips, group, partials)
     _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last)
     _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_index, hand_up)
@@ -129,6 +129,7 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     for i in range(inner):  # the priority handed on is the element's current error
         j = hand_index[i] - i * ksize
         hand_priority[i] = abs(err[j * inner + i])
+    return np.nan
 
 
 @njit(cache=True)

@@ -37,11 +37,11 @@ _I, _F = types.int64, types.float32
 
 @intrinsic
 def kernel_pass_3x3_in_c(typingctx, address, x, err, value, inner, t_min, t_max, state,
-                         hand_index, hand_up, hand_priority):
+                         hand_index, hand_up, hand_priority, channel_sum):
     """``squant_kernel_pass_3x3`` at ``address`` (kernels/native/kernel_pass_3x3.c): arrays by
     their addresses (int64), ``inner`` int64, ``t_min`` and ``t_max`` float32."""
-    return (types.int64(_I, _I, _I, _I, _I, _F, _F, _I, _I, _I, _I),
-            _c_codegen("iiiiffiiii"))
+    return (types.int64(_I, _I, _I, _I, _I, _F, _F, _I, _I, _I, _I, _I),
+            _c_codegen("iiiiffiiiii"))
 
 
 @intrinsic
@@ -100,16 +100,19 @@ def single_kernel_pass(x, err, value, i, inner, ksize, t_min, t_max, keys, top, 
 @njit(cache=True)
 def native_kernel_pass_3x3(address, x, err, value, inner, t_min, t_max, scratch):
     """``kernel_pass`` on a channel of 3x3 kernels by the C code at ``address``, and
-    :func:`single_kernel_pass` on the kernels it leaves (state -1)."""
+    :func:`single_kernel_pass` on the kernels it leaves (state -1). Returns the channel's error
+    sum after KQ, exact (what ``error_sum`` gives) where the C code ran every kernel and could
+    sum them exactly, else NaN."""
     keys, top, hand_index, hand_up, hand_priority = scratch[:5]
     state, group, partials = scratch[7], scratch[11], scratch[12]
     left = kernel_pass_3x3_in_c(address, address_of(x), address_of(err), address_of(value),
                                 np.int64(inner), np.float32(t_min), np.float32(t_max),
                                 address_of(state), address_of(hand_index), address_of(hand_up),
-                                address_of(hand_priority))
+                                address_of(hand_priority), address_of(partials))
     if left == 0:
-        return
+        return partials[0]
     for i in range(inner):
         if state[i] < 0:
             single_kernel_pass(x, err, value, i, inner, KSIZE, t_min, t_max, keys, top,
                                hand_index, hand_up, hand_priority, group, partials)
+    return np.nan

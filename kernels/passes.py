@@ -93,9 +93,10 @@ def _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value
                             scratch[12])
         return scale, zero
     transpose_in(w, scale, zero, inner, ksize, x)
-    kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
+    error_total = kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
     if channel_pass:
-        channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratch)
+        channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratch,
+                                   error_total)
     transpose_out(value, inner, ksize, t_min, t_max, codes)
     return scale, zero
 

@@ -24,6 +24,7 @@
 
 /* 2**-17: errors at least this large are multiples of 2**-40 (kernels/exact_sum.py's FINE) */
 #define FINE 7.62939453125e-06f
+#define EXACT_BOUND 8000.0 /* below 2**13: such sums are exact in float64 (exact_sum.py) */
 
 static inline __m256i lanes_of_pd_mask(__m256d lo, __m256d hi) {
     /* two masks of 4 float64 lanes -> one of 8 int32 lanes */
@@ -39,9 +40,12 @@ static inline __m256 candidate(__m256 e, __m256 x, __m256 up, __m256 t_min, __m2
     return _mm256_or_ps(_mm256_and_ps(up, up_ok), _mm256_andnot_ps(up, down_ok));
 }
 
+/* Kernels i0 .. i0 + 7. Adds their errors after the flips, and the errors' magnitudes, to the
+ * float64 lanes of *sum and *magnitude. */
 static inline void chunk8(const float *x, float *err, float *value, int64_t inner, int64_t i0,
                           __m256 t_min, __m256 t_max, int64_t *state, int64_t *hand_index,
-                          uint8_t *hand_up, float *hand_priority) {
+                          uint8_t *hand_up, float *hand_priority, __m256d *sum,
+                          __m256d *magnitude) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 fine_bound = _mm256_set1_ps(FINE);
     __m256d tot_lo = _mm256_setzero_pd(), tot_hi = _mm256_setzero_pd();
@@ -125,6 +129,11 @@ static inline void chunk8(const float *x, float *err, float *value, int64_t inne
         __m256 ne = _mm256_blendv_ps(e, fe, chosen);
         _mm256_storeu_ps(value + o, nv);
         _mm256_storeu_ps(err + o, ne);
+        __m256 ae = _mm256_and_ps(ne, abs_mask);
+        sum[0] = _mm256_add_pd(sum[0], _mm256_cvtps_pd(_mm256_castps256_ps128(ne)));
+        sum[1] = _mm256_add_pd(sum[1], _mm256_cvtps_pd(_mm256_extractf128_ps(ne, 1)));
+        magnitude[0] = _mm256_add_pd(magnitude[0], _mm256_cvtps_pd(_mm256_castps256_ps128(ae)));
+        magnitude[1] = _mm256_add_pd(magnitude[1], _mm256_cvtps_pd(_mm256_extractf128_ps(ae, 1)));
         hp = _mm256_blendv_ps(hp, _mm256_and_ps(ne, abs_mask),
                               _mm256_castsi256_ps(_mm256_cmpeq_epi32(handed, jv)));
     }
@@ -144,20 +153,32 @@ static inline void chunk8(const float *x, float *err, float *value, int64_t inne
 /* Runs the kernels of one channel: x, err, value (float32, 9 * inner, transposed), state
  * (int64, inner: flips made, or -1 where the caller must run the kernel), hand_index (int64,
  * inner: i * 9 + j of the element handed on), hand_up (uint8, inner) and hand_priority
- * (float32, inner), all addresses. Returns how many kernels have state -1. */
+ * (float32, inner), all addresses; and the channel's error sum after KQ (float64, see below) at
+ * channel_sum. Returns how many kernels have state -1. */
 int64_t squant_kernel_pass_3x3(int64_t x_, int64_t err_, int64_t value_, int64_t inner, float t_min,
                    float t_max, int64_t state_, int64_t hand_index_, int64_t hand_up_,
-                   int64_t hand_priority_) {
+                   int64_t hand_priority_, int64_t channel_sum_) {
     const float *x = (const float *)x_;
     float *err = (float *)err_, *value = (float *)value_, *hand_priority = (float *)hand_priority_;
     int64_t *state = (int64_t *)state_, *hand_index = (int64_t *)hand_index_;
     uint8_t *hand_up = (uint8_t *)hand_up_;
     __m256 lo = _mm256_set1_ps(t_min), hi = _mm256_set1_ps(t_max);
+    __m256d sum[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+    __m256d magnitude[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
     int64_t full = inner - inner % 8;
     for (int64_t i0 = 0; i0 < full; i0 += 8)
-        chunk8(x, err, value, inner, i0, lo, hi, state, hand_index, hand_up, hand_priority);
+        chunk8(x, err, value, inner, i0, lo, hi, state, hand_index, hand_up, hand_priority, sum,
+               magnitude);
     int64_t general = 0;
     for (int64_t i = full; i < inner; i++) state[i] = -1;
     for (int64_t i = 0; i < inner; i++) general += state[i] < 0;
+    /* The channel's error sum for CQ, when every kernel ran here: each error is a multiple of
+     * 2**-40 (none below 2**-17 but 0: flipped ones are e +- 1 or 0), so while their magnitudes
+     * sum below 2**13 every partial sum is exact in float64, in any order. Else NaN. */
+    double s[4], m[4];
+    _mm256_storeu_pd(s, _mm256_add_pd(sum[0], sum[1]));
+    _mm256_storeu_pd(m, _mm256_add_pd(magnitude[0], magnitude[1]));
+    double total = (s[0] + s[1]) + (s[2] + s[3]), size = (m[0] + m[1]) + (m[2] + m[3]);
+    *(double *)channel_sum_ = (general == 0 && size < EXACT_BOUND) ? total : __builtin_nan("");
     return general;
 }
