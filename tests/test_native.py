@@ -142,6 +142,29 @@ def test_the_channel_pass_in_c_gives_the_jits_codes(native_kernels) -> None:
     _assert_same_as_jit(native_kernels, weights, options)
 
 
+def test_a_library_for_a_cpu_without_avx2_runs_numbas_passes(native_kernels, tmp_path,
+                                                              monkeypatch) -> None:
+    """Built for a CPU without AVX2, the library holds no C pass (their addresses are 0) and its
+    numba code runs its own KQ and CQ: the same codes as the JIT's."""
+    from squant.kernels.native import build as native_build
+
+    cpu, features = native.host_cpu()
+    monkeypatch.setattr(native_build, "host_cpu",
+                        lambda: (cpu, features.replace("+avx2", "-avx2")))
+    native_build.build(tmp_path)
+    library, why = native.try_load(tmp_path)
+    assert library is not None, why
+    assert not library.native_passes.any()
+    rng = np.random.default_rng(3)
+    weights = [_awkward(rng, (5, 20, 9), "normal"), _awkward(rng, (6, 70, 1), "near grid")]
+    options = [QuantOptions(bits=4, mode="KC")] * 2
+    jit = _run(kernels.quantize_blocks, weights, options)
+    ours = _run(library.quantize_blocks, weights, options)
+    for a, b in zip(jit, ours):
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scale, b.scale)
+
+
 def test_a_whole_model_is_the_same_with_both_kernels(native_kernels) -> None:
     """A ResNet-like batch, split among threads: same state_dict with either kernel."""
     import torch
