@@ -19,8 +19,7 @@ from .flip import (
     select_top,
 )
 from .grid import flip, flipped
-from .native_passes import KSIZE as NATIVE_KSIZE
-from .native_passes import native_kernel_pass_3x3
+from .native_passes import kernel_pass_by_c
 
 
 @njit(cache=True, inline="always")
@@ -104,8 +103,10 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     """
     (keys, top, hand_index, hand_up, hand_priority,
      total, magnitude, flips, first, second, last, group, partials, native) = scratch
-    if ksize == NATIVE_KSIZE and native[0] != 0:
-        return native_kernel_pass_3x3(native[0], x, err, value, inner, t_min, t_max, scratch)
+    done, error_total = kernel_pass_by_c(native, x, err, value, inner, ksize, t_min, t_max,
+                                         scratch)
+    if done:
+        return error_total
     _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, flips, group, partials)
     _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last)
     _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_index, hand_up)

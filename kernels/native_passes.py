@@ -2,20 +2,23 @@
 kernels and CQ straight after EQ, called from numba's code through their addresses, and the
 scalar pass on one kernel that finishes the kernels the C KQ leaves.
 
-The driver hands ``quantize_block`` a table of the C functions' addresses (in the order of
-:data:`kernels.constants.NATIVE_PASSES`, 0 for one the library lacks) and the block's scratch
-keeps a copy, so numba's compiled code names no external symbol: the same functions run, and
-are cached, without the library (all addresses 0), where numba's own loops run.
+The native library hands ``quantize_block`` a table of the C functions' addresses (in the
+order of :data:`kernels.constants.NATIVE_PASSES`, 0 for one it lacks) and the block's scratch
+keeps a copy, so numba's compiled code names no external symbol. numba's JIT hands it None
+instead: the dispatchers below are chosen by that slot's type when numba compiles, so the JIT
+compiles none of this module's code (and none of its time).
 """
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
+from .constants import NATIVE_PASSES
 from .exact_sum import error_sum
 from .flip import LARGEST_KEY, SMALLEST_KEY, eq_key, flip_count, key_index, select_top
 from .grid import flip
+from .memory import view_at
 
 KSIZE = 9  # the kernels the native code takes: 3x3
 
@@ -116,3 +119,65 @@ def native_kernel_pass_3x3(address, x, err, value, inner, t_min, t_max, scratch)
             single_kernel_pass(x, err, value, i, inner, KSIZE, t_min, t_max, keys, top,
                                hand_index, hand_up, hand_priority, group, partials)
     return np.nan
+
+
+def native_slot(native_passes, address):
+    """The block's slot of the C passes' addresses: None for ``native_passes`` None (numba's
+    JIT), else the ``len(NATIVE_PASSES)`` int64 at ``address``, copied from the table at the
+    address ``native_passes`` (all 0 for 0). Compiled code only (see :func:`_native_slot`)."""
+    raise NotImplementedError("a numba dispatcher: call it from compiled code")
+
+
+@overload(native_slot)
+def _native_slot(native_passes, address):
+    if isinstance(native_passes, types.NoneType):
+        return lambda native_passes, address: None
+
+    def fill(native_passes, address):
+        slot = view_at(address, len(NATIVE_PASSES), np.int64)
+        for p in range(slot.shape[0]):
+            slot[p] = 0 if native_passes == 0 else view_at(native_passes, slot.shape[0],
+                                                           np.int64)[p]
+        return slot
+
+    return fill
+
+
+def kernel_pass_by_c(native, x, err, value, inner, ksize, t_min, t_max, scratch):
+    """``(done, error_total)``: ``kernel_pass`` by the C code when ``native`` (the slot of
+    :func:`native_slot`) holds it and the kernels are 3x3 (``done``; ``error_total`` as
+    :func:`native_kernel_pass_3x3` returns it), else ``(False, NaN)``. Compiled code only."""
+    raise NotImplementedError("a numba dispatcher: call it from compiled code")
+
+
+@overload(kernel_pass_by_c)
+def _kernel_pass_by_c(native, x, err, value, inner, ksize, t_min, t_max, scratch):
+    if isinstance(native, types.NoneType):
+        return lambda native, x, err, value, inner, ksize, t_min, t_max, scratch: (False, np.nan)
+
+    def run(native, x, err, value, inner, ksize, t_min, t_max, scratch):
+        if ksize == KSIZE and native[0] != 0:
+            return True, native_kernel_pass_3x3(native[0], x, err, value, inner, t_min, t_max,
+                                                scratch)
+        return False, np.nan
+
+    return run
+
+
+def channel_pass_eq_by_c(native, w, scale, zero, t_min, t_max, codes):
+    """Whether the C code (when ``native``, the slot of :func:`native_slot`, holds it) did
+    ``channel_pass_eq`` on the channel ``w`` into ``codes``. Compiled code only."""
+    raise NotImplementedError("a numba dispatcher: call it from compiled code")
+
+
+@overload(channel_pass_eq_by_c)
+def _channel_pass_eq_by_c(native, w, scale, zero, t_min, t_max, codes):
+    if isinstance(native, types.NoneType):
+        return lambda native, w, scale, zero, t_min, t_max, codes: False
+
+    def run(native, w, scale, zero, t_min, t_max, codes):
+        return native[1] != 0 and channel_pass_eq_in_c(
+            native[1], address_of(w), np.int64(w.shape[0]), np.float32(scale), np.float32(zero),
+            np.float32(t_min), np.float32(t_max), address_of(codes)) == 1
+
+    return run

@@ -19,7 +19,6 @@ from .constants import (
     INCLUDE_ZERO,
     KERNEL_PASS,
     MAX_PARTIALS,
-    NATIVE_PASSES,
     NO_MOMENTS,
     RANGE_FIT,
     RANGE_FLOOR,
@@ -32,16 +31,16 @@ from .fit import fit_error, fit_factors, fit_windows, window_error, write_lattic
 from .grid import channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
-from .native_passes import address_of, channel_pass_eq_in_c
+from .native_passes import channel_pass_eq_by_c, native_slot
 
 _layout = njit(cache=True, inline="always")(scratch_layout)
 
 
 @njit(cache=True, inline="always")
-def _scratch_at(base, max_size, max_inner, max_ksize):
+def _scratch_at(base, max_size, max_inner, max_ksize, native_passes):
     """The scratch arrays of a block (see :func:`kernels.constants.scratch_layout`) in the
     buffer at address ``base``: ``(x, err, value, scratch, range_bits, trial)``, views that
-    hold no reference to it."""
+    hold no reference to it; ``scratch[13]`` is :func:`kernels.native_passes.native_slot`'s."""
     at = _layout(max_size, max_inner, max_ksize)
     floats = view_at(base + at[0], 3 * max_size, np.float32)
     scratch = (
@@ -58,7 +57,7 @@ def _scratch_at(base, max_size, max_inner, max_ksize):
         view_at(base + at[11], max_inner, np.int64),  # and last key of its order;
         view_at(base + at[12], max_ksize, np.float32),  # one kernel's errors, gathered
         view_at(base + at[13], MAX_PARTIALS, np.float64),  # an exact sum's partials
-        view_at(base + at[16], len(NATIVE_PASSES), np.int64),  # the C passes' addresses, or 0
+        native_slot(native_passes, base + at[16]),  # the C passes' addresses, or None
     )
     return (floats[:max_size], floats[max_size : 2 * max_size], floats[2 * max_size :], scratch,
             view_at(base + at[14], 2, np.int32), view_at(base + at[15], max_size, np.int8))
@@ -85,10 +84,7 @@ def _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value
         return scale, zero
     x, err, value = x[:size], err[:size], value[:size]
     if not after_kernels:
-        native = scratch[13][1]  # CQ after EQ in C (kernels/native/channel_pass_eq.c), or 0
-        if native == 0 or channel_pass_eq_in_c(
-                native, address_of(w), np.int64(size), np.float32(scale), np.float32(zero),
-                np.float32(t_min), np.float32(t_max), address_of(codes)) != 1:
+        if not channel_pass_eq_by_c(scratch[13], w, scale, zero, t_min, t_max, codes):
             channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, scratch[0], scratch[1],
                             scratch[12])
         return scale, zero
@@ -311,13 +307,10 @@ def quantize_block(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch
     buffer at address ``base``, laid out for ``(max_size, max_inner, max_ksize)`` (at least the
     block's :func:`block_extent`). ``native_passes``: the address of the native library's table
     of its C passes (:data:`kernels.constants.NATIVE_PASSES`, see :mod:`kernels.native_passes`),
-    or 0 for numba's code everywhere. Allocates nothing."""
+    or None for numba's code everywhere (the C passes' callers are then not compiled in).
+    Allocates nothing."""
     x, err, value, scratch, range_scratch, trial = _scratch_at(base, max_size, max_inner,
-                                                                max_ksize)
-    natives = scratch[13]
-    for p in range(natives.shape[0]):
-        natives[p] = 0 if native_passes == 0 else view_at(native_passes, natives.shape[0],
-                                                          np.int64)[p]
+                                                                max_ksize, native_passes)
     table = search_moments if search_moments is None else unowned(search_moments)
     for c in range(first, last):
         size = ch_inner[c] * ch_ksize[c]
@@ -366,5 +359,5 @@ def quantize_blocks(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, c
         quantize_block(ch_address, ch_codes_address, ch_inner, ch_ksize, ch_bits, ch_flags,
                        ch_lo, ch_hi, scale, zero, finite, first, last, search_moments,
                        ch_moments_start, buffer.ctypes.data, max_size, max_inner, max_ksize,
-                       np.int64(0))
+                       None)
         _keep_alive(buffer, search_moments)
