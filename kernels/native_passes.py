@@ -135,9 +135,9 @@ def _native_slot(native_passes, address):
 
     def fill(native_passes, address):
         slot = view_at(address, len(NATIVE_PASSES), np.int64)
-        for p in range(slot.shape[0]):
-            slot[p] = 0 if native_passes == 0 else view_at(native_passes, slot.shape[0],
-                                                           np.int64)[p]
+        table = view_at(native_passes, len(NATIVE_PASSES), np.int64)  # read only if not 0
+        for p in range(slot.shape[0]):  # a loop: an array assignment may allocate a copy
+            slot[p] = 0 if native_passes == 0 else table[p]
         return slot
 
     return fill

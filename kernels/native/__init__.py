@@ -40,11 +40,11 @@ ARGS = {
 
 
 def source_digest() -> str:
-    """SHA-256 of the kernels' sources: every ``.py`` and ``.c`` file of this folder and of the
-    kernels' folder above it, by name."""
+    """SHA-256 of the kernels' sources: every ``.py``, ``.c`` and ``.h`` file of this folder and
+    of the kernels' folder above it, by name."""
     digest = hashlib.sha256()
     for path in sorted([*HERE.parent.iterdir(), *HERE.iterdir()]):
-        if path.suffix in (".py", ".c"):
+        if path.suffix in (".py", ".c", ".h"):
             name = path.relative_to(HERE.parent).as_posix()
             digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

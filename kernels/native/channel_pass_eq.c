@@ -15,10 +15,9 @@
  * Built only for CPUs with AVX2 (kernels/native/build.py).
  */
 #include <stdint.h>
-#include <immintrin.h>
 
-#define FINE 7.62939453125e-06f
-#define EXACT_BOUND 8000.0
+#include "avx2_passes.h"
+
 #define MAX_FLIPS 64
 
 static inline __m256 grid_x(const float *w, int64_t i, __m256 scale, __m256 zero) {
@@ -93,7 +92,6 @@ int64_t squant_channel_pass_eq(int64_t w_, int64_t size, float scale_, float zer
     int64_t best_i[MAX_FLIPS];
     int64_t count = 0;
     int32_t threshold = -1;
-    const __m256 zero_ps = _mm256_setzero_ps();
     const __m256 up_mask = _mm256_castsi256_ps(_mm256_set1_epi32(up ? -1 : 0));
     for (i = 0; i < size; i += 8) {
         int lanes = size - i < 8 ? (int)(size - i) : 8;
@@ -102,9 +100,7 @@ int64_t squant_channel_pass_eq(int64_t w_, int64_t size, float scale_, float zer
         if (lanes == 8) {
             __m256 x = grid_x(w, i, scale, zero);
             __m256 e = _mm256_sub_ps(_mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), x);
-            __m256 up_ok = _mm256_and_ps(_mm256_cmp_ps(e, zero_ps, _CMP_LT_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ));
-            __m256 down_ok = _mm256_and_ps(_mm256_cmp_ps(e, zero_ps, _CMP_GT_OQ), _mm256_cmp_ps(x, lo, _CMP_GT_OQ));
-            __m256 cand = _mm256_or_ps(_mm256_and_ps(up_mask, up_ok), _mm256_andnot_ps(up_mask, down_ok));
+            __m256 cand = candidate(e, x, up_mask, lo, hi);
             __m256i pv = _mm256_castps_si256(_mm256_and_ps(_mm256_and_ps(e, abs_mask), cand));
             entering = (unsigned)_mm256_movemask_ps(
                 _mm256_castsi256_ps(_mm256_cmpgt_epi32(pv, _mm256_set1_epi32(threshold))));

@@ -18,26 +18,16 @@
  * squant_kernel_pass_3x3 and numba's code runs.
  */
 #include <stdint.h>
-#include <immintrin.h>
+
+#include "avx2_passes.h"
 
 #define K 9
-
-/* 2**-17: errors at least this large are multiples of 2**-40 (kernels/exact_sum.py's FINE) */
-#define FINE 7.62939453125e-06f
-#define EXACT_BOUND 8000.0 /* below 2**13: such sums are exact in float64 (exact_sum.py) */
 
 static inline __m256i lanes_of_pd_mask(__m256d lo, __m256d hi) {
     /* two masks of 4 float64 lanes -> one of 8 int32 lanes */
     __m128i a = _mm256_cvtpd_epi32(_mm256_and_pd(lo, _mm256_set1_pd(1.0)));
     __m128i b = _mm256_cvtpd_epi32(_mm256_and_pd(hi, _mm256_set1_pd(1.0)));
     return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_set_m128i(b, a));
-}
-
-static inline __m256 candidate(__m256 e, __m256 x, __m256 up, __m256 t_min, __m256 t_max) {
-    __m256 zero = _mm256_setzero_ps();
-    __m256 up_ok = _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_LT_OQ), _mm256_cmp_ps(x, t_max, _CMP_LT_OQ));
-    __m256 down_ok = _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, t_min, _CMP_GT_OQ));
-    return _mm256_or_ps(_mm256_and_ps(up, up_ok), _mm256_andnot_ps(up, down_ok));
 }
 
 /* Kernels i0 .. i0 + 7. Adds their errors after the flips, and the errors' magnitudes, to the
