@@ -3,9 +3,10 @@ layers (1x1 convs and the fc, 3x3 convs, the 7x7 stem), 4-bit KC, and numpy roun
 the same weights: CPU time of the calling thread per weight, one numba thread, the three timed
 in turn in the same process (medians). Both kernels give the same codes (checked here too).
 
-On a CPU with AVX2 the native library runs two passes in C (kernels/native/*.c): KQ on 3x3
-kernels and CQ after EQ (1x1 kernels and Linear rows); the rest is numba's code compiled ahead
-of time (the 7x7 row: KQ on other kernel sizes is numba's).
+On a CPU with AVX2 the native library runs three passes in C (kernels/native/*.c): KQ on 3x3
+kernels with the transposes around it, CQ after it, and CQ after EQ (1x1 kernels and Linear
+rows); the rest is numba's code compiled ahead of time (the 7x7 row: KQ on other kernel sizes is
+numba's).
 
 Run: ``python bench/bench_kernel_sizes.py [--repeats 15]`` (needs the native library built).
 """

@@ -43,14 +43,12 @@ def channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, keys, top, part
 @njit(cache=True)
 def channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratch, error_total):
     """CQ after KQ, on a channel held transposed (see ``kernel_pass``). ``error_total``: the
-    channel's error sum if the caller has it exactly (what ``error_sum`` gives), else NaN.
+    channel's error sum after KQ (what ``error_sum`` gives).
 
     The only non-zero priorities are the ones the kernels handed on in the chosen direction:
     they come first in the order, and every other element follows in index order.
     """
     keys, top, hand_index, hand_up, hand_priority = scratch[:5]
-    if np.isnan(error_total):
-        error_total = error_sum(err, scratch[12])
     up, k, _ = flip_count(error_total)
     if k == 0:
         return

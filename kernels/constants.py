@@ -17,7 +17,8 @@ INCLUDE_ZERO = 32  # widen each range to include 0 (int8 runtimes need an intege
 RANGE_FIT = 64  # also try other steps and windows (kernels/fit.py); keep the least l_p error
 # The passes the native library holds in C (kernels/native/*.c), in the order of the table of
 # their addresses that the driver hands the kernels (kernels/native_passes.py).
-NATIVE_PASSES = ("squant_kernel_pass_3x3", "squant_channel_pass_eq")
+NATIVE_PASSES = ("squant_kernel_pass_3x3", "squant_channel_pass_eq",
+                 "squant_channel_pass_handed")
 MAX_PARTIALS = 64  # an exact sum's non-overlapping float64 partials (kernels/exact_sum.py)
 NO_MOMENTS = -1  # a channel's start in the input-moment table when it has none: plain error
 

@@ -19,7 +19,6 @@ from .flip import (
     select_top,
 )
 from .grid import flip, flipped
-from .native_passes import kernel_pass_by_c
 
 
 @njit(cache=True, inline="always")
@@ -97,16 +96,10 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     non-zero priority of kernel ``i`` is the one its step 5 set: ``hand_priority[i]`` in the up
     (``hand_up[i]``) or down direction of the channel's element ``hand_index[i]``.
 
-    3x3 kernels go to the native library's C code when ``scratch`` holds its address
-    (:mod:`kernels.native_passes`; the same results). Returns the channel's error sum after KQ
-    when that code has it exactly (what ``error_sum`` gives), else NaN.
+    (The native library's C code does this for 3x3 kernels: :mod:`kernels.native_passes`.)
     """
     (keys, top, hand_index, hand_up, hand_priority,
-     total, magnitude, flips, first, second, last, group, partials, native) = scratch
-    done, error_total = kernel_pass_by_c(native, x, err, value, inner, ksize, t_min, t_max,
-                                         scratch)
-    if done:
-        return error_total
+     total, magnitude, flips, first, second, last, group, partials) = scratch[:13]
     _eq_and_kernel_sums(x, err, value, inner, ksize, total, magnitude, flips, group, partials)
     _kernel_order_heads(x, err, inner, ksize, total, t_min, t_max, first, second, last)
     _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_index, hand_up)
@@ -130,7 +123,6 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     for i in range(inner):  # the priority handed on is the element's current error
         j = hand_index[i] - i * ksize
         hand_priority[i] = abs(err[j * inner + i])
-    return np.nan
 
 
 @njit(cache=True)

@@ -1,6 +1,6 @@
 """The passes the native library holds in C with AVX2 intrinsics (``native/*.c``): KQ on 3x3
-kernels and CQ straight after EQ, called from numba's code through their addresses, and the
-scalar pass on one kernel that finishes the kernels the C KQ leaves.
+kernels, CQ after it, and CQ straight after EQ, called from numba's code through their
+addresses, and the scalar pass on one kernel that finishes the kernels the C KQ leaves.
 
 The native library hands ``quantize_block`` a table of the C functions' addresses (in the
 order of :data:`kernels.constants.NATIVE_PASSES`, 0 for one it lacks) and the block's scratch
@@ -14,10 +14,12 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from .channel_pass import channel_pass_after_kernels
 from .constants import NATIVE_PASSES
 from .exact_sum import error_sum
 from .flip import LARGEST_KEY, SMALLEST_KEY, eq_key, flip_count, key_index, select_top
 from .grid import flip
+from .kernel_pass import transpose_out
 from .memory import view_at
 
 KSIZE = 9  # the kernels the native code takes: 3x3
@@ -25,8 +27,9 @@ KSIZE = 9  # the kernels the native code takes: 3x3
 
 def _c_codegen(arguments):
     """Code that calls the C function at the int64 address ``args[0]`` with ``args[1:]``, int64
-    (``"i"``) or float32 (``"f"``) as ``arguments`` says, and returns its int64 result."""
-    llvm_types = {"i": ir.IntType(64), "f": ir.FloatType()}
+    (``"i"``), float32 (``"f"``) or float64 (``"d"``) as ``arguments`` says, and returns its
+    int64 result."""
+    llvm_types = {"i": ir.IntType(64), "f": ir.FloatType(), "d": ir.DoubleType()}
 
     def codegen(context, builder, sig, args):
         function = ir.FunctionType(ir.IntType(64), [llvm_types[a] for a in arguments])
@@ -35,16 +38,26 @@ def _c_codegen(arguments):
     return codegen
 
 
-_I, _F = types.int64, types.float32
+_I, _F, _D = types.int64, types.float32, types.float64
 
 
 @intrinsic
-def kernel_pass_3x3_in_c(typingctx, address, x, err, value, inner, t_min, t_max, state,
-                         hand_index, hand_up, hand_priority, channel_sum):
+def kernel_pass_3x3_in_c(typingctx, address, w, scale, zero, x, err, value, inner, t_min, t_max,
+                         state, hand_index, hand_up, hand_priority, channel_sum, codes):
     """``squant_kernel_pass_3x3`` at ``address`` (kernels/native/kernel_pass_3x3.c): arrays by
-    their addresses (int64), ``inner`` int64, ``t_min`` and ``t_max`` float32."""
-    return (types.int64(_I, _I, _I, _I, _I, _F, _F, _I, _I, _I, _I, _I),
-            _c_codegen("iiiiffiiiii"))
+    their addresses (int64), ``inner`` int64, the grid's four numbers float32."""
+    return (types.int64(_I, _I, _F, _F, _I, _I, _I, _I, _F, _F, _I, _I, _I, _I, _I, _I),
+            _c_codegen("iffiiiiffiiiiii"))
+
+
+@intrinsic
+def channel_pass_handed_in_c(typingctx, address, x, inner, ksize, t_min, t_max, hand_index,
+                             hand_up, hand_priority, total, codes):
+    """``squant_channel_pass_handed`` at ``address`` (kernels/native/channel_pass_handed.c):
+    arrays by their addresses (int64), ``inner`` and ``ksize`` int64, ``t_min`` and ``t_max``
+    float32, ``total`` float64."""
+    return (types.int64(_I, _I, _I, _I, _F, _F, _I, _I, _I, _D, _I),
+            _c_codegen("iiiffiiidi"))
 
 
 @intrinsic
@@ -101,24 +114,38 @@ def single_kernel_pass(x, err, value, i, inner, ksize, t_min, t_max, keys, top, 
 
 
 @njit(cache=True)
-def native_kernel_pass_3x3(address, x, err, value, inner, t_min, t_max, scratch):
-    """``kernel_pass`` on a channel of 3x3 kernels by the C code at ``address``, and
-    :func:`single_kernel_pass` on the kernels it leaves (state -1). Returns the channel's error
-    sum after KQ, exact (what ``error_sum`` gives) where the C code ran every kernel and could
-    sum them exactly, else NaN."""
+def native_kernels_3x3(native, w, scale, zero, inner, t_min, t_max, channel_pass, codes, x, err,
+                       value, scratch):
+    """``transpose_in``, ``kernel_pass``, CQ (with ``channel_pass``) and ``transpose_out`` on a
+    channel ``w`` of 3x3 kernels into its ``codes``, by the C code whose addresses ``native``
+    holds (KQ's is not 0): :func:`single_kernel_pass` on the kernels the C KQ leaves (state
+    -1), and numba's CQ where the C CQ is missing or declines. The same codes as numba's."""
     keys, top, hand_index, hand_up, hand_priority = scratch[:5]
     state, group, partials = scratch[7], scratch[11], scratch[12]
-    left = kernel_pass_3x3_in_c(address, address_of(x), address_of(err), address_of(value),
+    left = kernel_pass_3x3_in_c(native[0], address_of(w), np.float32(scale), np.float32(zero),
+                                address_of(x), address_of(err), address_of(value),
                                 np.int64(inner), np.float32(t_min), np.float32(t_max),
                                 address_of(state), address_of(hand_index), address_of(hand_up),
-                                address_of(hand_priority), address_of(partials))
-    if left == 0:
-        return partials[0]
-    for i in range(inner):
-        if state[i] < 0:
-            single_kernel_pass(x, err, value, i, inner, KSIZE, t_min, t_max, keys, top,
-                               hand_index, hand_up, hand_priority, group, partials)
-    return np.nan
+                                address_of(hand_priority), address_of(partials),
+                                address_of(codes))
+    error_total = partials[0]
+    if left != 0:
+        for i in range(inner):
+            if state[i] < 0:
+                single_kernel_pass(x, err, value, i, inner, KSIZE, t_min, t_max, keys, top,
+                                   hand_index, hand_up, hand_priority, group, partials)
+                for j in range(KSIZE):
+                    codes[i * KSIZE + j] = np.int8(min(max(value[j * inner + i], t_min), t_max))
+        error_total = error_sum(err, partials)
+    if not channel_pass:
+        return
+    if native[2] != 0 and channel_pass_handed_in_c(
+            native[2], address_of(x), np.int64(inner), np.int64(KSIZE), np.float32(t_min),
+            np.float32(t_max), address_of(hand_index), address_of(hand_up),
+            address_of(hand_priority), np.float64(error_total), address_of(codes)) == 1:
+        return
+    channel_pass_after_kernels(x, err, value, inner, KSIZE, t_min, t_max, scratch, error_total)
+    transpose_out(value, inner, KSIZE, t_min, t_max, codes)
 
 
 def native_slot(native_passes, address):
@@ -143,23 +170,28 @@ def _native_slot(native_passes, address):
     return fill
 
 
-def kernel_pass_by_c(native, x, err, value, inner, ksize, t_min, t_max, scratch):
-    """``(done, error_total)``: ``kernel_pass`` by the C code when ``native`` (the slot of
-    :func:`native_slot`) holds it and the kernels are 3x3 (``done``; ``error_total`` as
-    :func:`native_kernel_pass_3x3` returns it), else ``(False, NaN)``. Compiled code only."""
+def kernels_by_c(native, w, scale, zero, inner, ksize, t_min, t_max, channel_pass, codes, x,
+                 err, value, scratch):
+    """Whether the C code (when ``native``, the slot of :func:`native_slot`, holds it, and the
+    kernels are 3x3) quantized the channel ``w`` on the grid after EQ: KQ, then CQ with
+    ``channel_pass``, into ``codes`` (:func:`native_kernels_3x3`). Compiled code only."""
     raise NotImplementedError("a numba dispatcher: call it from compiled code")
 
 
-@overload(kernel_pass_by_c)
-def _kernel_pass_by_c(native, x, err, value, inner, ksize, t_min, t_max, scratch):
+@overload(kernels_by_c)
+def _kernels_by_c(native, w, scale, zero, inner, ksize, t_min, t_max, channel_pass, codes, x,
+                  err, value, scratch):
     if isinstance(native, types.NoneType):
-        return lambda native, x, err, value, inner, ksize, t_min, t_max, scratch: (False, np.nan)
+        return (lambda native, w, scale, zero, inner, ksize, t_min, t_max, channel_pass, codes, x,
+                err, value, scratch: False)
 
-    def run(native, x, err, value, inner, ksize, t_min, t_max, scratch):
-        if ksize == KSIZE and native[0] != 0:
-            return True, native_kernel_pass_3x3(native[0], x, err, value, inner, t_min, t_max,
-                                                scratch)
-        return False, np.nan
+    def run(native, w, scale, zero, inner, ksize, t_min, t_max, channel_pass, codes, x, err,
+            value, scratch):
+        if ksize != KSIZE or native[0] == 0:
+            return False
+        native_kernels_3x3(native, w, scale, zero, inner, t_min, t_max, channel_pass, codes, x,
+                           err, value, scratch)
+        return True
 
     return run
 

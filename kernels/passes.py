@@ -27,11 +27,12 @@ from .constants import (
     SYMMETRIC,
     scratch_layout,
 )
+from .exact_sum import error_sum
 from .fit import fit_error, fit_factors, fit_windows, window_error, write_lattice_codes
 from .grid import channel_range, grid_params
 from .kernel_pass import kernel_pass, transpose_in, transpose_out
 from .memory import unowned, view_at
-from .native_passes import channel_pass_eq_by_c, native_slot
+from .native_passes import channel_pass_eq_by_c, kernels_by_c, native_slot
 
 _layout = njit(cache=True, inline="always")(scratch_layout)
 
@@ -88,11 +89,14 @@ def _quantize_on_grid(w, inner, ksize, bits, flags, lo, hi, codes, x, err, value
             channel_pass_eq(w, scale, zero, t_min, t_max, codes, x, err, scratch[0], scratch[1],
                             scratch[12])
         return scale, zero
+    if kernels_by_c(scratch[13], w, scale, zero, inner, ksize, t_min, t_max, channel_pass, codes,
+                    x, err, value, scratch):
+        return scale, zero
     transpose_in(w, scale, zero, inner, ksize, x)
-    error_total = kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
+    kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch)
     if channel_pass:
         channel_pass_after_kernels(x, err, value, inner, ksize, t_min, t_max, scratch,
-                                   error_total)
+                                   error_sum(err, scratch[12]))
     transpose_out(value, inner, ksize, t_min, t_max, codes)
     return scale, zero
 

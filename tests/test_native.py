@@ -121,6 +121,44 @@ def test_the_3x3_kernel_pass_in_c_gives_the_jits_codes(native_kernels) -> None:
     _assert_same_as_jit(native_kernels, weights, options)
 
 
+def test_the_channel_pass_after_kernels_in_c_gives_the_jits_codes(native_kernels) -> None:
+    """CQ after the C KQ, in C: channels whose kernels all err the same way (more than 64 flips:
+    left to numba), ranges that clip (kernels with no candidate to hand on, so fewer handed-on
+    elements than flips: left to numba), kernels the C KQ leaves, both directions, CQ alone."""
+    rng = np.random.default_rng(5)
+    weights, options = [], []
+    for inner in (8, 64, 512):
+        for offset in (0.95, 0.05, 0.55):  # every weight errs by the same fraction of a step
+            w = (rng.integers(0, 14, (3, inner, 9)) + offset).astype(np.float32)
+            w[:, 0, 0], w[:, 0, 1] = 0.0, 15.0  # S = 1, Z = 8 at 4 bits
+            weights.append(w)
+            options.append(QuantOptions(bits=4, mode="KC"))
+        # the last half of the kernels above the grid's top code (x = 7.3: no candidate up,
+        # their hand-ons of priority 0 point down), the channel's sum pulling up: fewer
+        # hand-ons than flips, so CQ flips the first elements of the other kernels too
+        w = rng.uniform(0.3, 15.3, (3, inner, 9)).astype(np.float32)
+        w[:, inner // 2 :] = 15.3
+        w[:, 0, 0] = 0.3
+        weights.append(w)
+        options.append(QuantOptions(bits=4, mode="KC"))
+        # S = 1, Z = 8: kernels x = [0, 3.375, 7.25 x 3, 0 x 4] (KQ flips the 2nd and hands on
+        # the 1st up with priority 0) but the first two: hand-ons of priority 0 in the
+        # channel's direction
+        w = np.tile(np.float32([8, 11.375, 15.25, 15.25, 15.25, 8, 8, 8, 8]), (3, inner, 1))
+        w[:, :2] = rng.uniform(0.25, 15.25, (3, 2, 9))
+        w[:, 0, 0] = 0.25
+        weights.append(w)
+        options.append(QuantOptions(bits=4, mode="KC"))
+        for kind in ("normal", "near grid", "outliers"):
+            w = _awkward(rng, (3, inner, 9), kind)
+            for rule in ("minmax", "search"):
+                weights.append(w)
+                options.append(QuantOptions(bits=3, mode="KC", range=rule))
+            weights.append(np.clip(w, -0.5, None))  # one-sided: every kernel errs up or down
+            options.append(QuantOptions(bits=2, mode="KC", range="search"))
+    _assert_same_as_jit(native_kernels, weights, options)
+
+
 def test_the_channel_pass_in_c_gives_the_jits_codes(native_kernels) -> None:
     """CQ after EQ in C (1x1 kernels, Linear rows, mode C on 3x3): lengths around its blocks of
     eight, awkward weights, channels it leaves to numba (more than 64 flips, a huge constant

@@ -13,9 +13,10 @@ array of addresses and counts (:data:`squant.kernels.native.ARGS`); they allocat
 numba's finalized module of each is emitted as a position-independent object for the host
 CPU and linked with a few C stubs (``support.c``) for the numba runtime symbols the wrappers
 reference: only their error paths use them, and those report a failure to the caller, which
-raises. On a CPU with AVX2 the library also holds two passes written in C with AVX2 intrinsics,
-KQ on 3x3 kernels (``kernel_pass_3x3.c``) and CQ after EQ (``channel_pass_eq.c``), which
-numba's code calls through the addresses the driver passes (see :mod:`..native_passes`).
+raises. On a CPU with AVX2 the library also holds three passes written in C with AVX2
+intrinsics, KQ on 3x3 kernels (``kernel_pass_3x3.c``), CQ after it (``channel_pass_handed.c``)
+and CQ after EQ (``channel_pass_eq.c``), which numba's code calls through the addresses the
+driver passes (see :mod:`..native_passes`).
 
 Run ``python -m squant.kernels.native.build`` (at install, setup.py does it) to write
 ``squant_kernels.so`` and its record ``squant_kernels.json`` next to this file, or
@@ -160,7 +161,8 @@ def build(out: Path) -> Path:
         sources = [str(HERE / "support.c")]
         flags = ["-O2"]
         if "+avx2" in features.split(","):  # the passes in C with AVX2 intrinsics
-            sources += [str(HERE / "kernel_pass_3x3.c"), str(HERE / "channel_pass_eq.c")]
+            sources += [str(HERE / name) for name in (
+                "kernel_pass_3x3.c", "channel_pass_handed.c", "channel_pass_eq.c")]
             flags += ["-mavx2", "-ffp-contract=off"]  # no fused multiply-adds: numba has none
         command = [*compiler, "-shared", "-fPIC", *flags, "-o", str(library), *objects,
                    *sources, "-lm"]
