@@ -162,7 +162,8 @@ def test_the_channel_pass_after_kernels_in_c_gives_the_jits_codes(native_kernels
 def test_the_channel_pass_in_c_gives_the_jits_codes(native_kernels) -> None:
     """CQ after EQ in C (1x1 kernels, Linear rows, mode C on 3x3): lengths around its blocks of
     eight, awkward weights, channels it leaves to numba (more than 64 flips, a huge constant
-    channel whose grid overflows, errors too fine for the fast sum), every width, both grids."""
+    channel whose grid overflows, errors too fine for the fast sum), channels whose first k
+    are not above the level it tries first, every width, both grids."""
     rng = np.random.default_rng(11)
     weights, options = [], []
     shapes = [(3, n, 1) for n in (1, 2, 7, 8, 9, 63, 64, 65, 1000, 2048)]
@@ -177,6 +178,11 @@ def test_the_channel_pass_in_c_gives_the_jits_codes(native_kernels) -> None:
                 weights.append(w)
                 options.append(QuantOptions(bits=bits, mode="C" if shape[2] > 1 else "KC",
                                             scheme=scheme))
+    for n in (64, 256, 512):  # priorities all 0.1 or so: none above the level it tries first
+        w = (rng.integers(0, 14, (3, n, 1)) + 0.9 + rng.uniform(-0.02, 0.02, (3, n, 1)))
+        w[:, 0], w[:, 1] = 0.0, 15.0  # S = 1, Z = 8 at 4 bits
+        weights.append(w.astype(np.float32))
+        options.append(QuantOptions(bits=4, mode="KC"))
     _assert_same_as_jit(native_kernels, weights, options)
 
 

@@ -28,6 +28,64 @@ static inline float clamp(float r, float t_min, float t_max) {
     return r < t_min ? t_min : (r > t_max ? t_max : r);
 }
 
+/* The first k (<= MAX_FLIPS) of the channel's order among its elements of priority above
+ * floor (as int32 bits; -1: all of them), into best_p and best_i, largest priority first and
+ * lower index first on ties. Returns how many it found (k, or fewer if fewer are above floor). */
+static int64_t first_of_order(const float *w, int64_t size, float scale_, float zero_, float t_min,
+                              float t_max, int up, int64_t k, int32_t floor, int32_t *best_p,
+                              int64_t *best_i) {
+    const __m256 scale = _mm256_set1_ps(scale_), zero = _mm256_set1_ps(zero_);
+    const __m256 lo = _mm256_set1_ps(t_min), hi = _mm256_set1_ps(t_max);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 up_mask = _mm256_castsi256_ps(_mm256_set1_epi32(up ? -1 : 0));
+    int64_t count = 0;
+    int32_t threshold = floor;
+    for (int64_t i = 0; i < size; i += 8) {
+        int lanes = size - i < 8 ? (int)(size - i) : 8;
+        int32_t p[8];
+        unsigned entering; /* lanes whose priority beats the k-th so far */
+        if (lanes == 8) {
+            __m256 x = grid_x(w, i, scale, zero);
+            __m256 e = _mm256_sub_ps(_mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), x);
+            __m256 cand = candidate(e, x, up_mask, lo, hi);
+            __m256i pv = _mm256_castps_si256(_mm256_and_ps(_mm256_and_ps(e, abs_mask), cand));
+            entering = (unsigned)_mm256_movemask_ps(
+                _mm256_castsi256_ps(_mm256_cmpgt_epi32(pv, _mm256_set1_epi32(threshold))));
+            if (!entering)
+                continue;
+            _mm256_storeu_si256((__m256i *)p, pv);
+        } else {
+            entering = 0;
+            for (int l = 0; l < lanes; l++) {
+                float x = scale_ * w[i + l] - zero_;
+                float e = __builtin_rintf(x) - x;
+                int cand = up ? (e < 0.0f && x < t_max) : (e > 0.0f && x > t_min);
+                float a = cand ? __builtin_fabsf(e) : 0.0f;
+                __builtin_memcpy(&p[l], &a, 4);
+                entering |= 1u << l;
+            }
+        }
+        for (; entering; entering &= entering - 1) { /* in index order */
+            int l = __builtin_ctz(entering);
+            if (p[l] <= threshold)
+                continue;
+            int64_t pos = count < k ? count : k - 1;
+            while (pos > 0 && best_p[pos - 1] < p[l]) {
+                best_p[pos] = best_p[pos - 1];
+                best_i[pos] = best_i[pos - 1];
+                pos--;
+            }
+            best_p[pos] = p[l];
+            best_i[pos] = i + l;
+            if (count < k)
+                count++;
+            if (count == k)
+                threshold = best_p[k - 1];
+        }
+    }
+    return count;
+}
+
 /* The channel w (float32, size elements) on the grid (S, Z, t_min, t_max) into codes (int8),
  * addresses as int64. Returns 1, or 0 where numba's code must do the channel (see above). */
 int64_t squant_channel_pass_eq(int64_t w_, int64_t size, float scale_, float zero_, float t_min,
@@ -87,55 +145,22 @@ int64_t squant_channel_pass_eq(int64_t w_, int64_t size, float scale_, float zer
     int64_t k = (int64_t)km;
     if (k == 0)
         return 1;
-    /* the first k of the order: largest priority, lowest index on ties */
+    /* the first k of the order: largest priority, lowest index on ties. About size / 2
+     * elements have a candidate in the direction, their priorities spread over [0, 0.5]: first
+     * among those above a level that about 2k + 8 of them should pass (most blocks of eight
+     * then skip at once), and among all if fewer than k do. */
     int32_t best_p[MAX_FLIPS];
     int64_t best_i[MAX_FLIPS];
     int64_t count = 0;
-    int32_t threshold = -1;
-    const __m256 up_mask = _mm256_castsi256_ps(_mm256_set1_epi32(up ? -1 : 0));
-    for (i = 0; i < size; i += 8) {
-        int lanes = size - i < 8 ? (int)(size - i) : 8;
-        int32_t p[8];
-        unsigned entering; /* lanes whose priority beats the k-th so far */
-        if (lanes == 8) {
-            __m256 x = grid_x(w, i, scale, zero);
-            __m256 e = _mm256_sub_ps(_mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), x);
-            __m256 cand = candidate(e, x, up_mask, lo, hi);
-            __m256i pv = _mm256_castps_si256(_mm256_and_ps(_mm256_and_ps(e, abs_mask), cand));
-            entering = (unsigned)_mm256_movemask_ps(
-                _mm256_castsi256_ps(_mm256_cmpgt_epi32(pv, _mm256_set1_epi32(threshold))));
-            if (!entering)
-                continue;
-            _mm256_storeu_si256((__m256i *)p, pv);
-        } else {
-            entering = 0;
-            for (int l = 0; l < lanes; l++) {
-                float x = scale_ * w[i + l] - zero_;
-                float e = __builtin_rintf(x) - x;
-                int cand = up ? (e < 0.0f && x < t_max) : (e > 0.0f && x > t_min);
-                float a = cand ? __builtin_fabsf(e) : 0.0f;
-                __builtin_memcpy(&p[l], &a, 4);
-                entering |= 1u << l;
-            }
-        }
-        for (; entering; entering &= entering - 1) { /* in index order */
-            int l = __builtin_ctz(entering);
-            if (p[l] <= threshold)
-                continue;
-            int64_t pos = count < k ? count : k - 1;
-            while (pos > 0 && best_p[pos - 1] < p[l]) {
-                best_p[pos] = best_p[pos - 1];
-                best_i[pos] = best_i[pos - 1];
-                pos--;
-            }
-            best_p[pos] = p[l];
-            best_i[pos] = i + l;
-            if (count < k)
-                count++;
-            if (count == k)
-                threshold = best_p[k - 1];
-        }
+    float level = (float)(0.5 - (2.0 * (double)k + 8.0) / (double)size);
+    if (level > 0.0f) {
+        int32_t bits;
+        __builtin_memcpy(&bits, &level, 4);
+        count = first_of_order(w, size, scale_, zero_, t_min, t_max, up, k, bits - 1, best_p,
+                               best_i);
     }
+    if (count < k)
+        count = first_of_order(w, size, scale_, zero_, t_min, t_max, up, k, -1, best_p, best_i);
     float step = up ? 1.0f : -1.0f;
     for (int64_t t = 0; t < count; t++) {
         int64_t j = best_i[t];
