@@ -93,19 +93,20 @@ static inline void chunk8(const float *w, __m256 scale, __m256 zero, float *x, f
                           float *value, int64_t inner, int64_t i0, __m256 t_min, __m256 t_max,
                           int64_t *state, int64_t *hand_index, uint8_t *hand_up,
                           float *hand_priority, __m256d *sum, __m256d *magnitude, int8_t *codes) {
-    __m256 xs[K];
+    /* x, EQ's values and errors, and the candidates stay in the chunk's own arrays (in L1 at
+     * any inner); the channel's value and err are written once, after the flips */
+    __m256 xs[K], rs[K], es[K], cands[K];
     grid_x_transposed(w, i0, inner, scale, zero, x, xs);
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 fine_bound = _mm256_set1_ps(FINE);
     __m256d tot_lo = _mm256_setzero_pd(), tot_hi = _mm256_setzero_pd();
     __m256 any_fine = _mm256_setzero_ps();
     for (int j = 0; j < K; j++) {
-        int64_t o = j * inner + i0;
         __m256 xv = xs[j];
         __m256 r = _mm256_round_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m256 e = _mm256_sub_ps(r, xv);
-        _mm256_storeu_ps(value + o, r);
-        _mm256_storeu_ps(err + o, e);
+        rs[j] = r;
+        es[j] = e;
         __m256 a = _mm256_and_ps(e, abs_mask);
         __m256 coarse = _mm256_cmp_ps(a, fine_bound, _CMP_GE_OQ);
         __m256 nonzero = _mm256_cmp_ps(e, _mm256_setzero_ps(), _CMP_NEQ_UQ);
@@ -120,11 +121,8 @@ static inline void chunk8(const float *w, __m256 scale, __m256 zero, float *x, f
     __m256i p1 = _mm256_set1_epi32(-1), p2 = p1, p3 = p1, pl = _mm256_set1_epi32(0x7FFFFFFF);
     __m256i j1 = _mm256_setzero_si256(), j2 = j1, j3 = j1, jl = j1;
     for (int j = 0; j < K; j++) {
-        int64_t o = j * inner + i0;
-        __m256 e = _mm256_loadu_ps(err + o);
-        __m256 xv = xs[j];
-        __m256i p = _mm256_castps_si256(_mm256_and_ps(_mm256_and_ps(e, abs_mask),
-                                                      candidate(e, xv, up, t_min, t_max)));
+        cands[j] = candidate(es[j], xs[j], up, t_min, t_max);
+        __m256i p = _mm256_castps_si256(_mm256_and_ps(_mm256_and_ps(es[j], abs_mask), cands[j]));
         __m256i jv = _mm256_set1_epi32(j);
         __m256i above1 = _mm256_cmpgt_epi32(p, p1);
         __m256i above2 = _mm256_cmpgt_epi32(p, p2);
@@ -164,10 +162,9 @@ static inline void chunk8(const float *w, __m256 scale, __m256 zero, float *x, f
     __m128i code_rows[K];
     for (int j = 0; j < K; j++) {
         int64_t o = j * inner + i0;
-        __m256 xv = xs[j];
-        __m256 r = _mm256_loadu_ps(value + o);
-        __m256 e = _mm256_loadu_ps(err + o);
-        __m256 cand = candidate(e, xv, up, t_min, t_max);
+        __m256 r = rs[j];
+        __m256 e = es[j];
+        __m256 cand = cands[j];
         __m256 fv = _mm256_blendv_ps(r, _mm256_add_ps(r, step), cand);
         __m256 fe = _mm256_and_ps(_mm256_add_ps(e, step), cand);
         __m256i jv = _mm256_set1_epi32(j);
