@@ -10,7 +10,8 @@
  * (the function returns 0). Pass 2: the first k = rint(|sum|) of the order (priority |e| where
  * the element has a candidate in the sum's direction, else 0; lower index first on ties), kept
  * in a short sorted list while a vector compare against the k-th priority so far skips the
- * blocks of eight that cannot enter it; then their flips, clamped.
+ * blocks of eight that cannot enter it, first among the priorities above a level that about
+ * 2k + 8 elements pass (a second scan takes all if fewer than k do); then their flips, clamped.
  *
  * Built only for CPUs with AVX2 (kernels/native/build.py).
  */
