@@ -107,10 +107,11 @@ def _awkward(rng, shape, kind):
 def test_the_3x3_kernel_pass_in_c_gives_the_jits_codes(native_kernels) -> None:
     """KQ in C on 3x3 kernels: every count of kernels around its blocks of eight (the last
     ``inner % 8`` and the kernels it leaves run numba's single-kernel pass), awkward weights,
-    every width, both grids, with and without CQ."""
+    every width, both grids, with and without CQ; 4000 kernels: errors whose magnitudes may sum
+    past the fast sum's bound (the exact sum then runs)."""
     rng = np.random.default_rng(7)
     weights, options = [], []
-    for inner in (1, 2, 7, 8, 9, 15, 16, 17, 40, 67):
+    for inner in (1, 2, 7, 8, 9, 15, 16, 17, 40, 67, 4000):
         for kind in ("normal", "near grid", "outliers"):
             w = _awkward(rng, (4, inner, 9), kind)
             for bits, scheme in ((2, "asymmetric"), (4, "asymmetric"), (4, "symmetric"),
