@@ -128,7 +128,7 @@ def native_kernels_3x3(native, w, scale, zero, inner, t_min, t_max, channel_pass
                                 address_of(state), address_of(hand_index), address_of(hand_up),
                                 address_of(hand_priority), address_of(partials),
                                 address_of(codes))
-    error_total = partials[0]  # read now: single_kernel_pass takes partials as scratch
+    error_total = partials[0]  # NaN unless exact; read now: single_kernel_pass takes partials
     if left != 0:
         for i in range(inner):
             if state[i] < 0:
@@ -138,7 +138,7 @@ def native_kernels_3x3(native, w, scale, zero, inner, t_min, t_max, channel_pass
                     codes[i * KSIZE + j] = np.int8(min(max(value[j * inner + i], t_min), t_max))
     if not channel_pass:
         return
-    if left != 0:
+    if np.isnan(error_total):  # kernels left to numba, or errors past the fast sum's bound
         error_total = error_sum(err, partials)
     if native[2] != 0 and channel_pass_handed_in_c(
             native[2], address_of(x), np.int64(inner), np.int64(KSIZE), np.float32(t_min),
