@@ -25,10 +25,6 @@ static inline __m256 grid_x(const float *w, int64_t i, __m256 scale, __m256 zero
     return _mm256_sub_ps(_mm256_mul_ps(scale, _mm256_loadu_ps(w + i)), zero);
 }
 
-static inline float clamp(float r, float t_min, float t_max) {
-    return r < t_min ? t_min : (r > t_max ? t_max : r);
-}
-
 /* The first k (<= MAX_FLIPS) of the channel's order among its elements of priority above
  * floor (as int32 bits; -1: all of them), into best_p and best_i, largest priority first and
  * lower index first on ties. Returns how many it found (k, or fewer if fewer are above floor). */
@@ -60,8 +56,7 @@ static int64_t first_of_order(const float *w, int64_t size, float scale_, float 
             for (int l = 0; l < lanes; l++) {
                 float x = scale_ * w[i + l] - zero_;
                 float e = __builtin_rintf(x) - x;
-                int cand = up ? (e < 0.0f && x < t_max) : (e > 0.0f && x > t_min);
-                float a = cand ? __builtin_fabsf(e) : 0.0f;
+                float a = has_candidate(e, x, up, t_min, t_max) ? __builtin_fabsf(e) : 0.0f;
                 __builtin_memcpy(&p[l], &a, 4);
                 entering |= 1u << l;
             }
@@ -162,14 +157,7 @@ int64_t squant_channel_pass_eq(int64_t w_, int64_t size, float scale_, float zer
     }
     if (count < k)
         count = first_of_order(w, size, scale_, zero_, t_min, t_max, up, k, -1, best_p, best_i);
-    float step = up ? 1.0f : -1.0f;
-    for (int64_t t = 0; t < count; t++) {
-        int64_t j = best_i[t];
-        float x = scale_ * w[j] - zero_;
-        float r = __builtin_rintf(x);
-        float e = r - x;
-        int cand = up ? (e < 0.0f && x < t_max) : (e > 0.0f && x > t_min);
-        codes[j] = (int8_t)clamp(cand ? r + step : r, t_min, t_max);
-    }
+    for (int64_t t = 0; t < count; t++)
+        codes[best_i[t]] = flipped_code(scale_ * w[best_i[t]] - zero_, up, t_min, t_max);
     return 1;
 }

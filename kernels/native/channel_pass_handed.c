@@ -83,15 +83,10 @@ int64_t squant_channel_pass_handed(int64_t x_, int64_t inner, int64_t ksize, flo
     }
     if (count < k)
         return 0;
-    float step = up ? 1.0f : -1.0f;
-    for (int64_t t = 0; t < k; t++) { /* kernel_pass.py's ``flip`` from x, then the clamp */
+    for (int64_t t = 0; t < k; t++) {
         int64_t element = hand_index[best_i[t]];
-        float xe = x[(element % ksize) * inner + element / ksize];
-        float r = __builtin_rintf(xe);
-        float e = r - xe;
-        int cand = up ? (e < 0.0f && xe < t_max) : (e > 0.0f && xe > t_min);
-        float v = cand ? r + step : r;
-        codes[element] = (int8_t)(v < t_min ? t_min : (v > t_max ? t_max : v));
+        codes[element] = flipped_code(x[(element % ksize) * inner + element / ksize], up, t_min,
+                                      t_max);
     }
     return 1;
 }
