@@ -87,6 +87,20 @@ def _kernel_decisions(total, first, second, last, inner, ksize, flips, hand_inde
         hand_up[i] = up ^ overshoot  # overshoot: the opposite direction
 
 
+@njit(cache=True, inline="always")
+def flip_by_order(x, err, value, i, inner, ksize, up, k, overshoot, t_min, t_max, keys, top):
+    """Steps 3-5 on kernel ``i`` of a channel held transposed when the first two of its order do
+    not suffice: select the first ``k`` (``k + 1`` without overshoot) of its order (``keys`` and
+    ``top`` are scratch), flip the first ``k`` and return the index in the kernel of the element
+    handed on."""
+    for j in range(ksize):
+        keys[j] = eq_key(err[j * inner + i], x[j * inner + i], j, up, t_min, t_max)
+    select_top(keys, ksize, k if overshoot else k + 1, top)
+    for t in range(k):
+        flip(key_index(top[t]) * inner + i, up, x, err, value, t_min, t_max)
+    return key_index(top[k - 1] if overshoot else top[k])
+
+
 @njit(cache=True)
 def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     """EQ and KQ on a channel held transposed (``x`` filled by ``transpose_in``); records what
@@ -114,12 +128,8 @@ def kernel_pass(x, err, value, inner, ksize, t_min, t_max, scratch):
     for i in range(inner):  # more than two of the order needed (rare): select, flip, hand on
         if flips[i] < 0:
             up, k, overshoot = flip_count(total[i])
-            for j in range(ksize):
-                keys[j] = eq_key(err[j * inner + i], x[j * inner + i], j, up, t_min, t_max)
-            select_top(keys, ksize, k if overshoot else k + 1, top)
-            for t in range(k):
-                flip(key_index(top[t]) * inner + i, up, x, err, value, t_min, t_max)
-            hand_index[i] = i * ksize + key_index(top[k - 1] if overshoot else top[k])
+            hand_index[i] = i * ksize + flip_by_order(x, err, value, i, inner, ksize, up, k,
+                                                      overshoot, t_min, t_max, keys, top)
     for i in range(inner):  # the priority handed on is the element's current error
         j = hand_index[i] - i * ksize
         hand_priority[i] = abs(err[j * inner + i])

@@ -17,9 +17,9 @@ from numba.extending import intrinsic, overload
 from .channel_pass import channel_pass_after_kernels
 from .constants import NATIVE_PASSES
 from .exact_sum import error_sum
-from .flip import LARGEST_KEY, SMALLEST_KEY, eq_key, flip_count, key_index, select_top
+from .flip import LARGEST_KEY, SMALLEST_KEY, eq_key, flip_count, key_index
 from .grid import flip
-from .kernel_pass import transpose_out
+from .kernel_pass import flip_by_order, transpose_out
 from .memory import view_at
 
 KSIZE = 9  # the kernels the native code takes: 3x3
@@ -102,12 +102,8 @@ def single_kernel_pass(x, err, value, i, inner, ksize, t_min, t_max, keys, top, 
             flip(key_index(second) * inner + i, up, x, err, value, t_min, t_max)
         handed = key_index(last if place < 0 else (first if place == 0 else second))
     else:
-        for j in range(ksize):
-            keys[j] = eq_key(err[j * inner + i], x[j * inner + i], j, up, t_min, t_max)
-        select_top(keys, ksize, k if overshoot else k + 1, top)
-        for t in range(k):
-            flip(key_index(top[t]) * inner + i, up, x, err, value, t_min, t_max)
-        handed = key_index(top[k - 1] if overshoot else top[k])
+        handed = flip_by_order(x, err, value, i, inner, ksize, up, k, overshoot, t_min, t_max,
+                               keys, top)
     hand_index[i] = i * ksize + handed
     hand_up[i] = up ^ overshoot  # overshoot: the opposite direction
     hand_priority[i] = abs(err[handed * inner + i])
