@@ -66,7 +66,8 @@ def kernel_size(weight: np.ndarray) -> int:
 def test_each_group_is_quantized_as_a_channel_of_its_own(drawn: tuple, range_: str) -> None:
     """Codes, scale and zero point of group ``j`` of channel ``o`` are bit for bit those of the
     group's elements quantized alone, per channel (any range); codes lie in the grid; ``scale``
-    and ``zero_point`` are ``(O, n_groups)``; ``dequantize`` is ``(codes + Z) / S`` per group."""
+    and ``zero_point`` are ``(O, n_groups)``; ``dequantize`` is ``(codes + Z) * fl32(1 / S)`` per
+    group."""
     weight, bits, mode, scheme, g, _ = drawn
     q = squant.quantize_weight(weight, bits, mode, scheme=scheme, range=range_, group_size=g)
     o, k = weight.shape[0], kernel_size(weight)
@@ -87,8 +88,8 @@ def test_each_group_is_quantized_as_a_channel_of_its_own(drawn: tuple, range_: s
                                       single.scale.numpy().view(np.uint32))
         np.testing.assert_array_equal(q.zero_point[:, j].numpy().view(np.uint32),
                                       single.zero_point.numpy().view(np.uint32))
-        expected = ((codes[:, part].astype(F32) + q.zero_point[:, j, None].numpy())
-                    / q.scale[:, j, None].numpy())
+        step = F32(1) / q.scale[:, j, None].numpy()  # fl32(1 / S): a float32 division
+        expected = (codes[:, part].astype(F32) + q.zero_point[:, j, None].numpy()) * step
         np.testing.assert_array_equal(dequantized[:, part], expected)
 
 

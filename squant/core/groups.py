@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import QuantizationError
+from .step import step_size
 
 
 def group_count(size: int, group_size: int | None) -> int:
@@ -62,17 +63,19 @@ def group_moments(moments: np.ndarray, inputs: int, kernels_per_group: int) -> n
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                       axis: int, groups: int, group_size: int) -> torch.Tensor:
-    """``(codes + zero_point) / scale`` in float32 for a grouped grid: ``scale`` and
+    """``(codes + zero_point) * fl32(1 / scale)`` in float32 for a grouped grid: ``scale`` and
     ``zero_point`` hold ``(groups * shape[axis], n_groups)`` values, the groups running along each
     output channel's elements (inputs, then kernel positions) in C order. The same float32
-    addition and division as per channel, so both give the same bits for the same grid."""
+    addition and multiplication by the step as per channel
+    (:func:`squant.core.tensor.dequantize_codes`), so both give the same bits for the same
+    grid."""
     # A copy of our own (codes are integers): the arithmetic below may work in place on it.
     blocks = codes.to(torch.float32, copy=True).reshape(groups, -1, *codes.shape[1:])
     moved = blocks.movedim(axis + 1, 1)
     flat = moved.reshape(moved.shape[0], moved.shape[1], -1)  # (blocks, channels, n)
     size = flat.shape[2]
     count = group_count(size, group_size)
-    scale = scale.float().reshape(flat.shape[0], flat.shape[1], count)
+    step = step_size(scale).reshape(flat.shape[0], flat.shape[1], count)
     zero_point = zero_point.float().reshape(flat.shape[0], flat.shape[1], count)
     whole = size // group_size
     parts = []
@@ -82,12 +85,12 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero_point: torc
         if whole == count and shared:
             # Every group whole and ``full`` a view of our copy: the same two operations in
             # place (the same bits), without two more weight-sized tensors.
-            full.add_(zero_point[..., None]).div_(scale[..., None])
+            full.add_(zero_point[..., None]).mul_(step[..., None])
             return blocks.reshape(codes.shape)
-        parts.append(((full + zero_point[..., :whole, None]) / scale[..., :whole, None])
+        parts.append(((full + zero_point[..., :whole, None]) * step[..., :whole, None])
                      .reshape(*flat.shape[:2], -1))
     if whole < count:
         tail = flat[..., whole * group_size :]
-        parts.append((tail + zero_point[..., whole:]) / scale[..., whole:])
+        parts.append((tail + zero_point[..., whole:]) * step[..., whole:])
     weight = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return weight.reshape(moved.shape).movedim(1, axis + 1).reshape(codes.shape)

@@ -14,6 +14,7 @@ from .batch import quantize_batch
 from .errors import QuantizationError
 from .groups import check_whole_kernels, dequantize_groups
 from .options import QuantOptions, check_bits
+from .step import step_size
 
 
 def code_range(bits: int, scheme: str) -> tuple[int, int]:
@@ -57,7 +58,8 @@ class QuantizedTensor:
         return code_range(self.bits, self.scheme)
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 weight the codes stand for: ``(codes + zero_point) / scale``."""
+        """The float32 weight the codes stand for: ``(codes + zero_point) * fl32(1 / scale)``
+        (:func:`dequantize_codes`)."""
         return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis,
                                 group_size=self.group_size)
 
@@ -78,7 +80,11 @@ class QuantizedTensor:
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                      axis: int, groups: int = 1, group_size: int | None = None) -> torch.Tensor:
-    """``(codes + zero_point) / scale`` in float32, the scale and zero point along ``axis``.
+    """``(codes + zero_point) * step_size(scale)`` in float32, the scale and zero point along
+    ``axis``: the float32 sum times the float32 step, as onnxruntime's ``DequantizeLinear``
+    computes ``(q - zp) * s`` with squant's ``zp = -zero_point``, ``s = fl32(1 / scale)``, so a
+    runtime given squant's codes holds squant's weights bit for bit. (Within about 1 ulp of the
+    exact ``(codes + zero_point) / scale``.)
 
     With ``groups`` (grouped ConvTranspose weights), ``codes`` are ``groups`` equal blocks along
     dim 0, each with its own ``shape[axis]`` channels: ``scale`` and ``zero_point`` list them
@@ -91,7 +97,7 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch
     blocks = codes.to(torch.float32).reshape(groups, -1, *codes.shape[1:])
     view = [groups] + [1] * codes.dim()
     view[axis + 1] = -1
-    weight = (blocks + zero_point.float().view(view)) / scale.float().view(view)
+    weight = (blocks + zero_point.float().view(view)) * step_size(scale).view(view)
     return weight.reshape(codes.shape)
 
 

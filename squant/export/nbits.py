@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.step import step_size
+
 
 def matmul_nbits_weight(module: torch.nn.Module
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int] | None:
@@ -43,7 +45,7 @@ def matmul_nbits_weight(module: torch.nn.Module
     if zero.min() < 0 or zero.max() >= 2 ** bits:
         return None
     blocks = -(-k // block)
-    scale = (1.0 / module.scale.detach().cpu().double()).float().numpy().reshape(n, -1)
+    scale = step_size(module.scale.detach().cpu()).numpy().reshape(n, -1)
     if group_size is None:
         zero, scale = np.repeat(zero, blocks, axis=1), np.repeat(scale, blocks, axis=1)
     unsigned = np.repeat(zero, block, axis=1).astype(np.uint8)  # padding: u == zero point

@@ -3,7 +3,8 @@
 squant stores ``w = (q + Z) / S`` per output channel (``q`` int8 codes, ``S`` the inverse step,
 ``Z`` an integer held in float32). ONNX's ``DequantizeLinear`` computes ``(q - zp) * s``, so the
 codes map exactly with ``zp = -Z`` and ``s = fl32(1 / S)`` (DEPLOY_NOTES.md, "Mapping squant's
-codes"); the only change is the float32 rounding of ``1 / S`` (about 1 ulp of the weight).
+codes"). squant dequantizes with that same float32 step (``squant.core.step.step_size``), so the
+runtime's weights equal squant's bit for bit.
 
 For codes of at most 6 bits the zero point folds away: ``c = q + Z`` lies in ``[-63, 63]``, an
 exact symmetric int8 code with ``zp = 0`` (what zero-point-0 runtimes and NPUs want), small enough
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..core.errors import QuantizationError
+from ..core.step import step_size
 from ..core.tensor import quantize_weight
 
 FOLD_MAX_BITS = 6  # |q + Z| <= 2**6 - 1: exact in int8 and below x86's U8S8 saturation
@@ -103,7 +105,7 @@ def weight_codes(name: str, module: torch.nn.Module) -> WeightCodes:
             "DequantizeLinear cannot hold")
     codes = module.codes.detach().cpu().to(torch.int16)
     zero = module.zero_point.detach().cpu().double().round().to(torch.int16)
-    scale = (1.0 / module.scale.detach().cpu().double()).float().numpy()
+    scale = step_size(module.scale.detach().cpu()).numpy()
     grouped = dict(zip(("block_axis", "block_size"), _blocks(name, module)))
     layout = WeightCodes(codes.numpy(), scale, zero.numpy(), module.axis, module.bits, False,
                          **grouped)
@@ -159,7 +161,7 @@ def _widened(name: str, module: torch.nn.Module, channels: list[int], codes: tor
     moved = codes.movedim(module.axis, 0).clone()
     moved[index] = again.codes[:, :-1].to(torch.int16)[index]
     scale = scale.copy()
-    scale[channels] = (1.0 / again.scale.double()[index]).float().numpy()
+    scale[channels] = step_size(again.scale[index]).numpy()
     zero = zero.clone()
     zero[index] = new_zero[index]
     warnings.warn(

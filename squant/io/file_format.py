@@ -195,8 +195,8 @@ class QuantizedEntry:
                                self.group_size)
 
     def dequantize(self, qweight: QuantizedTensor) -> torch.Tensor:
-        """``(codes + zero_point) / scale`` in float32, block by block, in the original dtype:
-        the same arithmetic as the quantized modules, so the values are identical."""
+        """``(codes + zero_point) * fl32(1 / scale)`` in float32, block by block, in the original
+        dtype: the same arithmetic as the quantized modules, so the values are identical."""
         weight = dequantize_codes(qweight.codes, qweight.scale, qweight.zero_point, self.axis,
                                   self.groups, self.group_size)
         return weight.to(self.dtype)

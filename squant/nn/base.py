@@ -204,9 +204,10 @@ class CheckedCodes:
 class QuantizedModule(CheckedCodes):
     """What every quantized layer shares: code buffers, dequantization, conversions.
 
-    ``weight`` is the dequantized weight ``(codes + zero_point) / scale`` in the float layer's
-    dtype. With ``cache_weight`` (the default) it is computed once and kept until the buffers
-    change (``load_state_dict``, ``.to()``); without, it is recomputed at each use to save memory.
+    ``weight`` is the dequantized weight ``(codes + zero_point) * fl32(1 / scale)`` in the float
+    layer's dtype. With ``cache_weight`` (the default) it is computed once and kept until the
+    buffers change (``load_state_dict``, ``.to()``); without, it is recomputed at each use to save
+    memory.
     """
 
     float_class: type[nn.Module]
@@ -276,7 +277,8 @@ class QuantizedModule(CheckedCodes):
         return weight
 
     def dequantize_weight(self) -> torch.Tensor:
-        """``(codes + zero_point) / scale`` in float32, scale and zero point along ``axis``."""
+        """``(codes + zero_point) * fl32(1 / scale)`` in float32, scale and zero point along
+        ``axis``."""
         return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis,
                                 self.groups_of_codes, getattr(self, "group_size", None))
 

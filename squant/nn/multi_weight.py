@@ -28,7 +28,7 @@ _OWN_ATTRIBUTES = {"quantized_names", "original_class", "parameter_order", "cach
 class QuantizedWeight(CheckedCodes, nn.Module):
     """One quantized weight of a layer: int8 ``codes`` (the weight's shape), float32 ``scale``
     and ``zero_point`` per row (``axis`` 0), and the grid's options; :meth:`dequantized` is
-    ``(codes + zero_point) / scale`` in the float weight's dtype."""
+    ``(codes + zero_point) * fl32(1 / scale)`` in the float weight's dtype."""
 
     def __init__(self, qweight: QuantizedTensor, dtype: torch.dtype,
                  cache_weight: bool = True) -> None:
@@ -56,7 +56,7 @@ class QuantizedWeight(CheckedCodes, nn.Module):
                                self.group_size)
 
     def dequantize_weight(self) -> torch.Tensor:
-        """``(codes + zero_point) / scale`` in float32."""
+        """``(codes + zero_point) * fl32(1 / scale)`` in float32."""
         return dequantize_codes(self.codes, self.scale, self.zero_point, self.axis,
                                 group_size=getattr(self, "group_size", None))
 
