@@ -108,7 +108,8 @@ def assert_same_bits(actual: np.ndarray, expected: np.ndarray) -> None:
 
 @pytest.mark.parametrize(("bits", "scheme", "group_size"),
                          [(2, "asymmetric", None), (5, "symmetric", None),
-                          (7, "asymmetric", None), (8, "symmetric", None), (4, "asymmetric", 18)])
+                          (7, "asymmetric", None), (8, "symmetric", None), (4, "asymmetric", 18),
+                          (8, "asymmetric", 18)])
 def test_the_runtimes_dequantized_weights_are_squants_bit_for_bit(tmp_path, bits, scheme,
                                                                   group_size):
     """Every stored weight (zero point folded into the codes up to 6 bits, ``-Z`` above;
@@ -339,6 +340,27 @@ def test_batchnorms_fold_into_the_scales(tmp_path, bits):
     with torch.no_grad():
         expected = squant.quantize(model, bits)(x).numpy()
     np.testing.assert_allclose(run(tmp_path / "w.onnx", x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_batchnorms_fold_into_group_wise_scales(tmp_path, bits):
+    """Every group's scale of a group-wise conv takes its channel's BatchNorm factor (negative
+    gammas negate the codes and zero points): the file computes the quantized model."""
+    torch.manual_seed(6)
+    model = ConvBN().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.weight.data = torch.randn(16)
+        bn.running_var = torch.rand(16) + 0.5
+    qmodel = squant.quantize(model, bits, group_size=9, include_zero=True,
+                             layer_options={"fc": {"group_size": None}})
+    x = torch.rand(4, 3, 10, 10)
+    report = squant.export_onnx(qmodel, tmp_path / "g.onnx", x[:2], accuracy_level=0)
+    by_name = {layer.name: layer for layer in report.layers}
+    assert all("BatchNorm folded" in by_name[name].reason for name in ("conv1", "conv2"))
+    assert "BatchNormalization" not in report.optimized_ops
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    np.testing.assert_allclose(run(tmp_path / "g.onnx", x), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("group_size", "ops"), [(32, "MatMulNBits"),

@@ -38,18 +38,24 @@ def channel_factors(weight: np.ndarray, candidate: np.ndarray) -> np.ndarray | N
 
 def folded_codes(codes: WeightCodes, k: np.ndarray) -> WeightCodes:
     """``codes`` times the per-channel factors ``k`` (channel axis ``codes.axis``): codes negated
-    where ``k < 0``, scales times ``|k|``. When an 8-bit code -128 would need negating (no int8
-    holds 128) the codes stay and the scales take the sign instead (onnxruntime accepts negative
-    per-channel weight scales)."""
+    where ``k < 0``, scales times ``|k|`` (every group's, for group-wise grids). When an 8-bit
+    code -128 would need negating (no int8 holds 128) the codes stay and the scales take the
+    sign instead (onnxruntime accepts negative weight scales)."""
     sign = np.where(k < 0, -1, 1)
     shape = [1] * codes.codes.ndim
     shape[codes.axis] = -1
     negated = codes.codes.astype(np.int16) * sign.reshape(shape)
+    # scale and zero_point: (channels,), or (channels, blocks) in axis order for group-wise grids
+    grid = [-1] if codes.block_size is None else [1, 1]
+    if codes.block_size is not None:
+        grid[sorted((codes.axis, codes.block_axis)).index(codes.axis)] = -1
     if negated.max() > 127 or negated.min() < -128:
-        return replace(codes, scale=(codes.scale.astype(np.float64) * k).astype(np.float32))
-    zero = codes.zero_point.astype(np.int16) * sign
+        scale = codes.scale.astype(np.float64) * k.reshape(grid)
+        return replace(codes, scale=scale.astype(np.float32))
+    zero = codes.zero_point.astype(np.int16) * sign.reshape(grid)
+    scale = codes.scale.astype(np.float64) * np.abs(k).reshape(grid)
     return replace(codes, codes=negated.astype(np.int8), zero_point=zero.astype(np.int8),
-                   scale=(codes.scale.astype(np.float64) * np.abs(k)).astype(np.float32))
+                   scale=scale.astype(np.float32))
 
 
 def find_folded(model: onnx.ModelProto, missing: dict[str, np.ndarray],

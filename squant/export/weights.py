@@ -123,7 +123,7 @@ def weight_codes(name: str, module: torch.nn.Module) -> WeightCodes:
     if channels:
         codes, scale, zero = _widened(name, module, channels, codes, scale, zero)
     return WeightCodes(codes.to(torch.int8).numpy(), scale, (-zero).to(torch.int8).numpy(),
-                       module.axis, module.bits, False, len(channels))
+                       module.axis, module.bits, False, len(channels), **grouped)
 
 
 def _blocks(name: str, module: torch.nn.Module) -> tuple[int, int] | tuple[()]:
