@@ -288,6 +288,44 @@ def test_bad_input_is_refused_and_leaves_no_file(cnn, tmp_path):
         squant.export_onnx(squant.quantize(cnn, 4), tmp_path / "m.onnx", [np.zeros(3)])
     with pytest.raises(squant.QuantizationError, match="could not export"):
         squant.export_onnx(squant.quantize(cnn, 4), tmp_path / "m.onnx", torch.rand(1, 5, 12))
+    # the model's own error, not the exporter's banner
+    with pytest.raises(squant.QuantizationError, match="expected input.* to have 3 channels"):
+        squant.export_onnx(squant.quantize(cnn, 4), tmp_path / "m.onnx", torch.rand(2, 1, 8, 8))
+    with pytest.raises(TypeError, match="got NoneType"):
+        squant.export_onnx(squant.quantize(cnn, 4), tmp_path / "m.onnx", None)
+    act = squant.quantize(cnn, 4, act_bits=8, input_shape=(3, 12, 12))
+    with pytest.raises(squant.QuantizationError, match=r"batch 1, input 0: shape \(2, 1, 12, 12\)"):
+        squant.export_onnx(act, tmp_path / "m.onnx", torch.rand(2, 3, 12, 12),
+                           calibration_data=[torch.rand(2, 3, 12, 12), torch.rand(2, 1, 12, 12)])
+    with pytest.raises(squant.QuantizationError, match="NaN or infinite"):
+        squant.export_onnx(act, tmp_path / "m.onnx", torch.full((2, 3, 12, 12), float("nan")))
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "not.onnx").write_text("not a model")
+    with pytest.raises(squant.QuantizationError, match="is not an ONNX model"):
+        squant.onnx_session_options(tmp_path / "not.onnx")
+
+
+def test_float64_example_inputs_export_a_float32_model(cnn, tmp_path):
+    """The exported model computes in float32 whatever the example inputs' float dtype (a
+    double input once left a file onnxruntime could not load)."""
+    qmodel = squant.quantize(cnn, 4)
+    x = torch.rand(3, 3, 12, 12, dtype=torch.float64)
+    squant.export_onnx(qmodel, tmp_path / "m.onnx", x[:2], accuracy_level=0)
+    with torch.no_grad():
+        expected = qmodel(x.float()).numpy()
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", x.float()), expected, rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_a_file_onnxruntime_cannot_load_is_not_left(cnn, tmp_path, monkeypatch):
+    from squant.export import onnx_export
+
+    def refuse(path, config=None):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : refused")
+
+    monkeypatch.setattr(onnx_export, "optimized_ops", refuse)
+    with pytest.raises(squant.QuantizationError, match="cannot load .* not written: .*refused"):
+        squant.export_onnx(squant.quantize(cnn, 4), tmp_path / "m.onnx", torch.rand(2, 3, 12, 12))
     assert not list(tmp_path.iterdir())
 
 

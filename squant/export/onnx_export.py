@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -65,7 +66,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
         qmodel: a model holding squant's quantized layers (on any device; exported from CPU).
         path: the ``.onnx`` file to write (replaced atomically: a failed export leaves none).
         example_inputs: one input tensor or a tuple of them, as ``qmodel(*example_inputs)``
-            takes them; their shapes (dim 0 = batch) define the graph's inputs.
+            takes them; their shapes (dim 0 = batch) define the graph's inputs (floating ones
+            float32: the file computes in float32).
         opset: the ONNX opset (>= 21: int4 types and blocked quantization).
         dynamic_batch: make dim 0 of every input dynamic.
         accuracy_level: ``MatMulNBits``' ``accuracy_level`` for weight-only Linears: 4 (default)
@@ -95,7 +97,10 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
         ImportError: onnx, onnxscript or onnxruntime missing (``pip install "squant[onnx]"``).
         TypeError: ``qmodel`` not a module, or ``example_inputs`` not tensors.
         QuantizationError: no quantized layer, a layer the runtimes cannot hold exactly (named:
-            e.g. a > 6-bit channel whose range excludes 0), or an export torch refuses.
+            e.g. a > 6-bit channel whose range excludes 0), an export torch refuses (with the
+            model's own error), calibration batches unlike ``example_inputs``, non-finite
+            inputs where ranges are taken, or a model onnxruntime cannot load (nothing is
+            written then).
     """
     require_onnx()
     import onnx
@@ -167,9 +172,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     if faithful:
         report.faithful_model = simulate(program, float_model if grids else model, model)
     graph.drop_exporter_debug_info(model)
-    _save_atomically(model, Path(path))
+    report.optimized_ops = _save_loadable(model, Path(path), session_config)
     report.file_bytes = Path(path).stat().st_size
-    report.optimized_ops = optimized_ops(path, session_config)
     return report
 
 
@@ -219,11 +223,35 @@ def _annotated(results: dict[str, LayerExport], layers: dict, ties: dict[str, st
 
 
 def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
-        example_inputs)
+    """The example inputs as a tuple of CPU tensors, floating ones in float32 (the exported
+    model computes in float32, whatever the dtype of ``qmodel``)."""
+    if isinstance(example_inputs, torch.Tensor):
+        inputs = (example_inputs,)
+    elif isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        inputs = tuple(example_inputs)
+    else:
+        inputs = ()
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
-        raise TypeError("example_inputs must be a tensor or a sequence of tensors")
-    return tuple(x.detach().cpu() for x in inputs)
+        raise TypeError("example_inputs must be a tensor or a non-empty sequence of tensors, "
+                        f"got {type(example_inputs).__name__}")
+    return tuple((x.float() if x.is_floating_point() else x).detach().cpu() for x in inputs)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, without terminal colour codes."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    return lines[0] if lines else repr(error)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception ``error`` was raised from (torch's exporter
+    wraps the model's own error, e.g. a shape mismatch, in several layers of advice)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return _first_line(error)
 
 
 def export_float(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int,
@@ -246,9 +274,8 @@ def export_float(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int
                                         opset_version=opset, dynamic_shapes=shapes,
                                         external_data=False, verbose=False)
         except Exception as error:  # torch raises many kinds; say which step failed
-            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             raise QuantizationError(f"torch.onnx.export could not export "
-                                    f"{type(qmodel).__name__}: {first}") from error
+                                    f"{type(qmodel).__name__}: {_root_cause(error)}") from error
         return onnx.load(str(target)), program.exported_program
 
 
@@ -361,12 +388,20 @@ def optimized_ops(path: str | os.PathLike, config: dict[str, str] | None = None)
     return Counter(node.op_type for node in optimized.graph.node)
 
 
-def _save_atomically(model, path: Path) -> None:
+def _save_loadable(model, path: Path, config: dict[str, str]) -> Counter:
+    """Write ``model`` to ``path`` once onnxruntime loads it (a file it cannot load is never left
+    there, nor a partial one); returns the op counts of its optimized graph (:func:`optimized_ops`).
+    """
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
         onnx.save(model, str(temporary))
+        try:
+            return optimized_ops(temporary, config)
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise QuantizationError(f"onnxruntime cannot load the exported model, so {path} was "
+                                    f"not written: {_first_line(error)}") from error
 
 
 @contextlib.contextmanager

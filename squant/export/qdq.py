@@ -78,6 +78,12 @@ def calibration_batches(model, inputs: tuple[torch.Tensor, ...], data: Iterable 
         if len(tensors) != len(names) or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise TypeError(f"calibration_data batch {index}: expected {len(names)} tensor(s), "
                             "as example_inputs")
+        for position, (t, x) in enumerate(zip(tensors, inputs)):
+            if t.shape[1:] != x.shape[1:]:
+                raise QuantizationError(
+                    f"calibration_data batch {index}, input {position}: shape "
+                    f"{tuple(t.shape)}, but the model was exported for (batch, "
+                    f"{', '.join(map(str, x.shape[1:]))}) as example_inputs")
         batches.append({n: (t.float() if t.is_floating_point() else t).detach().cpu().numpy()
                         for n, t in zip(names, tensors)})
     if not batches:
@@ -140,6 +146,9 @@ def observed_range(model: onnx.ModelProto, tensor: str,
     lo = hi = 0.0
     for feeds in batches:
         value = feeds[tensor] if tensor in feeds else float_tensors(model, feeds, {tensor})[tensor]
+        if not np.all(np.isfinite(value)):
+            raise QuantizationError(f"tensor '{tensor}' holds NaN or infinite values on the "
+                                    "example inputs or calibration_data: give finite inputs")
         lo, hi = min(lo, float(value.min())), max(hi, float(value.max()))
     return lo, hi
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..core.errors import QuantizationError
+
 
 def onnx_session_options(path: str | os.PathLike, *, threads: int | None = None):
     """An ``onnxruntime.SessionOptions`` for the squant ONNX file at ``path``.
@@ -27,6 +29,7 @@ def onnx_session_options(path: str | os.PathLike, *, threads: int | None = None)
     Raises:
         ImportError: onnx or onnxruntime missing (``pip install "squant[onnx]"``).
         FileNotFoundError: no file at ``path``.
+        QuantizationError: the file is not an ONNX model.
     """
     from .onnx_export import CONFIG_KEY, require_onnx
 
@@ -34,7 +37,12 @@ def onnx_session_options(path: str | os.PathLike, *, threads: int | None = None)
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(os.fspath(path), load_external_data=False)
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # protobuf's DecodeError and kin: not an ONNX model
+        raise QuantizationError(f"{os.fspath(path)} is not an ONNX model ({error})") from error
     props = {prop.key: prop.value for prop in model.metadata_props}
     options = ort.SessionOptions()
     for key, value in json.loads(props.get(CONFIG_KEY, "{}")).items():
