@@ -3,6 +3,8 @@ and its outputs agree with the PyTorch quantized model."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -574,6 +576,29 @@ def test_first_layer_input_range(cnn, tmp_path):
         with pytest.raises(squant.QuantizationError, match="input_range|input range"):
             squant.export_onnx(qmodel, tmp_path / "b.onnx", x, input_range=bad)
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_faithful_model_warns_where_it_computes_a_quantized_tensor_in_float(tmp_path):
+    """onnxruntime has no integer ConvTranspose: between Q/DQ pairs it runs in float, and the
+    faithful model's float ConvTranspose may round otherwise, so it says so; a net of fused
+    layers only gets no such warning."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1)).eval()
+    qmodel = squant.quantize(model, 4, act_bits=8, input_shape=(3, 8, 8))
+    with pytest.warns(UserWarning, match=r"with float ops.*\(ConvTranspose\)"):
+        squant.export_onnx(qmodel, tmp_path / "t.onnx", torch.rand(2, 3, 8, 8), faithful=True)
+    # A Sequential's input is a placeholder the faithful model renames (``input_1``).
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(400, 5)).eval()
+    fused_only = squant.quantize(convs, 4, act_bits=8, input_shape=(3, 12, 12))
+    x = torch.rand(6, 3, 12, 12)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "the faithful model computes")
+        report = squant.export_onnx(fused_only, tmp_path / "c.onnx", x[:2], faithful=True)
+    with torch.no_grad():
+        assert np.array_equal(report.faithful_model(x).numpy(), run(tmp_path / "c.onnx", x))
 
 
 def test_faithful_model_warns_of_exporter_values_it_cannot_follow(tmp_path):

@@ -178,18 +178,21 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
 
 
 def _unstored(layers: dict, sites: dict) -> dict[str, LayerExport]:
-    """Report (and warn about) the quantized weights the exporter transformed (split, gates
-    reordered, computed): the file holds their dequantized values as float."""
+    """Report (and warn about) the quantized weights not found as such in the exported graph:
+    torch's exporter transformed them (split, gates reordered, computed), so the file holds
+    their dequantized values as float, or the forward pass does not use them."""
     lost = [name for name in layers if name not in sites]
     if lost:
         warnings.warn(f"{len(lost)} quantized weight(s) ({', '.join(lost[:5])}"
-                      f"{', ...' if len(lost) > 5 else ''}) were transformed by torch's ONNX "
-                      "exporter and are stored as float (their dequantized values)",
+                      f"{', ...' if len(lost) > 5 else ''}) are not in the exported graph as "
+                      "such: torch's ONNX exporter transformed them (the file then holds their "
+                      "dequantized values as float), or the forward pass does not use them",
                       stacklevel=3)
-    return {name: LayerExport(name, layers[name].bits, "float initializer", False,
-                              "the exporter transformed this weight (split, reordered or "
-                              "computed), so the file holds its dequantized values as float")
-            for name in lost}
+    return {name: LayerExport(name, layers[name].bits, "float initializer or unused", False,
+                              "not in the exported graph as such: the exporter transformed "
+                              "this weight (split, reordered or computed; the file holds its "
+                              "dequantized values as float), or the forward pass does not use "
+                              "it") for name in lost}
 
 
 def _owners(sites: dict) -> dict[str, str]:

@@ -45,6 +45,10 @@ def simulate(program: torch.export.ExportedProgram, float_model, model, *,
     module = program.module()
     graph = module.graph
     nodes = {node.name: node for node in graph.nodes}
+    # The file names its inputs as the program does; the module may rename their placeholders
+    # (a forward argument called ``input`` becomes ``input_1``): match them by position.
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    nodes.update(zip(program.graph_signature.user_inputs, placeholders))
     # The exporter's own intermediate values (``val_N``: e.g. a 3-D Linear's MatMul before its
     # bias Add) have no node in torch's graph: those grids are left out, with a warning.
     inner = sorted(name for name in set(grids) - set(nodes) if re.fullmatch(r"val_\d+", name))
@@ -78,18 +82,43 @@ def simulate(program: torch.export.ExportedProgram, float_model, model, *,
     for name, parameters in grids.items():
         follow(name, fake_quantize_linear, *parameters)
     if integer_kernels:
-        _fuse(module, model, nodes, originals)
+        fused = _fuse(module, model, nodes, originals)
+        inexact = _float_computed(model, grids, fused)
+        if inexact:
+            warnings.warn(
+                f"the faithful model computes {len(inexact)} tensor(s) the file quantizes with "
+                f"float ops, not as a model of onnxruntime's kernel ({', '.join(inexact[:3])}"
+                f"{', ...' if len(inexact) > 3 else ''}): where the two round differently, "
+                "quantized values one step apart occur there and after", stacklevel=3)
     graph.lint()
     module.recompile()
     return module
 
 
-def _fuse(module: torch.fx.GraphModule, model, nodes: dict, originals: dict) -> None:
+# Ops whose output is exactly their input's values (moved, selected, clipped, or the max of
+# them): on a quantized input, onnxruntime and the faithful model give the same codes.
+_EXACT_OPS = {"Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Transpose", "Identity", "Squeeze",
+              "Unsqueeze", "Concat", "Split", "Slice", "Gather", "DequantizeLinear"}
+
+
+def _float_computed(model, grids: dict, fused: set[str]) -> list[str]:
+    """``tensor (op)`` for each tensor of ``grids`` that ``model`` computes by float arithmetic
+    outside the groups onnxruntime fuses (``fused``: their outputs), e.g. a ConvTranspose
+    between Q/DQ pairs: there the faithful model is not bit for bit."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    return [f"{name} ({producers[name].op_type})" for name in grids
+            if name in producers and name not in fused
+            and producers[name].op_type not in _EXACT_OPS]
+
+
+def _fuse(module: torch.fx.GraphModule, model, nodes: dict, originals: dict) -> set[str]:
     """Replace, in ``module``'s graph, each group of ``model`` that onnxruntime fuses
     (:func:`.fused.fused_groups`) by its integer kernel's module, reading the dequantized
     tensors the group reads (``nodes``: tensor name -> the node computing it, quantized as the
-    file does; ``originals``: before that); the float ops it replaces are dropped."""
+    file does; ``originals``: before that); the float ops it replaces are dropped. Returns the
+    outputs of the groups replaced."""
     graph = module.graph
+    replaced = set()
     for index, group in enumerate(fused_groups(model)):
         if group.output not in nodes or not all(name in nodes for name in group.inputs):
             continue  # values of torch's exporter with no node here: left as they are
@@ -102,7 +131,9 @@ def _fuse(module: torch.fx.GraphModule, model, nodes: dict, originals: dict) -> 
         old.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         if nodes[group.output] is old:
             nodes[group.output] = new
+        replaced.add(group.output)
     graph.eliminate_dead_code()
+    return replaced
 
 
 def bias_offsets(float_model, model) -> dict[str, tuple[np.ndarray, int]]:
