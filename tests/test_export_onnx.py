@@ -471,9 +471,14 @@ def test_calibration_data_ranges_the_tensors_squant_does_not(cnn, tmp_path):
     batches = [torch.rand(4, 3, 12, 12) for _ in range(2)]
     qmodel = squant.quantize(cnn, 4, act_bits=8, calibration_data=batches,
                              act_range="percentile")
-    report = squant.export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2],
-                                calibration_data=batches)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*calibrated on data")
+        report = squant.export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2],
+                                    calibration_data=batches)
     assert report.optimized_ops["QLinearConv"] == 3
+    with pytest.warns(UserWarning, match=r"calibrated on data \(percentile\).*same "
+                                         "calibration_data"):
+        squant.export_onnx(qmodel, tmp_path / "data_free.onnx", batches[0][:2])
     x = torch.rand(16, 3, 12, 12)
     with torch.no_grad():
         expected = qmodel(x).numpy()

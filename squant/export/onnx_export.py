@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..core.errors import QuantizationError
+from ..core.options import DATA_RANGES
 from ..io.file_io import atomic_path
 from ..model import dequantize
 from ..nn import QuantizedModule
@@ -145,6 +146,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     grids = {name: (float(layers[name].act_lo), float(layers[name].act_hi),
                     int(layers[name].act_bits)) for name in active}
     if active:
+        _warn_if_data_free_after_calibration(layers, active, calibration_data)
         batches, rule = qdq.calibration_batches(model, inputs, calibration_data,
                                                 calibration_batch, seed)
         first = qdq.first_layer(layers, sites, codes) if input_range is not None else None
@@ -175,6 +177,20 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     report.optimized_ops = _save_loadable(model, Path(path), session_config)
     report.file_bytes = Path(path).stat().st_size
     return report
+
+
+def _warn_if_data_free_after_calibration(layers: dict, active: list[str],
+                                         calibration_data: Iterable | None) -> None:
+    """Warn when ``qmodel``'s activation ranges came from data but the export gets none: the
+    tensors squant does not range itself would get data-free ranges that may not fit them."""
+    methods = sorted({getattr(layers[name], "act_range_method", None) for name in active}
+                     & set(DATA_RANGES))
+    if methods and calibration_data is None:
+        warnings.warn(f"the model's activation ranges were calibrated on data ({', '.join(methods)}"
+                      "), but without calibration_data the tensors squant does not range "
+                      "itself (layer outputs, residual adds) get data-free ranges from uniform "
+                      "[0, 1) inputs, which may not fit your inputs: pass export_onnx the same "
+                      "calibration_data", stacklevel=3)
 
 
 def _unstored(layers: dict, sites: dict) -> dict[str, LayerExport]:
