@@ -16,12 +16,8 @@ Runtime conventions and measured speeds: DEPLOY_NOTES.md (onnxruntime 1.32 on x8
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
-import re
 import tempfile
 import warnings
 from collections import Counter
@@ -36,10 +32,10 @@ from torch import nn
 from ..core.errors import QuantizationError
 from ..core.options import DATA_RANGES
 from ..io.file_io import atomic_path
-from ..model import dequantize
 from ..nn import QuantizedModule
 from ..nn.multi_weight import QuantizedWeight
 from .report import ExportReport, LayerExport
+from .torch_export import as_inputs, export_float, first_line, quiet
 
 EXTRA_HINT = 'pip install "squant[onnx]"'
 CONFIG_KEY = "squant.session_config"
@@ -155,7 +151,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
             grids[first] = (*qdq.first_input_range(model, first, sites[first], input_range,
                                                    inputs, seen), qdq.FIRST_INPUT_BITS)
         float_model = model
-        with _quiet():
+        with quiet():
             model = qdq.quantize_qdq(model, codes, sites, grids, batches, rule)
         for name in grids:
             results[name] = _fused_layer(model, name, layers[name], codes[name], sites[name])
@@ -239,63 +235,6 @@ def _annotated(results: dict[str, LayerExport], layers: dict, ties: dict[str, st
         if notes:
             done[name] = replace(done[name], reason="; ".join([done[name].reason, *notes]))
     return done
-
-
-def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
-    """The example inputs as a tuple of CPU tensors, floating ones in float32 (the exported
-    model computes in float32, whatever the dtype of ``qmodel``)."""
-    if isinstance(example_inputs, torch.Tensor):
-        inputs = (example_inputs,)
-    elif isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
-        inputs = tuple(example_inputs)
-    else:
-        inputs = ()
-    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
-        raise TypeError("example_inputs must be a tensor or a non-empty sequence of tensors, "
-                        f"got {type(example_inputs).__name__}")
-    return tuple((x.float() if x.is_floating_point() else x).detach().cpu() for x in inputs)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message, without terminal colour codes."""
-    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
-    return lines[0] if lines else repr(error)
-
-
-def _root_cause(error: BaseException) -> str:
-    """The first line of the innermost exception ``error`` was raised from (torch's exporter
-    wraps the model's own error, e.g. a shape mismatch, in several layers of advice)."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return _first_line(error)
-
-
-def export_float(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int,
-                 dynamic_batch: bool):
-    """The float model (dequantized weights) exported by torch's dynamo exporter: the ONNX
-    model and the ``torch.export`` program it was translated from (whose node names are the
-    ONNX tensors' names)."""
-    import onnx
-
-    float_model = dequantize(qmodel).cpu().float().eval()
-    # torch.export specializes a dim of size 1: export with two samples when given one.
-    sample = tuple(x.expand(2, *x.shape[1:]).contiguous() if dynamic_batch and x.dim()
-                   and x.shape[0] == 1 else x for x in inputs)
-    shapes = tuple({0: torch.export.Dim("batch")} if x.dim() else None for x in sample) \
-        if dynamic_batch else None
-    with tempfile.TemporaryDirectory() as folder, _quiet():
-        target = Path(folder, "float.onnx")
-        try:
-            program = torch.onnx.export(float_model, sample, str(target), dynamo=True,
-                                        opset_version=opset, dynamic_shapes=shapes,
-                                        external_data=False, verbose=False)
-        except Exception as error:  # torch raises many kinds; say which step failed
-            raise QuantizationError(f"torch.onnx.export could not export "
-                                    f"{type(qmodel).__name__}: {_root_cause(error)}") from error
-        return onnx.load(str(target)), program.exported_program
 
 
 def _fused_layer(model, name: str, module, codes, site) -> LayerExport:
@@ -420,18 +359,4 @@ def _save_loadable(model, path: Path, config: dict[str, str]) -> Counter:
             return optimized_ops(temporary, config)
         except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise QuantizationError(f"onnxruntime cannot load the exported model, so {path} was "
-                                    f"not written: {_first_line(error)}") from error
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the exporter's and quantizer's progress lines and advice (stdout, warnings,
-    the root logger), which say nothing about the user's model."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
+                                    f"not written: {first_line(error)}") from error

@@ -147,7 +147,8 @@ def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_leve
     """Put each layer's codes in ``model``: Q/DQ for ``active`` (onnxruntime's quantizer told
     squant's codes and grids), ``MatMulNBits`` or ``DequantizeLinear`` for the others."""
     from . import graph, nbits, qdq, weights
-    from .onnx_export import _fused_layer, _quiet
+    from .onnx_export import _fused_layer
+    from .torch_export import quiet
 
     codes = {name: weights.weight_codes(name, layer) for name, layer in layers.items()
              if layer.groups_of_codes == 1}
@@ -157,7 +158,7 @@ def _store(model, layers: dict[str, OnnxLayer], active: list[str], accuracy_leve
             graph.set_weight(model, sites[name], codes[name])
     results: dict[str, LayerExport] = {}
     if active:
-        with _quiet():
+        with quiet():
             grids = {name: (float(layers[name].act_lo), float(layers[name].act_hi),
                             int(layers[name].act_bits)) for name in active}
             model = qdq.quantize_qdq(model, codes, sites, grids, [feeds], "paper")

@@ -85,7 +85,8 @@ def export_faithful(qmodel: nn.Module, path: str | os.PathLike,
             file was not written for this model).
     """
     from .faithful import simulate
-    from .onnx_export import as_inputs, export_float, require_onnx
+    from .onnx_export import require_onnx
+    from .torch_export import as_inputs, export_float
 
     require_onnx()
     import onnx
