@@ -264,8 +264,8 @@ def run_task(task: Task, folder: Path, rounds: int) -> list[Row]:
         qmodel = squant.quantize(task.model, **options, **extra)
         path = folder / f"{task.name}-{config}-squant.onnx".replace(" ", "_")
         start = time.perf_counter()
-        report = squant.export_onnx(qmodel, path, example, **data, faithful=True,
-                                    input_range=task.input_range)
+        grid = {"input_range": task.input_range} if "act_bits" in options else {}
+        report = squant.export_onnx(qmodel, path, example, **data, **grid, faithful=True)
         export_s = time.perf_counter() - start
         faithful = report.faithful_model
         with torch.no_grad():

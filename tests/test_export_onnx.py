@@ -307,6 +307,18 @@ def test_bad_input_is_refused_and_leaves_no_file(cnn, tmp_path):
         squant.onnx_session_options(tmp_path / "not.onnx")
 
 
+def test_activation_options_of_a_weight_only_model_are_ignored_with_a_warning(cnn, tmp_path):
+    qmodel = squant.quantize(cnn, 4)
+    x = torch.rand(2, 3, 12, 12)
+    with pytest.warns(UserWarning, match="no layer of this model quantizes its input"):
+        squant.export_onnx(qmodel, tmp_path / "a.onnx", x, input_range=(0.0, 1.0))
+    with pytest.warns(UserWarning, match="no layer of this model quantizes its input"):
+        squant.export_onnx(qmodel, tmp_path / "b.onnx", x, calibration_data=[x])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*no layer of this model quantizes its input")
+        squant.export_onnx(qmodel, tmp_path / "c.onnx", x)  # the defaults say nothing
+
+
 def test_float64_example_inputs_export_a_float32_model(cnn, tmp_path):
     """The exported model computes in float32 whatever the example inputs' float dtype (a
     double input once left a file onnxruntime could not load)."""

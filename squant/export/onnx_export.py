@@ -141,6 +141,10 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike,
     act_model = any(getattr(m, "act_enabled", False) for m in layers.values())
     grids = {name: (float(layers[name].act_lo), float(layers[name].act_hi),
                     int(layers[name].act_bits)) for name in active}
+    if not active and (calibration_data is not None or not isinstance(input_range, str | None)):
+        warnings.warn("calibration_data and input_range grid activations, and no layer of this "
+                      "model quantizes its input (weight-only, or act_bits on group-wise layers "
+                      "only): they are ignored", stacklevel=2)
     if active:
         _warn_if_data_free_after_calibration(layers, active, calibration_data)
         batches, rule = qdq.calibration_batches(model, inputs, calibration_data,
