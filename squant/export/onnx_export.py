@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.errors import QuantizationError
+from ..core.errors import QuantizationError, first_line
 from ..core.options import DATA_RANGES
 from ..io.file_io import atomic_path
 from ..nn import QuantizedModule
 from ..nn.multi_weight import QuantizedWeight
 from .report import ExportReport, LayerExport
-from .torch_export import as_inputs, export_float, first_line, quiet
+from .torch_export import as_inputs, export_float, quiet
 
 EXTRA_HINT = 'pip install "squant[onnx]"'
 CONFIG_KEY = "squant.session_config"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.errors import QuantizationError
+from ..core.errors import QuantizationError, first_line
 from ..core.options import ActivationOptions, QuantOptions, check_bits
 from ..core.tensor import dequantize_codes, quantize_weights
 from ..ranges.activations import LAST_LAYER_BITS, paper_range
@@ -121,7 +121,8 @@ def load_onnx(path: Path):
     try:
         model = onnx.load(str(path))
     except (DecodeError, RuntimeWarning, ValueError, OSError) as error:
-        raise QuantizationError(f"{path}: not a readable ONNX model ({_first(error)})") from None
+        raise QuantizationError(
+            f"{path}: not a readable ONNX model ({first_line(error)})") from None
     if not model.graph.node:
         raise QuantizationError(f"{path}: not an ONNX model (no graph nodes: not an ONNX "
                                 "file, or a truncated one)")
@@ -132,7 +133,7 @@ def load_onnx(path: Path):
         except Exception as error:  # the converter raises C++ errors of several kinds
             raise QuantizationError(f"{path}: opset {opset} could not be converted to "
                                     f"{MIN_OPSET} (per-axis DequantizeLinear): "
-                                    f"{_first(error)}") from None
+                                    f"{first_line(error)}") from None
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -140,7 +141,7 @@ def load_onnx(path: Path):
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's Fail/InvalidGraph/NotImplemented
         raise QuantizationError(f"{path}: onnxruntime cannot run this model: "
-                                f"{_first(error)}") from None
+                                f"{first_line(error)}") from None
     return model
 
 
@@ -372,11 +373,6 @@ def restore_batch(model, fixed: dict[str, int]) -> None:  # undo free_batch
     for info in [*model.graph.input, *model.graph.output]:
         if info.name in fixed:
             info.type.tensor_type.shape.dim[0].dim_value = fixed[info.name]
-
-
-def _first(error: BaseException) -> str:
-    text = str(error).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(error).__name__
 
 
 def layers_metadata(results: Sequence[LayerExport]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import QuantizationError
+from ..core.errors import QuantizationError, first_line
 from ..core.options import ActivationOptions, QuantOptions
 from ..io.file_io import atomic_path
 from .onnx_input import (
@@ -22,7 +22,6 @@ from .onnx_input import (
     LINEAR_OPS,
     OnnxJob,
     OnnxLayer,
-    _first,
     activation_feeds,
     find_weights,
     free_batch,
@@ -107,7 +106,7 @@ def quantize_onnx(source: str | os.PathLike, output: str | os.PathLike,
         except Exception as error:  # onnxruntime's errors: a batch the graph cannot take
             raise QuantizationError(
                 f"{source}: the calibration batch of shape {next(iter(feeds.values())).shape} "
-                f"does not run through the model: {_first(error)}") from None
+                f"does not run through the model: {first_line(error)}") from None
     model, results = _store(model, layers, active, accuracy_level,
                             feeds if active else None)
     if act_bits is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.errors import QuantizationError
+from ..core.errors import QuantizationError, first_line
 from ..model import dequantize
 
 
@@ -33,15 +32,6 @@ def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
         raise TypeError("example_inputs must be a tensor or a non-empty sequence of tensors, "
                         f"got {type(example_inputs).__name__}")
     return tuple((x.float() if x.is_floating_point() else x).detach().cpu() for x in inputs)
-
-
-ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message, without terminal colour codes."""
-    lines = [line.strip() for line in ANSI_CODES.sub("", str(error)).splitlines() if line.strip()]
-    return lines[0] if lines else repr(error)
 
 
 def _root_cause(error: BaseException) -> str:

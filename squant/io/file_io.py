@@ -19,7 +19,7 @@ from types import TracebackType
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..core.errors import QuantizationError
+from ..core.errors import QuantizationError, first_line
 from ..core.tensor import QuantizedTensor
 from .file_format import (
     METADATA_KEY,
@@ -324,12 +324,6 @@ class SquantReader:
         """Every tensor of the state_dict the file stands for (quantized ones by their name,
         tied ones too)."""
         return sorted([*self.entries, *self.float_names, *self.ties])
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (torch's and safetensors' run over several)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _object_field(header: dict, key: str, path: Path, default: dict | None = None) -> dict:

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..core.errors import QuantizationError
+from ..core.errors import QuantizationError, first_line
 from .file_format import METADATA_KEY, TORCH_DTYPES, TensorSpec, tensor_spec
-from .file_io import first_line
 from .torch_files import load_checkpoint, storage_key
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import QuantizationError
-from .file_io import first_line
+from ..core.errors import QuantizationError, first_line
 
 # Keys under which trainers store the model's state_dict, tried in this order.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")

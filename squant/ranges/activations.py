@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..core.errors import QuantizationError
+from ..core.errors import QuantizationError, first_line
 from ..core.fake_quant import fake_quantize  # noqa: F401  (squant 0.1 exported it here)
 from ..core.options import ACT_RANGES, ActivationOptions  # noqa: F401  (ACT_RANGES: 0.1's path)
 from ..nn import QuantizedModule
@@ -131,10 +131,9 @@ def calibrate(model: nn.Module, layers: list[nn.Module], options: ActivationOpti
         with torch.inference_mode():
             model(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise QuantizationError(
             f"the calibration batch of shape {tuple(inputs.shape)} does not run through "
-            f"{type(model).__name__}: {first_line}") from None
+            f"{type(model).__name__}: {first_line(error)}") from None
     finally:
         for handle in handles:
             handle.remove()

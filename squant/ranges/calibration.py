@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..core.errors import QuantizationError
+from ..core.errors import QuantizationError, first_line
 from ..core.options import ActivationOptions
 from . import calibration_methods as methods
 
@@ -239,10 +239,8 @@ def _call(model: nn.Module, batch: object, index: int) -> None:
     except QuantizationError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as error:
-        text = str(error).strip()
-        first_line = text.splitlines()[0] if text else repr(error)
         raise QuantizationError(f"calibration batch {index} ({_describe(batch)}) does not run "
-                                f"through {type(model).__name__}: {first_line}") from None
+                                f"through {type(model).__name__}: {first_line(error)}") from None
 
 
 def _describe(batch: object) -> str:
