@@ -16,6 +16,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from onnx import numpy_helper  # noqa: E402
+from test_properties import assert_same_bits  # noqa: E402
 
 from squant.export.nbits import matmul_nbits_weight  # noqa: E402
 from squant.export.qdq import activation_grid  # noqa: E402
@@ -98,14 +99,6 @@ def runtime_dequantized(codes) -> np.ndarray:
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {})[0]
-
-
-def assert_same_bits(actual: np.ndarray, expected: np.ndarray) -> None:
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype == np.float32
-    differ = np.flatnonzero(actual.view(np.uint32) != expected.view(np.uint32))
-    assert differ.size == 0, (f"{differ.size} of {actual.size} values differ, first at flat "
-                              f"index {differ[0]}: {actual.flat[differ[0]]!r} against "
-                              f"{expected.flat[differ[0]]!r}")
 
 
 @pytest.mark.parametrize(("bits", "scheme", "group_size"),
